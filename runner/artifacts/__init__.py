@@ -1,0 +1,70 @@
+"""Artifact processors: trusted host plugins that package a trained model.
+
+They are Python entry points in the group `pipcook_sandbox.artifacts`,
+installed by the operator (`pip install`). A pipeline names one
+(`{"processor": "zip", ...options}`) but can never install one. Each is
+called as `process(model_dir: Path, options: dict, workspace: Path) -> Path`
+and must treat everything under `model/` as hostile: read only regular files,
+never follow a link (see `safefiles`).
+
+Where the output lands is the pipeline's wish, not its right: a `target` is
+taken relative to the workspace, and one that points outside it is written
+into `DIR/artifacts/` instead, so a pipeline cannot overwrite host files.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import PipcookError
+
+GROUP = "pipcook_sandbox.artifacts"
+
+
+class ArtifactError(PipcookError):
+    pass
+
+
+def installed() -> dict[str, Any]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=GROUP)}
+
+
+def target_path(ws_root: Path, target: Any, default_name: str, log: Callable[[str], None] = print) -> Path:
+    """Where a processor may write: inside the workspace, whatever the pipeline asked."""
+    ws_root = ws_root.resolve()
+    if not isinstance(target, str) or not target:
+        return ws_root / "artifacts" / default_name
+    wanted = Path(target)
+    resolved = (ws_root / wanted).resolve() if not wanted.is_absolute() else wanted.resolve()
+    if resolved == ws_root or ws_root not in resolved.parents:
+        safe = ws_root / "artifacts" / (wanted.name or default_name)
+        log(f"artifact target {target} is outside the workspace; writing {safe} instead "
+            "(a pipeline may not choose where files land on the host)")
+        return safe
+    return resolved
+
+
+def run_all(entries: list[dict], ws: Any, log: Callable[[str], None] = print) -> list[Path]:
+    outputs = []
+    available = installed()
+    for i, entry in enumerate(entries or []):
+        name = entry.get("processor")
+        ep = available.get(name)
+        if ep is None:
+            raise ArtifactError(
+                f"artifact[{i}]: no artifact processor {name!r} is installed on this host "
+                f"(installed: {', '.join(sorted(available)) or 'none'}); an operator installs processors, a pipeline cannot")
+        try:
+            process = ep.load()
+        except Exception as exc:
+            raise ArtifactError(f"artifact processor {name!r} cannot be loaded: {exc}") from None
+        try:
+            out = process(ws.model, dict(entry), ws.root, log=log)
+        except PipcookError:
+            raise
+        except Exception as exc:
+            raise ArtifactError(f"artifact processor {name!r} failed: {type(exc).__name__}: {exc}") from None
+        log(f"artifact {name}: {out}")
+        outputs.append(Path(out))
+    return outputs

@@ -1,0 +1,185 @@
+"""The `pipcook-sandbox` command line (CONTRACT section 3).
+
+Every failure reaches the user as one paragraph naming the stage, the script
+and the cause; `--debug` adds the traceback. Exit status: 0 success, 1 a
+failed run or bad input, 2 a usage error (click), 130 interrupted.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .errors import PipcookError
+
+ISOLATIONS = ("bwrap", "docker", "none")
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _warn(message: str) -> None:
+    click.secho(message, err=True, fg="yellow", bold=True)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn every exception into the one-paragraph message of the contract."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = kwargs.get("debug", False)
+        # SIGTERM gets the same orderly teardown as Ctrl-C
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        try:
+            return fn(*args, **kwargs)
+        except PipcookError as exc:
+            tb = getattr(exc, "traceback", "")
+            if debug:
+                traceback.print_exc()
+                if tb:
+                    _say("--- traceback inside the sandbox ---\n" + tb.rstrip())
+            click.secho(f"error: {exc}", err=True, fg="red")
+            if tb and not debug:
+                _say("(run with --debug for the script's traceback)")
+            from .orchestrator import Interrupted
+
+            sys.exit(130 if isinstance(exc, Interrupted) else 1)
+        except KeyboardInterrupt:
+            click.secho("error: interrupted (Ctrl-C)", err=True, fg="red")
+            sys.exit(130)
+        except Exception as exc:  # a bug of ours: still one paragraph, traceback on request
+            if debug:
+                traceback.print_exc()
+            click.secho(f"error: internal error in pipcook-sandbox: {type(exc).__name__}: {exc}"
+                        + ("" if debug else " (run with --debug for the traceback)"), err=True, fg="red")
+            sys.exit(1)
+
+    return wrapper
+
+
+def limit_options(fn: Callable) -> Callable:
+    for option in reversed([
+        click.option("--memory", metavar="SIZE", help="Memory per stage, e.g. 2g (default 4g)."),
+        click.option("--cpus", type=float, metavar="N", help="CPUs per stage (default: all cores)."),
+        click.option("--pids", type=int, metavar="N", help="Processes and threads per stage (default 256)."),
+        click.option("--disk", metavar="SIZE", help="All a stage may write, e.g. 10g (default 10g)."),
+        click.option("--timeout", type=float, metavar="SECONDS", help="Wall-clock limit per stage (default 3600)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def common_options(fn: Callable) -> Callable:
+    for option in reversed([
+        click.option("--isolation", type=click.Choice(ISOLATIONS), default="bwrap", show_default=True,
+                     help="Sandbox for every stage. 'none' runs scripts unconfined: trusted local code only."),
+        click.option("--gpu", is_flag=True, help="Give the model stage a GPU (docker isolation, CUDA image)."),
+        click.option("--nocache", is_flag=True, help="Download scripts and data again instead of using the cache."),
+        click.option("--allow-private", "allow_private", multiple=True, metavar="HOST",
+                     help="Allow fetching from this loopback/private host (local mirrors, tests). Repeatable."),
+        click.option("--debug", is_flag=True, help="Show tracebacks and each stage's events."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _progress_printer(quiet: bool) -> tuple[Callable[[float, dict], None], Callable[[], None]]:
+    """A tqdm bar on a terminal; a line per 10% otherwise (logs, CI)."""
+    from tqdm import tqdm
+
+    if sys.stderr.isatty() and not quiet:
+        bar = tqdm(total=100, desc="training", unit="%", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}] {postfix}",
+                   file=sys.stderr, leave=True)
+
+        def update(value: float, extra: dict) -> None:
+            bar.n = value
+            if extra:
+                bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in extra.items()}, refresh=False)
+            bar.refresh()
+
+        return update, bar.close
+    last = [-10.0]
+
+    def update_lines(value: float, extra: dict) -> None:
+        if value >= last[0] + 10 or value >= 100 > last[0]:
+            last[0] = value
+            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
+            _say(f"training: {value:.0f}% {shown}".rstrip())
+
+    return update_lines, lambda: None
+
+
+def _isolation_check(isolation: str, debug: bool) -> None:
+    if isolation == "none":
+        _warn("WARNING: --isolation none: scripts run UNCONFINED with your user's full access to this machine "
+              "(files, network, processes). Use it only for code you trust.")
+        return
+    from .doctor import require_backend
+
+    require_backend(isolation)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pipcook-sandbox")
+def main() -> None:
+    """Run machine-learning pipelines whose scripts you do not trust."""
+
+
+@main.command()
+@click.argument("pipeline")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Workspace directory (default ./pipcook-output-<timestamp>).")
+@click.option("-m", "--mirror", metavar="URL", help="Fetch prebuilt frameworks from this mirror.")
+@common_options
+@limit_options
+@handle_errors
+def run(pipeline: str, output: Path | None, mirror: str | None, isolation: str, gpu: bool, nocache: bool,
+        allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout) -> None:
+    """Train: run PIPELINE (a path or an http(s) URL), every stage sandboxed."""
+    from .limits import from_options
+    from .training import RunOptions, run_pipeline
+
+    limits = from_options(memory, cpus, pids, disk, timeout)
+    _isolation_check(isolation, debug)
+    progress, close = _progress_printer(quiet=False)
+    on_event = (lambda stage, what: _say(f"[{stage}] {what}")) if debug else None
+    try:
+        ws = run_pipeline(pipeline, RunOptions(output=output, isolation=isolation, gpu=gpu, nocache=nocache,
+                                               allow_private=allow_private, limits=limits, mirror=mirror, log=_say,
+                                               on_progress=progress, on_event=on_event))
+    finally:
+        close()
+    click.secho(f"done: model in {ws.model}", err=True, fg="green")
+
+
+@main.command()
+@handle_errors
+def clean(debug: bool = False) -> None:
+    """Remove what crashed runs left behind: sandboxes, mounts, cgroups, containers."""
+    from .cleanup import clean_all
+
+    removed = clean_all()
+    for item in removed:
+        _say(f"removed {item}")
+    _say(f"clean: {len(removed)} leftover(s) removed")
+
+
+@main.command()
+@handle_errors
+def doctor(debug: bool = False) -> None:
+    """Check this host and print what confinement each backend gives here."""
+    from .doctor import report
+
+    text, ok = report()
+    click.echo(text)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,181 @@
+"""The runner's end of each stage's control channel.
+
+One ROUTER socket per stage, each bound in a directory that only that stage
+sees, so a stage cannot speak for another. Every message is hostile input:
+caps on frame size and count before decoding, msgpack limits while decoding,
+then a per-op check of every field. A stage that breaks the protocol is
+recorded (and failed by the orchestrator); the runner itself never raises on
+what a stage sends.
+
+Events go to the orchestrator through a queue; downloads (`ctx.download`) run
+in a small thread pool and their replies are sent from the polling thread,
+the only thread that touches the sockets.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+
+from sandbox.protocol import CONTROL_CAPS, ProtocolError, pack, unpack
+
+MAX_VIOLATIONS_LOGGED = 5
+
+
+@dataclass
+class Event:
+    stage: str
+    op: str
+    data: dict = field(default_factory=dict)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate(msg: Any) -> dict:
+    """The message if it is well-formed for its op, else ProtocolError."""
+    if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+        raise ProtocolError("message is not a map with a string 'op'")
+    op = msg["op"]
+    if op in ("hello", "done", "serving"):
+        return msg
+    if op == "progress":
+        if not _finite(msg.get("value")):
+            raise ProtocolError("progress value is not a finite number")
+        extra = msg.get("extra") or {}
+        if not isinstance(extra, dict) or len(extra) > 16:
+            raise ProtocolError("progress extra is not a small map")
+        return {"op": op, "value": min(100.0, max(0.0, float(msg["value"]))),
+                "extra": {str(k)[:64]: v for k, v in extra.items() if v is None or isinstance(v, (bool, int, float, str))}}
+    if op == "metrics":
+        metrics, step = msg.get("metrics"), msg.get("step")
+        if not isinstance(metrics, dict) or not 0 < len(metrics) <= 256:
+            raise ProtocolError("metrics is not a map of 1 to 256 entries")
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+            raise ProtocolError("metrics step is not an integer")
+        clean = {}
+        for k, v in metrics.items():
+            if not isinstance(k, str) or len(k) > 128 or not (_finite(v) or isinstance(v, float)):
+                raise ProtocolError("metrics must map short names to numbers")
+            clean[k] = float(v) if math.isfinite(v) else None
+        return {"op": op, "step": step, "metrics": clean}
+    if op == "download":
+        if not isinstance(msg.get("id"), int) or not isinstance(msg.get("url"), str) or len(msg["url"]) > 8192:
+            raise ProtocolError("download needs an integer id and a URL string")
+        return msg
+    if op == "error":
+        if not isinstance(msg.get("message"), str):
+            raise ProtocolError("error without a message")
+        return {"op": op, "kind": str(msg.get("kind", "script"))[:32], "message": msg["message"][:8000],
+                "traceback": str(msg.get("traceback") or "")[-100_000:]}
+    if op == "meta":
+        if not isinstance(msg.get("meta"), dict):
+            raise ProtocolError("meta is not a map")
+        return msg
+    if op == "result":
+        if not isinstance(msg.get("data"), list):
+            raise ProtocolError("result data is not a list")
+        return msg
+    raise ProtocolError(f"unknown op {op!r}")
+
+
+class ControlServer:
+    def __init__(self, downloader: Callable[[str, str], str]) -> None:
+        """`downloader(stage, url) -> path inside the sandbox`, raising with a plain message."""
+        self._zctx = zmq.Context()
+        self._socks: dict[zmq.Socket, str] = {}
+        self._downloader = downloader
+        self.events: "queue.Queue[Event]" = queue.Queue()
+        self._replies: "queue.Queue[tuple[str, bytes, dict]]" = queue.Queue()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="download")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.violations: dict[str, list[str]] = {}
+
+    def add_stage(self, stage: str, endpoint: str) -> None:
+        sock = self._zctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.MAXMSGSIZE, CONTROL_CAPS.max_frame)
+        sock.setsockopt(zmq.RCVHWM, 1000)
+        sock.setsockopt(zmq.SNDHWM, 100)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.bind(endpoint)
+        self._socks[sock] = stage
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="control", daemon=True)
+        self._thread.start()
+
+    def send_stop(self, stage: str) -> None:
+        self._replies.put((stage, b"*", {"op": "stop"}))
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        for sock in self._socks:
+            poller.register(sock, zmq.POLLIN)
+        peers: dict[str, set[bytes]] = {stage: set() for stage in self._socks.values()}
+        by_stage = {stage: sock for sock, stage in self._socks.items()}
+        while not self._stop.is_set():
+            for sock, _ in poller.poll(50):
+                stage = self._socks[sock]
+                for _ in range(100):  # bounded: a flooding stage cannot starve the others
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    if len(frames) < 2:
+                        continue
+                    peer = frames[0].bytes
+                    try:
+                        msg = validate(unpack(frames[1:], CONTROL_CAPS))
+                    except ProtocolError as exc:
+                        self._violation(stage, str(exc))
+                        continue
+                    peers[stage].add(peer)
+                    if msg["op"] == "download":
+                        self._pool.submit(self._download, stage, peer, msg)
+                    else:
+                        self.events.put(Event(stage, msg["op"], msg))
+            while True:
+                try:
+                    stage, peer, reply = self._replies.get_nowait()
+                except queue.Empty:
+                    break
+                sock = by_stage[stage]
+                targets = peers[stage] if peer == b"*" else [peer]
+                for target in targets:
+                    try:
+                        sock.send_multipart([target, *pack(reply)], zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass  # the stage is gone or not reading: its problem
+        for sock in self._socks:
+            sock.close(linger=0)
+
+    def _violation(self, stage: str, why: str) -> None:
+        seen = self.violations.setdefault(stage, [])
+        if len(seen) < MAX_VIOLATIONS_LOGGED:
+            seen.append(why)
+        if len(seen) == 1:
+            self.events.put(Event(stage, "violation", {"message": why}))
+
+    def _download(self, stage: str, peer: bytes, msg: dict) -> None:
+        try:
+            path = self._downloader(stage, msg["url"])
+            reply = {"op": "download", "id": msg["id"], "ok": True, "path": path}
+        except Exception as exc:  # a refusal or a failed fetch: the script hears why
+            reply = {"op": "download", "id": msg["id"], "ok": False, "message": str(exc)[:2000]}
+        self.events.put(Event(stage, "downloaded", {"url": msg["url"], "ok": reply["ok"], "message": reply.get("message", "")}))
+        self._replies.put((stage, peer, reply))
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._zctx.term()

@@ -1,0 +1,76 @@
+"""`pipcook-sandbox doctor`: what confinement each backend gives on this host.
+
+An operator runs it before pointing the runner at untrusted pipelines; `run`
+calls `require_backend` so a backend whose confinement is broken here is
+refused with the reason, never used half-working.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from sandbox.backends import BACKENDS, get_backend
+
+from .errors import PipcookError
+
+# What each backend must provide before it may run untrusted code.
+REQUIRED = {
+    "bwrap": ("bwrap", "userns", "seccomp", "pid_namespace", "network_namespace"),
+    "docker": ("engine", "image"),
+}
+
+
+class BackendUnavailable(PipcookError):
+    pass
+
+
+def probe(name: str) -> dict[str, Any]:
+    try:
+        return dict(get_backend(name).probe())
+    except ImportError as exc:
+        return {"error": f"backend {name} is not available: {exc}"}
+    except Exception as exc:  # a probe must never take the runner down
+        return {"error": f"probe failed: {type(exc).__name__}: {exc}"}
+
+
+def problems(name: str, found: dict[str, Any]) -> list[str]:
+    issues = [found["error"]] if found.get("error") else []
+    for key in REQUIRED.get(name, ()):
+        value = found.get(key)
+        if value is False or value is None:
+            issues.append(found.get(f"{key}_why") or f"{key} is not available")
+    return issues
+
+
+def require_backend(name: str) -> None:
+    found = probe(name)
+    issues = problems(name, found)
+    if issues:
+        raise BackendUnavailable(
+            f"the {name} backend cannot confine scripts on this host: {'; '.join(issues)}. "
+            "Run `pipcook-sandbox doctor` for details.")
+
+
+def _fmt(value: Any) -> str:
+    if value is True:
+        return "yes"
+    if value is False or value is None:
+        return "NO"
+    return str(value)
+
+
+def report() -> tuple[str, bool]:
+    lines, any_ok = [], False
+    for name in BACKENDS:
+        if name == "none":
+            continue
+        found = probe(name)
+        issues = problems(name, found)
+        any_ok = any_ok or not issues
+        lines.append(f"{name}: {'ready' if not issues else 'NOT USABLE'}")
+        for key, value in found.items():
+            if not key.endswith("_why") and key != "error":
+                lines.append(f"  {key:<22} {_fmt(value)}")
+        for issue in issues:
+            lines.append(f"  problem: {issue}")
+    lines.append("none: no confinement at all (scripts run as your user); for trusted code only")
+    return "\n".join(lines), any_ok

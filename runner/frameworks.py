@@ -1,0 +1,139 @@
+"""Frameworks: the heavy dependencies a pipeline names, built once, mounted read-only.
+
+`options.framework: "tensorflow@2.21"` resolves, through
+`frameworks/<name>/framework.json`, to a directory in the user's cache:
+
+    <cache>/frameworks/tensorflow@2.21-py311-linux-x86_64[-cuda]/
+        framework.json   what was built, with the exact versions installed
+        initialize.py    the hook run in each sandbox before the script
+        site/            `pip install --target` of the requirements
+
+It is built with pip on first use (under a file lock, so concurrent runs
+build it once) and reused afterwards. Prebuilt archives from a mirror and
+framework URLs are handled by `runner.mirror` when present.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PipcookError
+from .fetch import cache_dir
+
+DEFINITIONS = Path(__file__).resolve().parent.parent / "frameworks"
+NAME_RE = re.compile(r"^([A-Za-z0-9_.-]+)@([A-Za-z0-9_.+-]+)$")
+
+
+class FrameworkError(PipcookError):
+    pass
+
+
+@dataclass(frozen=True)
+class Framework:
+    name: str
+    version: str
+    dir: Path  # holds framework.json, initialize.py (optional), site/
+
+    @property
+    def site(self) -> Path:
+        return self.dir / "site"
+
+    @property
+    def initialize(self) -> str | None:
+        return "initialize.py" if (self.dir / "initialize.py").is_file() else None
+
+
+def python_tag() -> str:
+    return f"py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def platform_tag() -> str:
+    machine = platform.machine().lower()
+    return f"{sys.platform}-{ {'amd64': 'x86_64', 'arm64': 'aarch64'}.get(machine, machine) }"
+
+
+def build_id(name: str, version: str, cuda: bool) -> str:
+    return f"{name}@{version}-{python_tag()}-{platform_tag()}{'-cuda' if cuda else ''}"
+
+
+def definition(name: str, version: str) -> tuple[dict, dict, Path]:
+    """(framework.json, the version's entry, its folder) or FrameworkError."""
+    folder = DEFINITIONS / name
+    try:
+        spec = json.loads((folder / "framework.json").read_text())
+    except FileNotFoundError:
+        known = sorted(p.name for p in DEFINITIONS.iterdir() if (p / "framework.json").is_file())
+        raise FrameworkError(f"unknown framework {name!r} (known: {', '.join(known) or 'none'})") from None
+    entry = spec.get("versions", {}).get(version)
+    if entry is None:
+        raise FrameworkError(
+            f"framework {name} has no version {version!r} (known: {', '.join(sorted(spec.get('versions', {})))})"
+        )
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if entry.get("python") and pyver not in entry["python"]:
+        raise FrameworkError(f"framework {name}@{version} supports Python {', '.join(entry['python'])}, not {pyver}")
+    return spec, entry, folder
+
+
+def resolve(spec: str | None, *, cuda: bool = False, rebuild: bool = False, log=print) -> Framework | None:
+    """The built framework for `spec` (`NAME@VERSION`), building it if needed."""
+    if not spec:
+        return None
+    m = NAME_RE.match(spec)
+    if not m:
+        raise FrameworkError(f"framework {spec!r} is not NAME@VERSION (a URL needs a mirror-capable runner)")
+    name, version = m.groups()
+    target = cache_dir() / "frameworks" / build_id(name, version, cuda)
+    if (target / "framework.json").is_file() and not rebuild:
+        return Framework(name, version, target)
+    meta, entry, folder = definition(name, version)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(target) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run may be building it right now
+        if (target / "framework.json").is_file() and not rebuild:
+            return Framework(name, version, target)
+        build(name, version, meta, entry, folder, target, cuda=cuda, log=log)
+    return Framework(name, version, target)
+
+
+def build(name: str, version: str, meta: dict, entry: dict, folder: Path, target: Path, *, cuda: bool, log=print) -> Path:
+    """pip-install the framework into a fresh dir, then move it into place atomically."""
+    requirements = entry["cuda" if cuda else "cpu"]
+    log(f"building framework {name}@{version}{' (CUDA)' if cuda else ''}: pip install {' '.join(requirements)} (once; cached in {target.parent})")
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+               "--no-warn-script-location", "--target", str(staging / "site"), *requirements]
+        pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+        constraints = entry.get("constraints", {}).get(pyver)
+        if constraints and not cuda:
+            cmd += ["--constraint", str(folder / constraints)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+            raise FrameworkError(f"building framework {name}@{version} failed: pip said:\n{tail}")
+        frozen = subprocess.run(
+            [sys.executable, "-m", "pip", "list", "--path", str(staging / "site"), "--format", "freeze"],
+            capture_output=True, text=True,
+        ).stdout.split()
+        if meta.get("initialize"):
+            shutil.copy2(folder / meta["initialize"], staging / "initialize.py")
+        record = {"name": name, "version": version, "cuda": cuda, "python": python_tag(),
+                  "platform": platform_tag(), "requirements": requirements, "installed": frozen}
+        (staging / "framework.json").write_text(json.dumps(record, indent=2))
+        os.chmod(staging, 0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

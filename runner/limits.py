@@ -1,0 +1,60 @@
+"""Per-stage limits from the command line, with the defaults the README states."""
+from __future__ import annotations
+
+import os
+import re
+
+from sandbox.backends.base import Limits
+
+from .errors import PipcookError
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str, what: str) -> int:
+    """'512m', '2g', '1.5G', '4096' (bytes) -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtb]?)(?:i?b)?\s*", str(text).lower())
+    if not m:
+        raise PipcookError(f"{what} {text!r} is not a size like 512m or 2g")
+    value = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if value <= 0:
+        raise PipcookError(f"{what} must be positive")
+    return value
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" or n == int(n) else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def defaults() -> Limits:
+    """Memory 4g, all CPUs, 256 processes, 10g of disk, 1 hour, per stage."""
+    return Limits(cpus=float(os.cpu_count() or 1))
+
+
+def from_options(memory: str | None, cpus: float | None, pids: int | None, disk: str | None,
+                 timeout: float | None) -> Limits:
+    limits = defaults()
+    changes: dict = {}
+    if memory is not None:
+        changes["memory"] = parse_size(memory, "--memory")
+    if cpus is not None:
+        if cpus <= 0:
+            raise PipcookError("--cpus must be positive")
+        changes["cpus"] = float(cpus)
+    if pids is not None:
+        if pids < 8:
+            raise PipcookError("--pids must be at least 8 (Python and its threads need a few)")
+        changes["pids"] = int(pids)
+    if disk is not None:
+        changes["disk"] = parse_size(disk, "--disk")
+    if timeout is not None:
+        if timeout <= 0:
+            raise PipcookError("--timeout must be positive")
+        changes["timeout"] = float(timeout)
+    limits = limits.replace(**changes)
+    # /tmp is memory-backed: never let it claim more than half the memory limit
+    return limits.replace(tmp=min(limits.tmp, limits.memory // 2))

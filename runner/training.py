@@ -1,0 +1,144 @@
+"""`pipcook-sandbox run`: from a pipeline file to a trained model in a workspace.
+
+1. load and validate the pipeline (a path or an http(s) URL);
+2. fetch every script (cached, pins enforced) before anything runs;
+3. resolve the framework and the worker's dependencies (built once, cached);
+4. run datasource -> dataflows -> model, each in its own sandbox, streaming;
+5. make `model/` self-contained (pipeline copy, scripts, meta) so `predict`
+   and `serve` need nothing else;
+6. run the artifact processors named by the pipeline (trusted host plugins).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from sandbox.backends.base import Limits
+
+from . import artifacts, fetch, frameworks, orchestrator, spec, workspace
+from .errors import PipcookError
+from .workerenv import ensure_worker_site
+
+
+@dataclass
+class RunOptions:
+    output: Path | None = None
+    isolation: str = "bwrap"
+    gpu: bool = False
+    nocache: bool = False
+    allow_private: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    mirror: str | None = None
+    log: Callable[[str], None] = print
+    on_progress: Callable[[float, dict], None] | None = None
+    on_event: Callable[[str, str], None] | None = None
+
+
+def model_options(pipeline: spec.Pipeline) -> dict:
+    """options.train merged under the model script's query options (query values win)."""
+    merged = dict(pipeline.train_options or {})
+    merged.update(pipeline.model.options)
+    return merged
+
+
+def fetch_scripts(pipeline: spec.Pipeline, ws: workspace.Workspace, opts: RunOptions) -> dict[str, Path]:
+    """Every distinct script URI fetched once and copied into ws/scripts; uri -> copy."""
+    copies: dict[str, Path] = {}
+    refs = [("datasource", pipeline.datasource)]
+    refs += [(f"dataflow-{i}", ref) for i, ref in enumerate(pipeline.dataflow, 1)]
+    refs.append(("model", pipeline.model))
+    used: set[str] = set()
+    for stage, ref in refs:
+        if ref.uri in copies:
+            continue
+        try:
+            cached = fetch.fetch_script(ref, nocache=opts.nocache, allow_private=opts.allow_private)
+        except PipcookError as exc:
+            exc.stage = exc.stage or stage
+            exc.script = exc.script or ref.name
+            raise
+        name = ref.name if ref.name.endswith(".py") else f"{ref.name}.py"
+        while name in used:  # two URIs, one file name
+            name = f"{Path(name).stem}-{hashlib.sha256(ref.uri.encode()).hexdigest()[:6]}.py"
+        used.add(name)
+        copies[ref.uri] = ws.scripts / name
+        shutil.copyfile(cached, copies[ref.uri])
+    return copies
+
+
+def plan(pipeline: spec.Pipeline, copies: dict[str, Path], task_type: str = "train") -> list[orchestrator.StagePlan]:
+    plans = []
+    if task_type == "train":
+        plans.append(orchestrator.StagePlan("datasource", "datasource", copies[pipeline.datasource.uri],
+                                            dict(pipeline.datasource.options)))
+    for i, ref in enumerate(pipeline.dataflow, 1):
+        plans.append(orchestrator.StagePlan(f"dataflow-{i}", "dataflow", copies[ref.uri], dict(ref.options)))
+    plans.append(orchestrator.StagePlan("model", "model", copies[pipeline.model.uri], model_options(pipeline)))
+    return plans
+
+
+def prepare_runtime(pipeline: spec.Pipeline, opts: RunOptions) -> tuple[Any, Path | None]:
+    framework = frameworks.resolve(pipeline.framework, cuda=opts.gpu, log=opts.log)
+    worker_site = ensure_worker_site(log=opts.log) if opts.isolation in ("bwrap", "none") else None
+    return framework, worker_site
+
+
+def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
+    pipeline = spec.load_pipeline(location, fetch_bytes=functools.partial(fetch.fetch_bytes, allow_private=opts.allow_private))
+    ws = workspace.create(opts.output)
+    workspace.write_json(ws.pipeline, spec.pipeline_to_json(pipeline))
+    opts.log(f"workspace: {ws.root}")
+    copies = fetch_scripts(pipeline, ws, opts)
+    framework, worker_site = prepare_runtime(pipeline, opts)
+    if framework is not None:
+        workspace.write_json(ws.framework / "framework.json",
+                             {"name": framework.name, "version": framework.version, "path": str(framework.dir)})
+    plans = plan(pipeline, copies)
+    result = orchestrator.execute(plans, ws, orchestrator.ExecOptions(
+        isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu, nocache=opts.nocache,
+        allow_private=opts.allow_private, task_type="train", framework=framework, worker_site=worker_site,
+        pipeline_options=dict(pipeline.options), on_progress=opts.on_progress, on_event=opts.on_event))
+    finish_model_dir(ws, pipeline, copies, result.meta)
+    artifacts.run_all(pipeline.artifact, ws, log=opts.log)
+    return ws
+
+
+def finish_model_dir(ws: workspace.Workspace, pipeline: spec.Pipeline, copies: dict[str, Path], meta: dict | None) -> None:
+    """model/ gets the pipeline, rewritten to point at pinned local copies of its scripts."""
+    scripts_dir = ws.model / "scripts"
+    if scripts_dir.exists() or scripts_dir.is_symlink():
+        if scripts_dir.is_dir() and not scripts_dir.is_symlink():
+            shutil.rmtree(scripts_dir)
+        else:
+            scripts_dir.unlink()
+    scripts_dir.mkdir()
+    local: dict[str, str] = {}
+    for uri, path in copies.items():
+        shutil.copyfile(path, scripts_dir / path.name)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        local[uri] = f"scripts/{path.name}#sha256={digest}"
+
+    def rewrite(ref: spec.ScriptRef) -> str:
+        from urllib.parse import urlencode
+
+        query = urlencode([(k, v) for k, vs in ref.options.items() for v in (vs if isinstance(vs, list) else [vs])])
+        path, _, pin = local[ref.uri].partition("#")
+        return f"{path}{'?' + query if query else ''}#{pin}"
+
+    raw = dict(spec.pipeline_to_json(pipeline))
+    raw["datasource"] = rewrite(pipeline.datasource)
+    if pipeline.dataflow:
+        raw["dataflow"] = [rewrite(r) for r in pipeline.dataflow]
+    raw["model"] = rewrite(pipeline.model)
+    raw.pop("artifact", None)
+    workspace.write_json(ws.model / "pipeline.json", raw)
+    workspace.write_json(ws.model / "meta.json", meta or {})
+
+
+def print_summary(ws: workspace.Workspace, out=sys.stderr) -> None:
+    print(f"model saved in {ws.model}", file=out)

@@ -1,0 +1,122 @@
+"""The one small interface every isolation backend implements.
+
+A backend takes a `StageSpec` (what to run, what to mount, which limits) and
+returns a `StageHandle`. The orchestrator knows nothing else about it, so a new
+backend (a Kubernetes Job, a per-tenant uid) is a new module with a `start`
+function, not a rewrite. Host-side code: never mounted into a sandbox.
+
+Paths inside every sandbox are the same whatever the backend:
+
+    /pipcook/lib         the `sandbox` package (worker + SDK), read-only
+    /pipcook/site        the worker's own dependencies, read-only
+    /pipcook/framework   the framework, read-only (absent without one)
+    /pipcook/scripts     the stage's script, read-only
+    /pipcook/stage.json  the stage's configuration, read-only
+    /pipcook/ipc/...     ZeroMQ sockets: the only paths shared between stages
+    /workspace/...       data/, cache/, model/ as the stage's role allows
+    /tmp                 private, size-capped
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+IN_LIB = "/pipcook/lib"
+IN_SITE = "/pipcook/site"
+IN_FRAMEWORK = "/pipcook/framework"
+IN_SCRIPTS = "/pipcook/scripts"
+IN_STAGE_CONFIG = "/pipcook/stage.json"
+IN_IPC = "/pipcook/ipc"
+IN_WORKSPACE = "/workspace"
+
+# The worker is started with `python -I -S -c BOOT`: isolated mode ignores
+# PYTHON* variables and the user site, -S keeps the interpreter's own
+# site-packages off sys.path, so only what we mount is importable.
+BOOT = (
+    "import sys; sys.path.insert(0, %r); "
+    "from sandbox.worker import main; sys.exit(main(%r))" % (IN_LIB, IN_STAGE_CONFIG)
+)
+WORKER_ARGS = ["-I", "-S", "-c", BOOT]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-stage limits. Sizes in bytes, times in seconds."""
+
+    memory: int = 4 << 30
+    cpus: float = 2.0
+    pids: int = 256
+    disk: int = 10 << 30
+    timeout: float = 3600.0
+    nofile: int = 4096
+    output: int = 16 << 20  # captured stdout + stderr
+    tmp: int = 1 << 30  # the private /tmp (memory-backed, counts against memory)
+
+    def replace(self, **changes) -> "Limits":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: Path
+    target: str
+    writable: bool = False
+
+
+@dataclass
+class StageSpec:
+    run_id: str
+    name: str  # "datasource", "dataflow-1", "model", "predict"
+    mounts: list[Mount]
+    limits: Limits
+    log_path: Path
+    # Writable directories inside the stage, each one on the stage's disk quota.
+    # Maps target inside the sandbox -> host directory that holds the result.
+    writable: dict[str, Path] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    gpu: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+# Why a stage stopped, when it was not a plain exit. The orchestrator turns
+# these into the user's one-paragraph message.
+REASON_TIMEOUT = "timeout"
+REASON_MEMORY = "memory"
+REASON_PIDS = "pids"
+REASON_DISK = "disk"
+REASON_OUTPUT = "output"
+REASON_CANCELLED = "cancelled"
+REASON_PROTOCOL = "protocol"
+
+
+@dataclass
+class Outcome:
+    exit_code: int | None
+    reason: str | None = None  # one of REASON_* or None
+    detail: str = ""
+
+
+class StageHandle(Protocol):
+    name: str
+
+    def poll(self) -> int | None:
+        """Exit code once the stage has ended, else None. Never blocks."""
+
+    def terminate(self, reason: str | None = None) -> None:
+        """Kill every process of the stage. Idempotent; records the reason."""
+
+    def outcome(self) -> Outcome:
+        """After the stage ended: exit code and why it stopped."""
+
+    def cleanup(self) -> None:
+        """Release everything the stage held on the host (cgroups, mounts,
+        containers) and copy its writable dirs out, links never followed.
+        Idempotent; safe after a crash of the stage."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def start(self, spec: StageSpec) -> StageHandle: ...

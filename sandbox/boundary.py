@@ -1,0 +1,358 @@
+"""A pool served across a sandbox boundary, and the proxy that pulls from it.
+
+The downstream stage (client, DEALER) opens a stream per split at a position
+and grants the upstream stage (server, ROUTER) a few credits; each batch the
+server sends spends one, each batch the client receives returns one. So the
+upstream works ahead by at most `window` batches (the overlap that makes
+stages run in parallel) and memory stays bounded whatever the dataset size.
+A seek or shuffle starts a new stream generation; batches of an old one are
+dropped on arrival.
+
+Batches are sized by bytes, not samples: the server aims at TARGET_BATCH_BYTES
+so 100-byte samples go thousands to a message and 64 MiB tensors one each.
+
+Messages client -> server: {op: meta} | {op: open, split, gen, pos, credit} |
+{op: credit, split, gen, n} | {op: shuffle, split, seed, req}
+Messages server -> client: {op: meta, meta, sizes} | {op: batch, split, gen,
+samples} | {op: end, split, gen} | {op: ack, req} | {op: error, message}
+"""
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Any, Callable
+
+import zmq
+
+from . import sdk
+from .protocol import DATA_CAPS, BoundaryTypeError, Caps, ProtocolError, check_message, pack, unpack
+
+SPLITS = sdk.SPLITS
+TARGET_BATCH_BYTES = 4 << 20
+MAX_BATCH_SAMPLES = 4096
+DEFAULT_WINDOW = 4
+MAX_CREDIT = 64
+REQUEST_CAPS = Caps(max_header=64 << 10, max_frame=64 << 10, max_frames=1, max_total=64 << 10, max_items=64)
+
+
+class UpstreamError(RuntimeError):
+    """The stage before this one failed while producing samples."""
+
+
+class SampleError(Exception):
+    """The pool this stage serves produced something that cannot cross."""
+
+
+def _set_caps(sock: zmq.Socket, caps: Caps) -> None:
+    sock.setsockopt(zmq.MAXMSGSIZE, caps.max_frame if caps.max_frame < (1 << 62) else -1)
+    sock.setsockopt(zmq.LINGER, 0)
+
+
+# ----------------------------------------------------------------- server
+
+
+class _Stream:
+    __slots__ = ("peer", "gen", "pos", "credit", "done")
+
+    def __init__(self, peer: bytes, gen: int, pos: int, credit: int) -> None:
+        self.peer, self.gen, self.pos, self.credit, self.done = peer, gen, pos, credit, False
+
+
+class PoolServer:
+    """Serves `pool` on a ROUTER socket; driven by the worker's poll loop."""
+
+    def __init__(self, zctx: zmq.Context, endpoint: str, pool: Any, where: str = "pool") -> None:
+        self.pool = pool
+        self.where = where
+        self.sock = zctx.socket(zmq.ROUTER)
+        _set_caps(self.sock, REQUEST_CAPS)
+        self.sock.setsockopt(zmq.SNDHWM, 2 * MAX_CREDIT)
+        self.sock.bind(endpoint)
+        self.streams: dict[str, _Stream] = {}
+        self.batch_size: dict[str, int] = {}
+        self._rr = 0
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    def has_work(self) -> bool:
+        return any(s.credit > 0 and not s.done for s in self.streams.values())
+
+    def handle_incoming(self) -> None:
+        """Answer every request waiting on the socket, without blocking."""
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                continue  # not from a well-behaved DEALER: ignore, never crash
+            peer = frames[0].bytes
+            try:
+                self._handle(peer, unpack(frames[1:], REQUEST_CAPS))
+            except ProtocolError as exc:
+                self._send(peer, {"op": "error", "message": f"bad request: {exc}"})
+
+    def _handle(self, peer: bytes, msg: Any) -> None:
+        check_message(msg, {"op": str})
+        op = msg["op"]
+        if op == "meta":
+            meta = dict(getattr(self.pool, "meta", None) or {})
+            sizes = {}
+            for split in SPLITS:
+                ds = getattr(self.pool, split, None)
+                sizes[split] = None if ds is None else len(ds)
+            meta["size"] = {k: (v or 0) for k, v in sizes.items()}
+            self._send(peer, {"op": "meta", "meta": meta, "sizes": sizes}, what="the pool's meta")
+            return
+        if op == "shuffle":
+            check_message(msg, {"split": str, "req": int}, {"seed": int})
+            ds = self._dataset(msg["split"])
+            if ds is not None:
+                ds.shuffle(msg.get("seed"))
+            self._send(peer, {"op": "ack", "req": msg["req"]})
+            return
+        if op == "open":
+            check_message(msg, {"split": str, "gen": int, "pos": int, "credit": int})
+            if self._dataset(msg["split"]) is None:
+                raise ProtocolError(f"no split {msg['split']!r}")
+            self.streams[msg["split"]] = _Stream(peer, msg["gen"], max(0, msg["pos"]), min(MAX_CREDIT, max(0, msg["credit"])))
+            return
+        if op == "credit":
+            check_message(msg, {"split": str, "gen": int, "n": int})
+            stream = self.streams.get(msg["split"])
+            if stream is not None and stream.gen == msg["gen"]:
+                stream.credit = min(MAX_CREDIT, stream.credit + max(0, msg["n"]))
+            return
+        raise ProtocolError(f"unknown op {op!r}")
+
+    def _dataset(self, split: str) -> Any:
+        return getattr(self.pool, split, None) if split in SPLITS else None
+
+    def produce_one(self) -> None:
+        """Send one batch on one stream that has credit (round robin)."""
+        ready = [name for name, s in self.streams.items() if s.credit > 0 and not s.done]
+        if not ready:
+            return
+        self._rr = (self._rr + 1) % len(ready)
+        split = ready[self._rr]
+        stream = self.streams[split]
+        ds = self._dataset(split)
+        tell = getattr(ds, "tell", None)
+        if tell is None or tell() != stream.pos:
+            ds.seek(stream.pos)
+        n = self.batch_size.get(split, 8)
+        samples = ds.next_batch(n)  # user code: exceptions propagate to the worker
+        if not samples:
+            stream.done = True
+            self._send(stream.peer, {"op": "end", "split": split, "gen": stream.gen})
+            return
+        frames = self._pack({"op": "batch", "split": split, "gen": stream.gen, "samples": samples}, split)
+        size = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
+        per_sample = max(1, size // len(samples))
+        self.batch_size[split] = max(1, min(MAX_BATCH_SAMPLES, TARGET_BATCH_BYTES // per_sample))
+        stream.pos += len(samples)
+        stream.credit -= 1
+        self.sock.send_multipart([stream.peer, *frames], copy=False)
+
+    def _pack(self, msg: dict, split: str) -> list:
+        try:
+            return pack(msg)
+        except BoundaryTypeError as exc:
+            where = exc.where.replace("sample", "", 1)
+            raise SampleError(
+                f"a sample of the {split!r} split{' at ' + where if where else ''} is of type {exc.type_name}, "
+                "which cannot cross a sandbox boundary (allowed: None, bool, int, float, str, bytes, lists, dicts, numpy arrays)"
+            ) from None
+
+    def _send(self, peer: bytes, msg: dict, what: str = "a reply") -> None:
+        try:
+            frames = pack(msg)
+        except BoundaryTypeError as exc:
+            raise SampleError(f"{what} holds a value of type {exc.type_name}, which cannot cross a sandbox boundary") from None
+        self.sock.send_multipart([peer, *frames], copy=False)
+
+
+# ----------------------------------------------------------------- client
+
+
+class RemoteDataset:
+    """A Dataset whose samples come from the stage before, streamed ahead."""
+
+    def __init__(self, pool: "RemotePool", split: str, size: int) -> None:
+        self._pool, self._split, self._size = pool, split, size
+        self._pos = 0  # index of the next sample next() returns
+        self._gen = 0
+        self._buf: collections.deque = collections.deque()
+        self._open = False
+        self._ended = False
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __repr__(self) -> str:
+        return f"<RemoteDataset {self._split} len={self._size} pos={self._pos}>"
+
+    def tell(self) -> int:
+        return self._pos
+
+    def _reset(self) -> None:
+        self._gen += 1
+        self._buf.clear()
+        self._open = False
+        self._ended = False
+
+    def seek(self, pos: int) -> None:
+        pos = max(0, min(int(pos), self._size))
+        if pos != self._pos or self._ended and not self._buf and pos < self._size:
+            self._pos = pos
+            self._reset()
+
+    def shuffle(self, seed: int | None = None) -> None:
+        self._pool._request({"op": "shuffle", "split": self._split, "seed": seed})
+        self._reset()
+
+    def _fill(self) -> None:
+        with self._pool._lock:
+            if not self._open:
+                self._open = True
+                self._pool._send({"op": "open", "split": self._split, "gen": self._gen, "pos": self._pos, "credit": self._pool.window})
+            while not self._buf and not self._ended:
+                self._pool._receive_one()
+
+    def _on_batch(self, gen: int, samples: list) -> None:
+        if gen != self._gen or not self._open:
+            return
+        self._buf.extend(samples)
+        self._pool._send({"op": "credit", "split": self._split, "gen": gen, "n": 1})
+
+    def _on_end(self, gen: int) -> None:
+        if gen == self._gen:
+            self._ended = True
+
+    def next(self) -> Any:
+        if not self._buf:
+            self._fill()
+            if not self._buf:
+                return None
+        self._pos += 1
+        return self._buf.popleft()
+
+    def next_batch(self, n: int) -> list:
+        out: list = []
+        while n <= 0 or len(out) < n:
+            if not self._buf:
+                self._fill()
+                if not self._buf:
+                    break
+            take = len(self._buf) if n <= 0 else min(n - len(out), len(self._buf))
+            out.extend(self._buf.popleft() for _ in range(take))
+            self._pos += take
+        return out
+
+    def __iter__(self):
+        self.seek(0)
+        while True:
+            batch = self.next_batch(256)
+            if not batch:
+                return
+            yield from batch
+
+
+class RemotePool:
+    """The pool a stage receives from the stage before it."""
+
+    def __init__(self, zctx: zmq.Context, endpoint: str, upstream: str, window: int = DEFAULT_WINDOW,
+                 caps: Caps = DATA_CAPS, alive: Callable[[], bool] | None = None) -> None:
+        self.upstream = upstream
+        self.window = window
+        self._caps = caps
+        self._alive = alive
+        self._lock = threading.RLock()
+        self._sock = zctx.socket(zmq.DEALER)
+        _set_caps(self._sock, caps)
+        self._sock.setsockopt(zmq.RCVHWM, 2 * MAX_CREDIT)
+        self._sock.connect(endpoint)
+        self._req = 0
+        self._acks: set[int] = set()
+        self._meta_reply: dict | None = None
+        self._datasets: dict[str, RemoteDataset] = {}
+        with self._lock:
+            self._send({"op": "meta"})
+            while self._meta_reply is None:
+                self._receive_one()
+        reply = self._meta_reply
+        self.meta = reply["meta"] if isinstance(reply.get("meta"), dict) else {}
+        sizes = reply.get("sizes") if isinstance(reply.get("sizes"), dict) else {}
+        for split in SPLITS:
+            size = sizes.get(split)
+            ds = RemoteDataset(self, split, size) if isinstance(size, int) and size >= 0 else None
+            setattr(self, split, ds)
+            if ds is not None:
+                self._datasets[split] = ds
+
+    def transform(self, fn: Callable[[Any], Any], meta_fn: Callable[[dict], dict] | None = None) -> sdk.DatasetPool:
+        return sdk.transform(self, fn, meta_fn)
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    def __repr__(self) -> str:
+        return f"<RemotePool from {self.upstream} size={self.meta.get('size')}>"
+
+    # -- socket plumbing (callers hold self._lock)
+    def _send(self, msg: dict) -> None:
+        self._sock.send_multipart(pack(msg), copy=False)
+
+    def _request(self, msg: dict) -> None:
+        with self._lock:
+            self._req += 1
+            req = self._req
+            self._send({**msg, "req": req})
+            while req not in self._acks:
+                self._receive_one()
+            self._acks.discard(req)
+
+    def _receive_one(self) -> None:
+        while not self._sock.poll(1000):
+            if self._alive is not None and not self._alive():
+                raise UpstreamError(f"stopped while waiting for stage {self.upstream!r}")
+        frames = self._sock.recv_multipart(copy=False)
+        try:
+            msg = check_message(unpack(frames, self._caps), {"op": str})
+        except ProtocolError as exc:
+            raise UpstreamError(f"stage {self.upstream!r} sent a malformed message: {exc}") from None
+        op = msg["op"]
+        if op == "batch":
+            ds = self._datasets.get(msg.get("split"))
+            samples = msg.get("samples")
+            if ds is not None and isinstance(samples, list) and isinstance(msg.get("gen"), int):
+                ds._on_batch(msg["gen"], samples)
+        elif op == "end":
+            ds = self._datasets.get(msg.get("split"))
+            if ds is not None and isinstance(msg.get("gen"), int):
+                ds._on_end(msg["gen"])
+        elif op == "meta":
+            self._meta_reply = msg
+        elif op == "ack" and isinstance(msg.get("req"), int):
+            self._acks.add(msg["req"])
+        elif op == "error":
+            raise UpstreamError(f"stage {self.upstream!r} refused a request: {str(msg.get('message'))[:500]}")
+
+
+def serve_until(server: PoolServer, should_stop: Callable[[], bool], extra: zmq.Socket | None = None,
+                on_extra: Callable[[], None] | None = None) -> None:
+    """Drive `server` until `should_stop()`; `extra` (the control socket) is polled too."""
+    poller = zmq.Poller()
+    poller.register(server.sock, zmq.POLLIN)
+    if extra is not None:
+        poller.register(extra, zmq.POLLIN)
+    while not should_stop():
+        busy = server.has_work()
+        events = dict(poller.poll(0 if busy else 200))
+        if server.sock in events:
+            server.handle_incoming()
+        if extra is not None and extra in events and on_extra is not None:
+            on_extra()
+        if server.has_work():
+            server.produce_one()

@@ -1,0 +1,219 @@
+"""The process that runs inside a stage's sandbox.
+
+It reads /pipcook/stage.json, makes the framework and the worker's own
+dependencies importable, runs the framework's `initialize(options)`, loads
+the script, calls its entry, and then either serves the resulting pool to the
+next stage (datasource, dataflow) or reports that training / prediction is
+done (model). Everything it tells the runner goes over the control socket;
+stdout and stderr are the stage's log.
+
+Imports nothing of the host side (`runner`), by design.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import site
+import sys
+import traceback
+from typing import Any
+
+ENTRIES = {"datasource": "datasource", "dataflow": "dataflow"}
+SIGNATURES = {
+    "datasource": "datasource(options, ctx)",
+    "dataflow": "dataflow(pool, options, ctx)",
+    "train": "train(runtime, options, ctx)",
+    "predict": "predict(runtime, options, ctx)",
+}
+
+
+class StageFailure(Exception):
+    """An error to report in plain words; `kind` tells the runner whose fault it is."""
+
+    def __init__(self, message: str, kind: str = "script", tb: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.tb = tb
+
+
+def _script_frame(tb: Any, script: str) -> str:
+    """' (model.py, line 12, in train)' for the innermost frame in the script."""
+    where = ""
+    for frame in traceback.extract_tb(tb):
+        if frame.filename == script:
+            where = f" ({os.path.basename(script)}, line {frame.lineno}, in {frame.name})"
+    return where
+
+
+def _load_script(path: str) -> Any:
+    name = os.path.basename(path)
+    spec = importlib.util.spec_from_file_location("pipcook_script", path)
+    if spec is None or spec.loader is None:
+        raise StageFailure(f"{name} cannot be loaded as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise StageFailure(f"{name} has a syntax error at line {exc.lineno}: {exc.msg}", tb=traceback.format_exc()) from None
+    except BaseException as exc:
+        raise StageFailure(
+            f"{name} failed while being imported: {type(exc).__name__}: {exc}{_script_frame(exc.__traceback__, path)}",
+            tb=traceback.format_exc(),
+        ) from None
+    return module
+
+
+def _entry(module: Any, script: str, name: str) -> Any:
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise StageFailure(
+            f"{os.path.basename(script)} has no function {name!r}; this stage calls {SIGNATURES.get(name, name + '(...)')}",
+            kind="entry",
+        )
+    return fn
+
+
+def _initialize_framework(cfg: dict) -> None:
+    fw = cfg.get("framework")
+    if not fw or not fw.get("initialize"):
+        return
+    path = os.path.join(fw["dir"], fw["initialize"])
+    spec = importlib.util.spec_from_file_location("pipcook_framework_init", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        module.initialize(dict(cfg.get("pipeline_options") or {}))
+    except BaseException as exc:
+        raise StageFailure(
+            f"framework {fw.get('name', '?')} failed to initialize: {type(exc).__name__}: {exc}",
+            kind="framework",
+            tb=traceback.format_exc(),
+        ) from None
+
+
+def _check_pool(pool: Any, script: str, entry: str) -> Any:
+    if pool is None or not any(hasattr(pool, s) for s in ("train", "test", "valid", "predicted")):
+        raise StageFailure(
+            f"{entry}() in {os.path.basename(script)} returned {type(pool).__name__}, not a pool "
+            "(an object with meta and train/test/valid/predicted datasets, e.g. sdk.from_lists(...))"
+        )
+    return pool
+
+
+def run_stage(cfg: dict, control: Any, zctx: Any) -> None:
+    from . import boundary
+    from .context import Context, Runtime, check_results
+
+    role, script = cfg["role"], cfg["script"]
+    ctx = Context(control, cfg)
+    options = dict(cfg.get("options") or {})
+    _initialize_framework(cfg)
+    module = _load_script(script)
+
+    upstream = None
+    if cfg.get("upstream"):
+        upstream = boundary.RemotePool(zctx, cfg["upstream"], cfg.get("upstream_stage", "upstream"))
+
+    if role in ("datasource", "dataflow"):
+        fn = _entry(module, script, ENTRIES[role])
+        args = (options, ctx) if role == "datasource" else (upstream, options, ctx)
+        pool = _check_pool(_call(fn, script, *args), script, ENTRIES[role])
+        server = boundary.PoolServer(zctx, cfg["serve"], pool)
+        control.send({"op": "serving"})
+        try:
+            boundary.serve_until(server, lambda: control.stop_requested, control.socket, control.drain)
+        except boundary.SampleError as exc:
+            raise StageFailure(str(exc), kind="sample") from None
+        except boundary.UpstreamError as exc:
+            raise StageFailure(str(exc), kind="upstream") from None
+        except Exception as exc:
+            # user code runs lazily here: transforms and datasets read on demand
+            raise StageFailure(
+                f"{type(exc).__name__}: {exc}{_script_frame(exc.__traceback__, script)} while producing samples",
+                tb=traceback.format_exc(),
+            ) from None
+        return
+
+    # model stage
+    entry = "predict" if cfg.get("task_type") == "predict" else "train"
+    fn = _entry(module, script, entry)
+    runtime = Runtime(control, upstream, cfg.get("workspace", {}).get("model_dir"))
+    if upstream is not None and entry == "train":
+        try:
+            control.send({"op": "meta", "meta": dict(upstream.meta)})
+        except Exception:
+            pass  # meta holding odd types is only a loss for predict, reported there
+    result = _call(fn, script, runtime, options, ctx)
+    if entry == "predict":
+        try:
+            control.send({"op": "result", "data": check_results(result)})
+        except (TypeError, ValueError) as exc:
+            raise StageFailure(str(exc)) from None
+
+
+def _call(fn: Any, script: str, *args: Any) -> Any:
+    from .boundary import UpstreamError
+
+    try:
+        return fn(*args)
+    except UpstreamError as exc:
+        raise StageFailure(str(exc), kind="upstream") from None
+    except StageFailure:
+        raise
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        from .protocol import BoundaryTypeError
+
+        kind = "sample" if isinstance(exc, BoundaryTypeError) else "script"
+        raise StageFailure(
+            f"{type(exc).__name__}: {exc}{_script_frame(exc.__traceback__, script)}", kind=kind, tb=traceback.format_exc()
+        ) from None
+
+
+def main(config_path: str) -> int:
+    sys.dont_write_bytecode = True  # scripts and the SDK are read-only mounts
+    with open(config_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    # Framework first: its numpy (say) must win over the worker's own copy.
+    for path in cfg.get("site_dirs", []):
+        if os.path.isdir(path):
+            site.addsitedir(path)
+    # What initialize() may need to know about its sandbox, as plain variables.
+    for key, value in (cfg.get("hints") or {}).items():
+        os.environ[f"PIPCOOK_{key.upper()}"] = str(value)
+    import zmq
+
+    from .context import ControlClient
+
+    zctx = zmq.Context()
+    control = ControlClient(zctx, cfg["control"])
+    code = 0
+    try:
+        control.send({"op": "hello", "pid": os.getpid(), "python": sys.version.split()[0]})
+        run_stage(cfg, control, zctx)
+        control.send({"op": "done"})
+    except StageFailure as exc:
+        code = 1
+        _report(control, exc.kind, str(exc), exc.tb)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException as exc:  # a bug in the worker itself
+        code = 2
+        _report(control, "worker", f"internal error in the stage worker: {type(exc).__name__}: {exc}", traceback.format_exc())
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        control.close()
+        zctx.destroy()  # data sockets linger 0; the control socket flushes its last report
+    return code
+
+
+def _report(control: Any, kind: str, message: str, tb: str) -> None:
+    if tb:
+        print(tb, file=sys.stderr)
+    try:
+        control.send({"op": "error", "kind": kind, "message": message[:8000], "traceback": tb[-100_000:]})
+    except Exception:
+        print(f"could not report the error to the runner: {message}", file=sys.stderr)
