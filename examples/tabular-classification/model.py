@@ -1,0 +1,152 @@
+"""Model: a Keras MLP over standardised feature vectors.
+
+Samples: `data` a float32 vector (from the dataflow), `label` a category
+name (or index) from `meta["categories"]`. Dense(32) -> Dense(16) ->
+softmax, trained by streaming batches from `runtime.dataset.train` through
+`tf.data.Dataset.from_generator`, reshuffled every epoch.
+
+Options (pipeline `options.train`, query values win; strings accepted):
+epochs (40), batchSize (16), learningRate (0.003), seed (42).
+
+Writes `model.keras` and `labels.json`; logs loss, accuracy, val_loss,
+val_accuracy per epoch and `test_accuracy` at the end.
+"""
+import json
+import os
+import tempfile
+
+import numpy as np
+
+
+def _opt(options, key, default, cast):
+    value = options.get(key, default)
+    if isinstance(value, list):
+        value = value[-1] if value else default
+    if value is None or value == "":
+        return default
+    return cast(value)
+
+
+def _label_index(label, categories):
+    if label in categories:
+        return categories.index(label)
+    if isinstance(label, int) and 0 <= label < len(categories):
+        return label
+    names = [str(c) for c in categories]
+    if str(label) in names:
+        return names.index(str(label))
+    raise ValueError(f"label {label!r} is not one of the categories {categories}")
+
+
+def _stream(dataset, batch_size, width, categories, epoch_seed=None):
+    state = {"epoch": 0}
+
+    def gen():
+        if epoch_seed is not None:
+            dataset.shuffle(epoch_seed + state["epoch"])
+            state["epoch"] += 1
+        dataset.seek(0)
+        while True:
+            batch = dataset.next_batch(batch_size)
+            if not batch:
+                return
+            x = np.stack([np.asarray(s["data"], dtype=np.float32).reshape(width) for s in batch])
+            y = np.asarray([_label_index(s["label"], categories) for s in batch], dtype=np.int32)
+            yield x, y
+
+    return gen
+
+
+def _tf_dataset(tf, gen, width, n, batch_size):
+    sig = (tf.TensorSpec(shape=(None, width), dtype=tf.float32), tf.TensorSpec(shape=(None,), dtype=tf.int32))
+    # No prefetch: one reader at a time keeps the (possibly remote) stream sequential.
+    ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
+    return ds.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
+
+
+def train(runtime, options, ctx):
+    import keras
+    import tensorflow as tf
+
+    epochs = _opt(options, "epochs", 40, int)
+    batch_size = _opt(options, "batchSize", 16, int)
+    lr = _opt(options, "learningRate", 0.003, float)
+    seed = _opt(options, "seed", 42, int)
+    keras.utils.set_random_seed(seed)
+
+    pool = runtime.dataset
+    meta = pool.meta
+    categories = list(meta.get("categories") or [])
+    if not categories:
+        raise ValueError("the dataset meta has no categories")
+    width = int((meta.get("dimension") or {}).get("x") or len(meta["standardize"]["columns"]))
+    if pool.train is None or len(pool.train) == 0:
+        raise ValueError("the dataset has no train split")
+
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(width,)),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(len(categories), activation="softmax"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+
+    train_ds = _tf_dataset(
+        tf, _stream(pool.train, batch_size, width, categories, epoch_seed=seed), width, len(pool.train), batch_size
+    )
+    valid_ds = None
+    if pool.valid is not None and len(pool.valid) > 0:
+        valid_ds = _tf_dataset(tf, _stream(pool.valid, batch_size, width, categories), width, len(pool.valid), batch_size)
+
+    class Progress(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            runtime.log_metrics(step=epoch + 1, **logs)
+            runtime.notify_progress(90.0 * (epoch + 1) / epochs, epoch=epoch + 1, epochs=epochs)
+
+    model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=[Progress()], shuffle=False, verbose=0)
+
+    if pool.test is not None and len(pool.test) > 0:
+        test_ds = _tf_dataset(tf, _stream(pool.test, batch_size, width, categories), width, len(pool.test), batch_size)
+        loss, acc = model.evaluate(test_ds, verbose=0)
+        runtime.log_metrics(step=epochs, test_loss=float(loss), test_accuracy=float(acc))
+        print(f"test accuracy: {acc:.4f} on {len(pool.test)} rows")
+
+    out = tempfile.mkdtemp(prefix="tabular-cls-")
+    model_path = os.path.join(out, "model.keras")
+    model.save(model_path)
+    labels_path = os.path.join(out, "labels.json")
+    with open(labels_path, "w", encoding="utf-8") as f:
+        json.dump({"categories": [str(c) for c in categories], "columns": meta.get("standardize", {}).get("columns")}, f)
+    runtime.save_model(model_path)
+    runtime.save_model(labels_path)
+    runtime.notify_progress(100.0)
+
+
+def predict(runtime, options, ctx):
+    import keras
+
+    model_dir = runtime.read_model()
+    with open(os.path.join(model_dir, "labels.json"), encoding="utf-8") as f:
+        categories = json.load(f)["categories"]
+    model = keras.models.load_model(os.path.join(model_dir, "model.keras"))
+    width = int(model.input_shape[-1])
+
+    dataset = runtime.dataset.predicted
+    results = []
+    if dataset is None:
+        return results
+    dataset.seek(0)
+    while True:
+        batch = dataset.next_batch(256)
+        if not batch:
+            break
+        x = np.stack([np.asarray(s["data"], dtype=np.float32).reshape(width) for s in batch])
+        for p in np.asarray(model.predict(x, verbose=0)):
+            i = int(np.argmax(p))
+            results.append({"label": categories[i], "score": float(p[i])})
+    return results
