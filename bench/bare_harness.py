@@ -200,15 +200,18 @@ class Runtime:
         shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
         print(f"[metrics] step={step} {shown}", flush=True)
 
-    def save_model(self, path: str) -> None:
-        path = os.fspath(path)
-        dest = os.path.join(self._model_dir, os.path.basename(path.rstrip(os.sep)))
-        if os.path.abspath(path) == os.path.abspath(dest):
-            return
-        if os.path.isdir(path):
-            shutil.copytree(path, dest, dirs_exist_ok=True)
+    def save_model(self, path: str) -> str:
+        """Copy a file or directory into the model directory (no-op if already there)."""
+        src = os.path.realpath(os.fspath(path))
+        root = os.path.realpath(self._model_dir)
+        if src == root or src.startswith(root + os.sep):
+            return src
+        dest = os.path.join(root, os.path.basename(src.rstrip(os.sep)))
+        if os.path.isdir(src):
+            shutil.copytree(src, dest, dirs_exist_ok=True)
         else:
-            shutil.copy2(path, dest)
+            shutil.copy2(src, dest)
+        return dest
 
     def read_model(self) -> str:
         return self._model_dir

@@ -131,14 +131,14 @@ def train(runtime, options, ctx):
         runtime.log_metrics(step=epochs, test_loss=float(loss), test_accuracy=float(acc))
         print(f"test accuracy: {acc:.4f} on {len(pool.test)} reviews")
 
-    out = tempfile.mkdtemp(prefix="text-cls-")
-    model_path = os.path.join(out, "model.keras")
-    model.save(model_path)
-    labels_path = os.path.join(out, "labels.json")
-    with open(labels_path, "w", encoding="utf-8") as f:
-        json.dump({"categories": [str(c) for c in categories]}, f)
-    runtime.save_model(model_path)
-    runtime.save_model(labels_path)
+    with tempfile.TemporaryDirectory(prefix="text-cls-") as out:  # save_model copies
+        model_path = os.path.join(out, "model.keras")
+        model.save(model_path)
+        labels_path = os.path.join(out, "labels.json")
+        with open(labels_path, "w", encoding="utf-8") as f:
+            json.dump({"categories": [str(c) for c in categories]}, f)
+        runtime.save_model(model_path)
+        runtime.save_model(labels_path)
     runtime.notify_progress(100.0)
 
 
