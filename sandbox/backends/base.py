@@ -78,6 +78,9 @@ class StageSpec:
     env: dict[str, str] = field(default_factory=dict)
     gpu: bool = False
     labels: dict[str, str] = field(default_factory=dict)
+    # Arguments for the sandbox's python instead of WORKER_ARGS (None: run the
+    # worker). For tests and probes that run a worker-free program.
+    argv: list[str] | None = None
 
 
 # Why a stage stopped, when it was not a plain exit. The orchestrator turns

@@ -1,0 +1,986 @@
+"""The bubblewrap backend: every stage in its own set of namespaces.
+
+What a stage gets (and tests/test_bwrap_backend.py checks, one assertion each):
+
+Namespaces and credentials
+    --unshare-all --unshare-user: new user, mount, pid, net, ipc, uts and
+    cgroup namespaces. --new-session (no TIOCSTI into the runner's tty),
+    --die-with-parent (SIGKILL when the runner dies), --cap-drop ALL,
+    --hostname pipcook, and bwrap's own no_new_privs.
+
+    Which host uid the sandbox runs as matters: it is what the kernel checks
+    on every file, sysctl and signal. bwrap started by root with
+    --unshare-user maps the sandbox uid onto host uid 0, and a host-root
+    process, even without capabilities, may write /proc/sys (core_pattern:
+    code execution on the host; opening it for writing succeeded here from
+    such a sandbox). So:
+
+    - runner is root ("mapped" mode): bwrap --uid 0 --gid 0
+      --userns-block-fd/--info-fd; the runner writes the new namespace's
+      maps itself, `0 0 1` (bwrap's setup, which must read the base
+      interpreter under /root) and `65534 65534 1`, denies setgroups, and the
+      command is a tiny launcher that drops the bounding set, becomes
+      uid/gid 65534 (clearing every capability) and execs python. The
+      stage's processes are host uid 65534 (nobody), no capabilities in any
+      set. --disable-userns cannot be combined with --userns-block-fd; the
+      seccomp filter denies every way to a new user namespace instead.
+      Everything mounted for the stage must be readable by host uid 65534
+      (`sandbox_owner()`); `grant_access()` hands it the directories of
+      writable mounts and makes unix sockets in mounted dirs connectable,
+      and flags read-only sources it may not read.
+    - runner is not root ("plain" mode): --uid 65534 --gid 65534
+      --disable-userns; the stage is the runner's uid, as bwrap is meant to
+      be used.
+
+Filesystem (a fresh tmpfs root, remounted read-only at the end)
+    /usr, /bin, /lib, /lib64, /sbin   read-only binds, or the same symlinks
+                                      where the host has symlinks (merged /usr)
+    /etc                              only generated passwd, group (nobody),
+                                      hosts; and ld.so.cache, localtime.
+                                      Never the host's /etc.
+    <base prefix of python>           read-only at the same path, with an
+                                      empty read-only tmpfs over its
+                                      site-packages: no host packages
+    /proc                             new procfs of the stage's pid namespace;
+                                      /proc/sys read-only; kcore, keys,
+                                      timer_list, sched_debug, ... masked
+    /dev                              bwrap's minimal /dev (null, zero, full,
+                                      random, urandom, tty, pts); GPU nodes
+                                      only with spec.gpu
+    /tmp, /dev/shm                    private tmpfs, mode 1777, --size
+                                      limits.tmp each (memory-backed: counts
+                                      against the memory limit)
+    spec.mounts                       read-only unless Mount.writable
+    spec.writable targets             read-write, subdirectories of the stage's
+                                      disk-quota volume (quota.py), copied out
+                                      at cleanup, links never followed
+    cwd /tmp
+
+System calls
+    --seccomp FD with seccomp.bpf_program(): see seccomp.py.
+
+Limits
+    memory, pids, cpus: a per-stage cgroup (cgroups.py) that bwrap enters
+    before it forks: a small host-side wrapper (`python -I -S`, not /bin/sh,
+    whose `ulimit -f` counts 512- or 1024-byte blocks depending on the
+    shell) writes its own pid into cgroup.procs, sets NOFILE=limits.nofile,
+    FSIZE=limits.disk, CORE=0, and execs bwrap. Output: stdout+stderr are
+    read by a thread into spec.log_path and cut at limits.output (output.py;
+    the stage is then killed, REASON_OUTPUT). Wall time: the caller, with
+    terminate(REASON_TIMEOUT) or `enforce_deadline`. Disk: the volume
+    (ENOSPC), or a watcher that kills the stage where only the weaker
+    "watch" quota is possible.
+
+Nothing outlives a stage: terminate() SIGKILLs bwrap (its pid-1 reaper gets
+PDEATHSIG, and the pid namespace dies with its pid 1) and every process of
+the cgroup. Resources are recorded in `<state dir>/bwrap-<stage>-<hex>.json`
+so that `clean_leftovers()` can undo them after a runner crash.
+
+Call `start` from a thread that outlives the stage (the main thread, or a
+long-lived worker): --die-with-parent fires when the *thread* that spawned
+bwrap exits.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from . import cgroups, output, quota, seccomp
+from .base import (
+    REASON_CANCELLED,
+    REASON_DISK,
+    REASON_MEMORY,
+    REASON_OUTPUT,
+    REASON_PIDS,
+    REASON_PROTOCOL,
+    REASON_TIMEOUT,
+    WORKER_ARGS,
+    Limits,
+    Outcome,
+    StageSpec,
+)
+
+NAME = "bwrap"
+log = logging.getLogger(__name__)
+
+SANDBOX_UID = 65534
+SANDBOX_GID = 65534
+STATE_PREFIX = "pcsb-"
+RECORD_PREFIX = "bwrap-"
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
+HOST_ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")
+# Docker's masked and read-only /proc paths (moby oci/defaults.go).
+MASKED_PROC_FILES = ("kcore", "keys", "latency_stats", "timer_list", "timer_stats",
+                     "sched_debug", "sysrq-trigger", "kpagecount", "kpageflags", "kpagecgroup")
+MASKED_PROC_DIRS = ("acpi", "asound", "scsi")
+READONLY_PROC = ("sys", "fs", "bus", "irq")
+ENOSPC_TEXT = b"No space left on device"
+START_TIMEOUT = 20.0
+
+# Host side, before bwrap: enter the cgroup, set rlimits, drop supplementary
+# groups, exec bwrap. A separate interpreter because these must happen in
+# the process that becomes bwrap, before it forks, and preexec_fn is unsafe
+# in a threaded runner.
+WRAPPER = r"""
+import json, os, resource, sys
+try:
+    cfg = json.loads(sys.argv[1])
+    me = str(os.getpid()).encode()
+    for f in cfg["procs"]:
+        fd = os.open(f, os.O_WRONLY)
+        try:
+            os.write(fd, me)
+        finally:
+            os.close(fd)
+    for name, value in cfg["rlimits"]:
+        resource.setrlimit(getattr(resource, name), (value, value))
+    if cfg["clear_groups"]:
+        os.setgroups([])
+    os.execv(cfg["bwrap"], [cfg["bwrap"]] + sys.argv[2:])
+except BaseException as e:
+    sys.stderr.write("pipcook-sandbox: cannot start the sandbox: %r\n" % (e,))
+    sys.stderr.flush()
+    os._exit(125)
+"""
+
+# Inside the sandbox, "mapped" mode: still uid 0 of the namespace (which is
+# host root, for bwrap's setup) with CAP_SETUID/SETGID/SETPCAP only. Drop the
+# bounding set, become 65534 (the kernel clears permitted, effective and
+# ambient caps on that setuid), clear the inheritable set, exec python.
+LAUNCHER = r"""
+import os, sys
+U = %d
+try:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(64):
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP; EINVAL past the last cap
+except ImportError:
+    libc = None
+os.setgid(U)
+os.setuid(U)
+if libc is not None:
+    hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (ctypes.c_uint32 * 6)()
+    if libc.capset(hdr, data) != 0:
+        sys.exit("pipcook-sandbox: capset failed")
+if os.getresuid() != (U, U, U) or os.getresgid() != (U, U, U) or os.getgroups():
+    sys.exit("pipcook-sandbox: could not drop to uid %%d" %% U)
+os.execv(sys.argv[1], sys.argv[1:])
+""" % SANDBOX_UID
+
+
+# --- the host's tools --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Features:
+    bwrap: str | None
+    version: tuple[int, ...]
+    size: bool  # --size for --tmpfs (0.6)
+    perms: bool  # --perms before --tmpfs/--dir (0.6)
+    disable_userns: bool  # --disable-userns (0.8)
+
+
+@lru_cache(maxsize=1)
+def features() -> Features:
+    path = shutil.which("bwrap") or ("/usr/bin/bwrap" if os.path.exists("/usr/bin/bwrap") else None)
+    version: tuple[int, ...] = ()
+    if path:
+        try:
+            out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+            m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", out)
+            if m:
+                version = tuple(int(x) for x in m.groups() if x is not None)
+        except (OSError, subprocess.SubprocessError):
+            path = None
+    return Features(path, version, version >= (0, 6), version >= (0, 6), version >= (0, 8))
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    executable: Path  # the real binary, under prefix
+    prefix: Path  # sys.base_prefix, resolved
+    hidden: tuple[Path, ...]  # site-packages dirs to cover with an empty tmpfs
+
+
+@lru_cache(maxsize=1)
+def interpreter() -> Interpreter:
+    """The host's base Python: the sandbox runs it at the same path, without
+    any of the host's installed packages."""
+    prefix = Path(os.path.realpath(sys.base_prefix))
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    real = Path(os.path.realpath(sys.executable))
+    candidates = [real] if prefix in real.parents else []
+    candidates += [prefix / "bin" / f"python{ver}", prefix / "bin" / "python3"]
+    exe = next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+    if exe is None:
+        raise RuntimeError(f"no python{ver} binary under {prefix}")
+    hidden = [prefix / "lib" / f"python{ver}" / "site-packages"]
+    if prefix == Path("/usr"):  # distribution Pythons keep packages elsewhere too
+        hidden += [Path("/usr/lib/python3/dist-packages"), Path(f"/usr/local/lib/python{ver}/dist-packages"),
+                   Path(f"/usr/local/lib/python{ver}/site-packages"), Path(f"/usr/lib/python{ver}/site-packages")]
+    return Interpreter(Path(os.path.realpath(exe)), prefix, tuple(h for h in hidden if h.is_dir()))
+
+
+def uid_mode() -> str:
+    """"mapped" where the runner is root (the stage becomes host uid 65534),
+    else "plain" (the stage is the runner's own uid)."""
+    return "mapped" if os.geteuid() == 0 else "plain"
+
+
+def sandbox_owner(mode: str | None = None) -> tuple[int, int]:
+    """The host uid and gid a stage's processes run as: what must be able
+    to read its mounts, write its volume and connect to its sockets."""
+    if (mode or uid_mode()) == "mapped":
+        return SANDBOX_UID, SANDBOX_GID
+    return os.getuid(), os.getgid()
+
+
+def grant_access(spec: StageSpec, owner: tuple[int, int]) -> list[str]:
+    """Mapped mode: let host uid 65534 use what the runner (root) prepared.
+    A writable mount's directory becomes owned by it (its contents are left
+    alone), and unix sockets directly inside a mounted directory become
+    connectable (0666; their directory is private to the run). Returns
+    warnings for read-only sources it may not be able to read."""
+    warnings = []
+    for m in spec.mounts:
+        src = Path(m.source)
+        try:
+            st = os.lstat(src)
+        except OSError:
+            continue  # bwrap reports a missing source itself
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if m.writable and is_dir and (st.st_uid, st.st_gid) != owner:
+            os.chown(src, *owner)
+        elif not m.writable and (not st.st_mode & 0o004 or (is_dir and not st.st_mode & 0o001)):
+            warnings.append(f"{src} (mounted at {m.target}) is not world-readable: uid {owner[0]} may not read it")
+        if is_dir:
+            with os.scandir(src) as it:
+                for entry in it:
+                    mode = entry.stat(follow_symlinks=False).st_mode
+                    if stat.S_ISSOCK(mode) and stat.S_IMODE(mode) != 0o666:
+                        os.chmod(entry.path, 0o666)
+    return warnings
+
+
+# --- small helpers -------------------------------------------------------------
+
+
+def fmt_bytes(n: int) -> str:
+    """256 MiB, 1.5 GiB, 512 bytes: how limits are named to users."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            value = n / size
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def fmt_seconds(s: float) -> str:
+    return f"{s:g} s"
+
+
+def _process_start(pid: int) -> int | None:
+    """Start time of a process (clock ticks since boot), to tell a live
+    runner from a recycled pid."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:
+        return int(text.rsplit(")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:80] or "stage"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _ancestors(target: str) -> list[str]:
+    parts = Path(target).parts[1:-1]
+    return ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+# --- building the command line ---------------------------------------------------
+
+
+class _Args:
+    """bwrap arguments, with the directory bookkeeping bwrap needs: parents
+    of a mount point are created 0755 (bwrap would copy the host's modes,
+    e.g. 0700 for /root, and lock the sandbox user out)."""
+
+    def __init__(self, feats: Features) -> None:
+        self.argv: list[str] = []
+        self.feats = feats
+        self.made: set[str] = {"/"}
+
+    def add(self, *args: str) -> None:
+        self.argv += args
+
+    def parents(self, target: str) -> None:
+        for d in _ancestors(target):
+            if d in self.made:
+                continue
+            self.made.add(d)
+            if self.feats.perms:
+                self.add("--perms", "0755")
+            self.add("--dir", d)
+
+    def mount(self, flag: str, source: str | Path, target: str | Path) -> None:
+        target = str(target)
+        self.parents(target)
+        self.made.add(target)
+        self.add(flag, str(source), target)
+
+    def tmpfs(self, target: str, mode: str, size: int | None) -> None:
+        self.parents(target)
+        self.made.add(target)
+        if self.feats.perms:
+            self.add("--perms", mode)
+        if size is not None and self.feats.size:
+            self.add("--size", str(size))
+        self.add("--tmpfs", target)
+
+
+def _etc_files(etc: Path) -> dict[str, Path]:
+    etc.mkdir(mode=0o755, exist_ok=True)
+    files = {
+        "passwd": "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+                  f"nobody:x:{SANDBOX_UID}:{SANDBOX_GID}:nobody:/tmp:/usr/sbin/nologin\n",
+        "group": f"root:x:0:\nnogroup:x:{SANDBOX_GID}:\n",
+        "hosts": "127.0.0.1\tlocalhost pipcook\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+    }
+    out = {}
+    for name, text in files.items():
+        p = etc / name
+        p.write_text(text)
+        os.chmod(p, 0o644)
+        out[f"/etc/{name}"] = p
+    return out
+
+
+def build_args(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd: int,
+               writable: dict[str, Path], info_fd: int | None = None, block_fd: int | None = None,
+               feats: Features | None = None, interp: Interpreter | None = None) -> list[str]:
+    """The bwrap argument list (without the bwrap binary itself).
+    `writable` maps each spec.writable target to its volume directory."""
+    feats = feats or features()
+    interp = interp or interpreter()
+    a = _Args(feats)
+    a.add("--unshare-all", "--unshare-user")
+    if mode == "mapped":
+        a.add("--uid", "0", "--gid", "0", "--userns-block-fd", str(block_fd), "--info-fd", str(info_fd))
+    else:
+        a.add("--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_GID))
+        if feats.disable_userns:
+            a.add("--disable-userns")
+    a.add("--die-with-parent", "--new-session", "--cap-drop", "ALL")
+    if mode == "mapped":  # for the launcher's drop to 65534, gone before python starts
+        a.add("--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP")
+    a.add("--hostname", "pipcook", "--clearenv")
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
+    env.update(spec.env)
+    for k, v in env.items():
+        a.add("--setenv", k, v)
+
+    for d in SYSTEM_DIRS:
+        if os.path.islink(d):
+            a.add("--symlink", os.readlink(d), d)
+            a.made.add(d)
+        elif os.path.isdir(d):
+            a.mount("--ro-bind", d, d)
+    for target, source in etc.items():
+        a.mount("--ro-bind", source, target)
+    for f in HOST_ETC_FILES:
+        if os.path.isfile(f) and not os.path.islink(f):
+            a.mount("--ro-bind", f, f)
+
+    a.add("--proc", "/proc")
+    a.made.add("/proc")
+    for name in READONLY_PROC:
+        if os.path.isdir(f"/proc/{name}"):
+            a.add("--ro-bind", f"/proc/{name}", f"/proc/{name}")
+    for name in MASKED_PROC_FILES:
+        if os.path.exists(f"/proc/{name}"):
+            a.add("--ro-bind", "/dev/null", f"/proc/{name}")
+    for name in MASKED_PROC_DIRS:
+        if os.path.isdir(f"/proc/{name}"):
+            a.tmpfs(f"/proc/{name}", "0555", None)
+            a.add("--remount-ro", f"/proc/{name}")
+
+    a.add("--dev", "/dev")
+    a.made.add("/dev")
+    if spec.gpu:
+        for node in sorted(Path("/dev").glob("nvidia*")):
+            a.add("--dev-bind", str(node), str(node))
+        if Path("/dev/dri").is_dir():
+            a.add("--dev-bind", "/dev/dri", "/dev/dri")
+    a.tmpfs("/tmp", "1777", spec.limits.tmp)
+    a.tmpfs("/dev/shm", "1777", spec.limits.tmp)
+
+    if not any(interp.prefix == Path(d) or Path(d) in interp.prefix.parents
+               for d in SYSTEM_DIRS if os.path.isdir(d) and not os.path.islink(d)):
+        a.mount("--ro-bind", interp.prefix, interp.prefix)
+    for h in interp.hidden:
+        a.tmpfs(str(h), "0555", 4096)
+        a.add("--remount-ro", str(h))
+
+    for m in spec.mounts:
+        a.mount("--bind" if m.writable else "--ro-bind", m.source, m.target)
+    for target, vdir in writable.items():
+        a.mount("--bind", vdir, target)
+
+    a.add("--remount-ro", "/")
+    a.add("--chdir", "/tmp", "--seccomp", str(seccomp_fd))
+    py = str(interp.executable)
+    args = list(spec.argv) if spec.argv is not None else list(WORKER_ARGS)
+    if mode == "mapped":
+        a.add("--", py, "-I", "-S", "-c", LAUNCHER, py, *args)
+    else:
+        a.add("--", py, *args)
+    return a.argv
+
+
+# --- the running stage ---------------------------------------------------------------
+
+
+class BwrapStage:
+    """A running stage (base.StageHandle)."""
+
+    def __init__(self, spec: StageSpec) -> None:
+        self.name = spec.name
+        self.spec = spec
+        self.limits: Limits = spec.limits
+        # Labels "uid_mode" ("mapped"/"plain") and "disk_quota" ("loop"/"watch")
+        # force the weaker variants, for tests and for hosts that need them.
+        self.mode = spec.labels.get("uid_mode") or uid_mode()
+        if self.mode == "mapped" and os.geteuid() != 0:
+            raise ValueError("uid_mode 'mapped' needs a root runner")
+        self.degraded: list[str] = []  # limits or walls that do not hold here
+        self.skipped: list[str] = []  # what copy-out refused
+        self.proc: subprocess.Popen | None = None
+        self.cgroup: cgroups.Cgroup | None = None
+        self.volume: quota.Volume | None = None
+        self.timeout_used: float | None = None
+        self._reason: str | None = None
+        self._outcome: Outcome | None = None
+        self._saw_enospc = False
+        self._lock = threading.RLock()
+        self._cleaned = False
+        self._threads: list[threading.Thread] = []
+        self._pipe_r: int | None = None
+        self._own_state = "state_dir" not in spec.labels
+        if self._own_state:
+            self.state_dir = Path(tempfile.mkdtemp(prefix=STATE_PREFIX))
+        else:
+            self.state_dir = Path(spec.labels["state_dir"])
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = f"{_safe(spec.name)}-{secrets.token_hex(3)}"
+        self.stage_dir = self.state_dir / key
+        self.stage_dir.mkdir(mode=0o700)
+        self.record_path = self.state_dir / f"{RECORD_PREFIX}{key}.json"
+        self.record = {
+            "runner_pid": os.getpid(),
+            "runner_start": _process_start(os.getpid()),
+            "run_id": spec.run_id,
+            "stage": spec.name,
+            "stage_dir": str(self.stage_dir),
+            "own_state_dir": self._own_state,
+            "cgroup": None,
+        }
+        _write_json(self.record_path, self.record)
+
+    # -- StageHandle ----------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def poll(self) -> int | None:
+        return self.proc.poll() if self.proc else -1
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Exit code, or None if still running after `timeout` seconds."""
+        if self.proc is None:
+            return -1
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def terminate(self, reason: str | None = None) -> None:
+        with self._lock:
+            if self.proc is not None and self.proc.poll() is None and reason and self._reason is None:
+                self._reason = reason
+            if self.proc is not None and self.proc.poll() is None:
+                try:
+                    # bwrap runs in a session of its own (start_new_session).
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        # Outside the lock: the log thread may call terminate() meanwhile.
+        if self.cgroup is not None:
+            self.cgroup.kill_all()
+
+    def outcome(self) -> Outcome:
+        if self._outcome is not None:
+            return self._outcome
+        code = self.poll()
+        if code is None:
+            return Outcome(None, None, "still running")
+        return self._compute_outcome(code)
+
+    def _compute_outcome(self, code: int) -> Outcome:
+        lim = self.limits
+        killed = code in (-signal.SIGKILL, 128 + signal.SIGKILL)
+        reason = self._reason
+        if reason is None and code != 0 and self.cgroup is not None and self.cgroup.oom_killed(killed_by_sigkill=killed):
+            reason = REASON_MEMORY
+        if reason is None and code != 0 and self.cgroup is not None and self.cgroup.pids_exhausted():
+            reason = REASON_PIDS
+        if reason is None and code != 0 and self.volume is not None and (
+                self.volume.exceeded() or self._saw_enospc):
+            reason = REASON_DISK
+        details = {
+            REASON_TIMEOUT: f"wall-clock limit {fmt_seconds(self.timeout_used or lim.timeout)}",
+            REASON_MEMORY: f"memory limit {fmt_bytes(lim.memory)}",
+            REASON_PIDS: f"process limit {lim.pids}",
+            REASON_DISK: f"disk quota {fmt_bytes(lim.disk)}",
+            REASON_OUTPUT: f"output limit {fmt_bytes(lim.output)}",
+            REASON_CANCELLED: "cancelled",
+            REASON_PROTOCOL: "protocol error",
+        }
+        detail = details.get(reason, "") if reason else ""
+        if code == 125 and reason is None:
+            detail = "the sandbox could not start (see the stage log)"
+        return Outcome(code, reason, detail)
+
+    def cleanup(self) -> None:
+        with self._lock:
+            if self._cleaned:
+                return
+            self._cleaned = True
+        errors: list[str] = []
+
+        def step(what: str, fn) -> None:
+            try:
+                fn()
+            except Exception as e:  # keep going: every later step still matters
+                errors.append(f"{what}: {e!r}")
+                log.exception("cleanup of stage %s: %s failed", self.name, what)
+
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.terminate(REASON_CANCELLED)
+            step("wait", self._reap)
+        if self.cgroup is not None:
+            step("kill", self.cgroup.kill_all)
+        for t in self._threads:
+            t.join(timeout=5)
+        if self.proc is not None and self._outcome is None:
+            step("outcome", lambda: setattr(self, "_outcome", self._compute_outcome(self.proc.returncode)))
+        if self.volume is not None:
+            if self.spec.writable:
+                step("copy out", self._copy_out)
+            step("unmount", self.volume.destroy)
+        if self.cgroup is not None:
+            step("cgroup", lambda: self.cgroup.remove() or errors.append("cgroup busy"))
+        if self._pipe_r is not None:
+            step("close", lambda: os.close(self._pipe_r))
+            self._pipe_r = None
+        if not errors:
+            step("state", self._remove_state)
+        else:
+            log.error("stage %s left resources behind (see %s): %s", self.name, self.record_path, errors)
+
+    def _reap(self) -> None:
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def _copy_out(self) -> None:
+        subs = {target: f"w{i}" for i, target in enumerate(self.spec.writable)}
+        self.skipped = self.volume.copy_out({subs[t]: host for t, host in self.spec.writable.items()})
+
+    def _remove_state(self) -> None:
+        if any(quota.mounted(p) for p in _mounts_below(self.stage_dir)):
+            raise OSError(f"mounts remain below {self.stage_dir}")
+        shutil.rmtree(self.stage_dir, ignore_errors=True)
+        self.record_path.unlink(missing_ok=True)
+        if self._own_state:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    # -- threads ------------------------------------------------------------------
+
+    def _chunks(self, fd: int):
+        """The stage's output, noting on the way whether it reported ENOSPC
+        (a hint for the "disk" reason when free space is not conclusive)."""
+        tail = b""
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except OSError:
+                return
+            if not chunk:
+                return
+            if ENOSPC_TEXT in tail + chunk:
+                self._saw_enospc = True
+            tail = chunk[-len(ENOSPC_TEXT):]
+            yield chunk
+
+    def _watch_disk(self) -> None:
+        """The weaker quota: kill the stage once the watched volume is over."""
+        while self.proc is not None and self.proc.poll() is None:
+            if self.volume is not None and self.volume.exceeded():
+                self.terminate(REASON_DISK)
+                return
+            time.sleep(quota.WATCH_PERIOD)
+
+    # -- starting ------------------------------------------------------------------
+
+    def _save(self, **changes) -> None:
+        self.record.update(changes)
+        _write_json(self.record_path, self.record)
+
+    def _start(self) -> None:
+        spec, lim = self.spec, self.limits
+        feats = features()
+        if feats.bwrap is None:
+            raise RuntimeError("bubblewrap (bwrap) is not installed")
+        if not feats.size:
+            self.degraded.append(f"bwrap {feats.version} has no --size: /tmp is capped only by memory")
+        owner = sandbox_owner(self.mode)
+
+        writable: dict[str, Path] = {}
+        if self.mode == "plain" and os.geteuid() == 0:
+            self.degraded.append("stage runs as host uid 0 (no capabilities, /proc/sys read-only): "
+                                 "mapped mode is stronger")
+        if spec.writable:
+            subs = [f"w{i}" for i in range(len(spec.writable))]
+            self.volume = quota.create_volume(self.stage_dir / "vol", lim.disk, subs, owner=owner,
+                                              kind=spec.labels.get("disk_quota"))
+            if self.volume.kind != "loop":
+                self.degraded.append(f"disk quota is a watched directory (weaker): {self.volume.note}")
+            writable = {t: self.volume.path(s) for t, s in zip(spec.writable, subs)}
+
+        cg_name = _safe(f"{spec.run_id}-{spec.name}")
+        self.cgroup = cgroups.create(cg_name, memory=lim.memory, pids=lim.pids, cpus=lim.cpus)
+        if self.cgroup is None:
+            self.degraded.append("no writable cgroup: memory, process and CPU limits are NOT enforced")
+        else:
+            self._save(cgroup={"name": self.cgroup.name, "version": self.cgroup.version,
+                               "dirs": {k: str(v) for k, v in self.cgroup.dirs.items()}})
+            if self.cgroup.missing:
+                self.degraded.append(f"cgroup limits NOT enforced: {', '.join(self.cgroup.missing)}")
+        if self.mode == "mapped":
+            self.degraded += grant_access(spec, owner)
+        for d in self.degraded:
+            log.warning("stage %s: %s", spec.name, d)
+
+        etc = _etc_files(self.stage_dir / "etc")
+        sc_fd = os.memfd_create("pipcook-seccomp", os.MFD_CLOEXEC)
+        info_r = info_w = block_r = block_w = None
+        pipe_r, pipe_w = os.pipe()
+        child_fds = [sc_fd, pipe_w]
+        try:
+            os.write(sc_fd, seccomp.bpf_program())
+            os.lseek(sc_fd, 0, os.SEEK_SET)
+            if self.mode == "mapped":
+                info_r, info_w = os.pipe()
+                block_r, block_w = os.pipe()
+                child_fds += [info_w, block_r]
+            argv = build_args(spec, mode=self.mode, etc=etc, seccomp_fd=sc_fd, writable=writable,
+                              info_fd=info_w, block_fd=block_r, feats=feats)
+            cfg = {
+                "procs": [str(p) for p in (self.cgroup.procs_files if self.cgroup else [])],
+                "rlimits": [["RLIMIT_NOFILE", lim.nofile], ["RLIMIT_FSIZE", lim.disk], ["RLIMIT_CORE", 0]],
+                "clear_groups": os.geteuid() == 0,
+                "bwrap": feats.bwrap,
+            }
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", WRAPPER, json.dumps(cfg), *argv],
+                stdin=subprocess.DEVNULL, stdout=pipe_w, stderr=pipe_w,
+                pass_fds=[sc_fd] + ([info_w, block_r] if info_w is not None else []),
+                start_new_session=True, env={"PATH": "/usr/bin:/bin"}, cwd="/",
+            )
+            self._save(bwrap_pid=self.proc.pid)
+        except BaseException:
+            for fd in (pipe_r, info_r, block_w):
+                if fd is not None:
+                    os.close(fd)
+            raise
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+        self._pipe_r = pipe_r
+        self._threads.append(output.capture(self._chunks(pipe_r), Path(spec.log_path), lim.output,
+                                            lambda: self.terminate(REASON_OUTPUT)))
+        if self.mode == "mapped":
+            try:
+                self._map_ids(info_r, block_w)
+            finally:
+                os.close(info_r)
+                os.close(block_w)
+        if self.volume is not None and self.volume.kind == "watch":
+            w = threading.Thread(target=self._watch_disk, name=f"disk-{spec.name}", daemon=True)
+            w.start()
+            self._threads.append(w)
+
+    def _map_ids(self, info_r: int, block_w: int) -> None:
+        """Mapped mode: bwrap has cloned the namespaces and waits for us to
+        write the user namespace's maps (--info-fd/--userns-block-fd)."""
+        data = b""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.terminate(REASON_CANCELLED)
+                raise RuntimeError("bwrap did not report its sandbox pid in time")
+            ready, _, _ = select.select([info_r], [], [], min(left, 0.5))
+            if not ready:
+                continue
+            chunk = os.read(info_r, 4096)
+            if not chunk:
+                break
+            data += chunk
+        if not data:
+            return  # bwrap failed before cloning; its message is in the log
+        child = int(json.loads(data)["child-pid"])
+        maps = f"0 0 1\n{SANDBOX_UID} {SANDBOX_UID} 1\n"
+        gmaps = f"0 0 1\n{SANDBOX_GID} {SANDBOX_GID} 1\n"
+        try:
+            Path(f"/proc/{child}/uid_map").write_text(maps)
+            Path(f"/proc/{child}/setgroups").write_text("deny\n")
+            Path(f"/proc/{child}/gid_map").write_text(gmaps)
+        except OSError:
+            self.terminate(REASON_CANCELLED)
+            raise
+        os.write(block_w, b"1")
+
+
+def start(spec: StageSpec) -> BwrapStage:
+    """Start a stage in a new sandbox. On a failure to set it up, everything
+    already created is released and the error raised."""
+    stage = BwrapStage(spec)
+    try:
+        stage._start()
+    except BaseException:
+        stage.cleanup()
+        raise
+    return stage
+
+
+def enforce_deadline(handle, timeout: float, poll_interval: float = 0.05) -> Outcome:
+    """Wait for the stage at most `timeout` seconds, then terminate it with
+    REASON_TIMEOUT. Returns its outcome."""
+    if hasattr(handle, "timeout_used"):
+        handle.timeout_used = timeout
+    deadline = time.monotonic() + timeout
+    while handle.poll() is None:
+        if time.monotonic() >= deadline:
+            handle.terminate(REASON_TIMEOUT)
+            break
+        time.sleep(poll_interval)
+    end = time.monotonic() + 10
+    while handle.poll() is None and time.monotonic() < end:
+        time.sleep(poll_interval)
+    return handle.outcome()
+
+
+class Backend:
+    """base.Backend for this module."""
+
+    name = NAME
+
+    def start(self, spec: StageSpec) -> BwrapStage:
+        return start(spec)
+
+
+# --- doctor and clean ------------------------------------------------------------
+
+
+PROBE_CODE = r"""
+import errno, os, socket
+print("uid", os.getuid())
+print("pids", len([p for p in os.listdir("/proc") if p.isdigit()]))
+print("ifaces", " ".join(sorted(l.split(":")[0].strip() for l in open("/proc/net/dev").read().splitlines()[2:])))
+try:
+    socket.socket(socket.AF_INET)
+    print("inet allowed")
+except OSError as e:
+    print("inet", errno.errorcode.get(e.errno))
+"""
+
+
+def probe() -> dict:
+    """What works here, by starting one real sandbox (for `doctor`). The
+    keys `bwrap`, `userns`, `seccomp`, `pid_namespace`, `network_namespace`
+    must be true before untrusted code may run; `<key>_why` explains a
+    false one."""
+    feats = features()
+    info: dict = {
+        "bwrap": feats.bwrap,
+        "version": ".".join(map(str, feats.version)) or None,
+        "userns": False,
+        "seccomp": False,
+        "pid_namespace": False,
+        "network_namespace": False,
+        "uid_mode": uid_mode(),
+        "sandbox_uid": sandbox_owner()[0],
+        "tmpfs_size": feats.size,
+        "nested_userns": ("denied by --disable-userns and seccomp"
+                          if feats.disable_userns and uid_mode() == "plain" else "denied by seccomp"),
+        "cgroups": cgroups.available()["version"],
+        "cgroup_limits": ", ".join(cgroups.available()["controllers"]) or None,
+        "disk_quota": quota.probe()["kind"],
+    }
+    if feats.bwrap is None:
+        info["bwrap_why"] = "bubblewrap is not installed (apt-get install bubblewrap)"
+        return info
+    try:
+        info["interpreter"] = str(interpreter().executable)
+    except RuntimeError as e:
+        info["userns_why"] = str(e)
+        return info
+    tmp = Path(tempfile.mkdtemp(prefix="pipcook-probe-"))
+    text = ""
+    try:
+        spec = StageSpec(run_id=cgroups.new_run_id(), name="probe", mounts=[],
+                         limits=Limits(memory=256 << 20, pids=32, timeout=30),
+                         log_path=tmp / "probe.log", argv=["-I", "-S", "-c", PROBE_CODE])
+        stage = start(spec)
+        try:
+            out = enforce_deadline(stage, 30)
+        finally:
+            stage.cleanup()
+        text = (tmp / "probe.log").read_text(errors="replace")
+        info["userns"] = out.exit_code == 0 and f"uid {SANDBOX_UID}\n" in text
+        info["seccomp"] = "inet EAFNOSUPPORT" in text
+        m = re.search(r"^pids (\d+)$", text, re.M)
+        info["pid_namespace"] = bool(m) and int(m.group(1)) <= 3
+        info["network_namespace"] = "ifaces lo\n" in text
+        if stage.degraded:
+            info["degraded"] = "; ".join(stage.degraded)
+    except Exception as e:
+        text = f"{type(e).__name__}: {e}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for key in ("userns", "seccomp", "pid_namespace", "network_namespace"):
+        if not info[key]:
+            info[f"{key}_why"] = f"the probe sandbox did not show it: {text.strip()[-300:]}"
+    return info
+
+
+def _mounts_below(root: Path) -> list[Path]:
+    """Mount points at or below root, deepest first."""
+    prefix = str(root).rstrip("/") + "/"
+    found = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4:
+            mp = quota._unescape(fields[4])
+            if mp == str(root) or mp.startswith(prefix):
+                found.append(Path(mp))
+    return sorted(set(found), key=lambda p: len(p.parts), reverse=True)
+
+
+def _runner_alive(record: dict) -> bool:
+    pid = record.get("runner_pid")
+    if not isinstance(pid, int) or not cgroups.pid_alive(pid):
+        return False
+    start = record.get("runner_start")
+    return start is None or _process_start(pid) == start
+
+
+def _records(state_dir: Path) -> list[tuple[Path, dict]]:
+    """JSON files of a state dir that name a runner pid: this backend's
+    stage records and the orchestrator's run.json."""
+    found = []
+    for path in sorted(state_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "runner_pid" in data:
+            found.append((path, data))
+    return found
+
+
+def clean_leftovers(roots: list[Path] | None = None) -> list[str]:
+    """Remove what runs of dead runners left: their stages' processes and
+    cgroups, mounts (quota volumes), loop images and state dirs. Looks at
+    `<tmp>/pcsb-*` and at `roots` (state dirs passed in spec.labels). A
+    state dir is touched only when every runner pid recorded in it is dead;
+    one without any record is left alone. Returns what was removed."""
+    removed: list[str] = []
+    dirs = sorted(Path(tempfile.gettempdir()).glob(STATE_PREFIX + "*")) + [Path(r) for r in roots or []]
+    for d in dirs:
+        if not d.is_dir() or d.is_symlink():
+            continue
+        records = _records(d)
+        if not records or any(_runner_alive(r) for _, r in records):
+            continue
+        removed += _clean_state_dir(d, records)
+    removed += cgroups.remove_leftovers()
+    return removed
+
+
+def _clean_state_dir(d: Path, records: list[tuple[Path, dict]]) -> list[str]:
+    removed: list[str] = []
+    for _, record in records:
+        cg = record.get("cgroup")
+        if cg:
+            # No pid is signalled from a record (it may have been recycled):
+            # the cgroup holds exactly the stage's processes.
+            group = cgroups.from_dirs(cg["name"], cg["version"], cg["dirs"])
+            group.kill_all()
+            if group.remove():
+                removed += [str(p) for p in group.all_dirs()]
+    for mp in _mounts_below(d):
+        if quota.unmount(mp):
+            removed.append(f"mount {mp}")
+    if _mounts_below(d):
+        return removed  # never delete below a live mount
+    for img in d.rglob("disk.img"):
+        if quota.destroy_leftover(None, img):
+            removed.append(str(img))
+    if d.name.startswith(STATE_PREFIX):
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(str(d))
+    else:  # a caller's own state dir: only what this backend put there
+        for path, record in records:
+            stage_dir = Path(record.get("stage_dir", ""))
+            if stage_dir.is_absolute() and d in stage_dir.parents:
+                shutil.rmtree(stage_dir, ignore_errors=True)
+                removed.append(str(stage_dir))
+            if path.name.startswith(RECORD_PREFIX):
+                path.unlink(missing_ok=True)
+    return removed
