@@ -51,6 +51,8 @@ def handle_errors(fn: Callable) -> Callable:
             from .orchestrator import Interrupted
 
             sys.exit(130 if isinstance(exc, Interrupted) else 1)
+        except click.ClickException:
+            raise  # usage errors: click prints them with the usage line, exit status 2
         except KeyboardInterrupt:
             click.secho("error: interrupted (Ctrl-C)", err=True, fg="red")
             sys.exit(130)
@@ -156,6 +158,74 @@ def run(pipeline: str, output: Path | None, mirror: str | None, isolation: str, 
     finally:
         close()
     click.secho(f"done: model in {ws.model}", err=True, fg="green")
+
+
+@main.command()
+@click.argument("model")
+@click.option("-s", "--string", "strings", multiple=True, metavar="STRING", help="An input string (one sample each; repeatable).")
+@click.option("-u", "--upload", "files", multiple=True, metavar="FILE", help="An input file, sent as bytes (repeatable).")
+@click.option("--isolation", type=click.Choice(ISOLATIONS), default="bwrap", show_default=True,
+              help="Sandbox for every stage. 'none' runs scripts unconfined: trusted local code only.")
+@click.option("--gpu", is_flag=True, help="Give the model stage a GPU (docker isolation, CUDA image).")
+@click.option("--allow-private", "allow_private", multiple=True, metavar="HOST",
+              help="Allow fetching a model URL (and ctx.download) from this loopback/private host. Repeatable.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and each stage's events.")
+@limit_options
+@handle_errors
+def predict(model: str, strings: tuple[str, ...], files: tuple[str, ...], isolation: str, gpu: bool,
+            allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout) -> None:
+    """Predict: run MODEL (a workspace, model dir, model zip or its http(s) URL) on -s/-u inputs.
+
+    Prints {"success": true, "data": [one result per input]} as JSON on stdout.
+    """
+    from .limits import from_options
+    from .predict import PredictOptions, UsageError, render, run_predict, samples_from
+
+    try:
+        samples = samples_from(strings, files)
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from None
+    limits = from_options(memory, cpus, pids, disk, timeout)
+    _isolation_check(isolation, debug)
+    on_event = (lambda stage, what: _say(f"[{stage}] {what}")) if debug else None
+    results = run_predict(model, samples, PredictOptions(isolation=isolation, gpu=gpu, allow_private=allow_private,
+                                                         limits=limits, log=_say, on_event=on_event))
+    click.echo(render(results))
+
+
+@main.command()
+@click.argument("model")
+@click.option("-p", "--port", type=click.IntRange(0, 65535), default=9091, show_default=True, help="TCP port.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything but loopback exposes the model to the network: a warning says so.")
+@click.option("--request-timeout", type=float, default=60.0, show_default=True, metavar="SECONDS",
+              help="Wall-clock limit of one request; past it the answer is 504 and the worker is restarted.")
+@click.option("--max-queue", type=click.IntRange(0, 10_000), default=8, show_default=True,
+              help="Requests that may wait for the worker; more get 503 at once.")
+@click.option("--isolation", type=click.Choice(ISOLATIONS), default="bwrap", show_default=True,
+              help="Sandbox of the worker. 'none' runs scripts unconfined: trusted local code only.")
+@click.option("--gpu", is_flag=True, help="Give the worker a GPU (docker isolation, CUDA image).")
+@click.option("--allow-private", "allow_private", multiple=True, metavar="HOST",
+              help="Allow ctx.download from this loopback/private host. Repeatable.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and the worker's events.")
+@limit_options
+@handle_errors
+def serve(model: str, port: int, host: str, request_timeout: float, max_queue: int, isolation: str, gpu: bool,
+          allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout) -> None:
+    """Serve MODEL (a workspace, model dir or model zip) over HTTP, one sandboxed worker kept warm.
+
+    POST /predict, a demo page at /, GET /healthz.
+    """
+    from .limits import from_options
+    from .serve import ServeOptions, serve_model
+
+    if request_timeout <= 0:
+        raise click.BadParameter("must be positive", param_hint="--request-timeout")
+    limits = from_options(memory, cpus, pids, disk, timeout)
+    _isolation_check(isolation, debug)
+    serve_model(model, ServeOptions(host=host, port=port, request_timeout=request_timeout, max_queue=max_queue,
+                                    isolation=isolation, gpu=gpu, allow_private=allow_private, limits=limits,
+                                    debug=debug, log=_say, warn=_warn))
 
 
 @main.command()

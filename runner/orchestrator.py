@@ -168,7 +168,31 @@ class _Downloads:
             os.link(blob, target)
         except OSError:
             shutil.copyfile(blob, target)
+        os.chmod(target, 0o644)  # the download is private (mkstemp); the stage's uid 65534 must read it
         return self.translate(target, f"{IN_DOWNLOADS}/{name}")
+
+
+def runtime_mounts(opts: ExecOptions, inside: Callable[[Path, str], str]) -> tuple[list[Mount], list[str], dict | None]:
+    """What every stage mounts to run at all: the SDK and worker, the framework, the worker's site.
+
+    Returns (mounts, site dirs for the stage config, the framework's config entry). Shared by
+    `execute` and the warm worker of `serve`, so both sandboxes see exactly the same runtime.
+    """
+    mounts: list[Mount] = [Mount(LIB_DIR, f"{base.IN_LIB}/sandbox")]
+    site_dirs: list[str] = []
+    framework_cfg = None
+    if opts.framework is not None:
+        mounts.append(Mount(opts.framework.dir, base.IN_FRAMEWORK))
+        site_dirs.append(inside(opts.framework.site, f"{base.IN_FRAMEWORK}/site"))
+        framework_cfg = {"name": f"{opts.framework.name}@{opts.framework.version}",
+                         "dir": inside(opts.framework.dir, base.IN_FRAMEWORK),
+                         "initialize": opts.framework.initialize}
+    if opts.worker_site is not None:
+        mounts.append(Mount(opts.worker_site, base.IN_SITE))
+        site_dirs.append(inside(opts.worker_site, base.IN_SITE))
+    elif getattr(get_backend(opts.isolation), "IMAGE_HAS_SITE", False):
+        site_dirs.append(base.IN_SITE)  # docker: the image carries the worker's site; after the framework's
+    return mounts, site_dirs, framework_cfg
 
 
 def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
@@ -228,18 +252,7 @@ def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
 
         # --- stage specs
         for plan in plans:
-            mounts: list[Mount] = [Mount(LIB_DIR, f"{base.IN_LIB}/sandbox")]
-            site_dirs: list[str] = []
-            framework_cfg = None
-            if opts.framework is not None:
-                mounts.append(Mount(opts.framework.dir, base.IN_FRAMEWORK))
-                site_dirs.append(inside(opts.framework.site, f"{base.IN_FRAMEWORK}/site"))
-                framework_cfg = {"name": f"{opts.framework.name}@{opts.framework.version}",
-                                 "dir": inside(opts.framework.dir, base.IN_FRAMEWORK),
-                                 "initialize": opts.framework.initialize}
-            if opts.worker_site is not None:
-                mounts.append(Mount(opts.worker_site, base.IN_SITE))
-                site_dirs.append(inside(opts.worker_site, base.IN_SITE))
+            mounts, site_dirs, framework_cfg = runtime_mounts(opts, inside)
             script_in = f"{base.IN_SCRIPTS}/{plan.script.name}"
             mounts.append(Mount(plan.script, script_in))
             ctl_dir = state / "ipc" / f"c-{plan.name}"

@@ -37,12 +37,13 @@ class StageFailure(Exception):
         self.tb = tb
 
 
-def _script_frame(tb: Any, script: str) -> str:
-    """' (model.py, line 12, in train)' for the innermost frame in the script."""
+def _script_frame(tb: Any, script: str | tuple[str, ...]) -> str:
+    """' (model.py, line 12, in train)' for the innermost frame in the script (or any of the scripts)."""
+    scripts = (script,) if isinstance(script, str) else script
     where = ""
     for frame in traceback.extract_tb(tb):
-        if frame.filename == script:
-            where = f" ({os.path.basename(script)}, line {frame.lineno}, in {frame.name})"
+        if frame.filename in scripts:
+            where = f" ({os.path.basename(frame.filename)}, line {frame.lineno}, in {frame.name})"
     return where
 
 
@@ -105,6 +106,8 @@ def run_stage(cfg: dict, control: Any, zctx: Any) -> None:
     from . import boundary
     from .context import Context, Runtime, check_results
 
+    if cfg["role"] == "serve":
+        return run_serve(cfg, control, zctx)
     role, script = cfg["role"], cfg["script"]
     ctx = Context(control, cfg)
     options = dict(cfg.get("options") or {})
@@ -152,7 +155,84 @@ def run_stage(cfg: dict, control: Any, zctx: Any) -> None:
             raise StageFailure(str(exc)) from None
 
 
-def _call(fn: Any, script: str, *args: Any) -> Any:
+# ------------------------------------------------------------------ serve
+# `pipcook-sandbox serve` keeps one sandbox warm: this worker imports the
+# dataflow scripts and the model script once, then answers requests that the
+# runner sends over the control socket, one at a time, until told to stop:
+#   runner -> worker  {op: predict, req: n, input: "ipc://.../in-n.sock"}
+#   worker -> runner  {op: result, req: n, data: [...]}
+#                  or {op: error, kind: "request", message: ...}  (the worker stays up)
+# The inputs come as a pool the runner serves at `input`, exactly as the first
+# stage of `predict` gets them, so samples may be as large as data sockets allow.
+
+
+def _next_request(control: Any) -> dict | None:
+    """The runner's next predict request, or None once it asked the worker to stop."""
+    from .protocol import CONTROL_CAPS, ProtocolError, unpack
+
+    while not control.stop_requested:
+        with control._lock:  # the lock ctx.download holds while it waits for its reply
+            if not control.socket.poll(200):
+                continue
+            frames = control.socket.recv_multipart()
+        try:
+            msg = unpack(frames, CONTROL_CAPS)
+        except ProtocolError:
+            continue  # the runner never sends garbage; ignore rather than die
+        if isinstance(msg, dict) and msg.get("op") == "predict" and isinstance(msg.get("req"), int) \
+                and isinstance(msg.get("input"), str):
+            return msg
+        control._dispatch(frames)  # stop, or a late download reply
+    return None
+
+
+def run_serve(cfg: dict, control: Any, zctx: Any) -> None:
+    from . import boundary
+    from .context import Context, Runtime, check_results
+
+    ctx = Context(control, cfg)  # task_type "predict"
+    _initialize_framework(cfg)
+    modules: dict[str, Any] = {}  # one module may export several entries (CONTRACT section 1)
+    for entry in [*cfg["dataflows"], cfg["model"]]:
+        if entry["script"] not in modules:
+            modules[entry["script"]] = _load_script(entry["script"])
+    flows = [(d["stage"], d["script"], _entry(modules[d["script"]], d["script"], "dataflow"), dict(d.get("options") or {}))
+             for d in cfg["dataflows"]]
+    model = cfg["model"]
+    predict = _entry(modules[model["script"]], model["script"], "predict")
+    model_dir = cfg.get("workspace", {}).get("model_dir")
+    control.send({"op": "serving"})
+    while True:
+        msg = _next_request(control)
+        if msg is None:
+            return
+        where, pool = model["stage"], None
+        try:
+            pool = boundary.RemotePool(zctx, msg["input"], "input")
+            current: Any = pool
+            for stage, script, fn, options in flows:
+                where = stage
+                current = _check_pool(_call(fn, script, current, dict(options), ctx), script, "dataflow")
+            where = model["stage"]
+            # samples are read lazily: a dataflow's transform fails inside predict(), so name any script's line
+            result = _call(predict, model["script"], Runtime(control, current, model_dir), dict(model.get("options") or {}),
+                           ctx, frames_in=tuple(modules))
+            control.send({"op": "result", "req": msg["req"], "data": check_results(result)})
+        except StageFailure as exc:
+            _report(control, "request", f"{where}: {exc}", exc.tb)
+        except (TypeError, ValueError) as exc:  # results that cannot be returned, or too large to send
+            _report(control, "request", f"{where}: {exc}", "")
+        except boundary.UpstreamError as exc:
+            _report(control, "request", f"{where}: {exc}", "")
+        except Exception as exc:  # lazily evaluated script code fails while results are read
+            _report(control, "request", f"{where}: {type(exc).__name__}: {exc}", traceback.format_exc())
+        finally:
+            if pool is not None:
+                pool.close()
+
+
+def _call(fn: Any, script: str, *args: Any, frames_in: tuple[str, ...] | None = None) -> Any:
+    """fn(*args) with failures as StageFailure; `frames_in`: the scripts whose lines may be named."""
     from .boundary import UpstreamError
 
     try:
@@ -168,7 +248,8 @@ def _call(fn: Any, script: str, *args: Any) -> Any:
 
         kind = "sample" if isinstance(exc, BoundaryTypeError) else "script"
         raise StageFailure(
-            f"{type(exc).__name__}: {exc}{_script_frame(exc.__traceback__, script)}", kind=kind, tb=traceback.format_exc()
+            f"{type(exc).__name__}: {exc}{_script_frame(exc.__traceback__, frames_in or script)}", kind=kind,
+            tb=traceback.format_exc()
         ) from None
 
 

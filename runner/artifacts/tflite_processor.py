@@ -1,0 +1,155 @@
+"""The `tflite` artifact processor: model/model.keras as a TensorFlow Lite flatbuffer.
+
+    {"processor": "tflite", "target": "model.tflite", "model": "model.keras", "framework": "tensorflow@2.21"}
+
+TensorFlow is not a dependency of the runner: the conversion runs as a
+subprocess on the framework's own site dir (built once into the cache, the
+same one the pipeline's stages used). It reads a private copy of model/'s
+regular files, never model/ itself, so a link a stage planted is never
+followed; it writes only to the target.
+
+The helpers here (`private_copy`, `keras_file`, `framework_for`,
+`run_python`) are shared with the `tfjs` processor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .. import frameworks
+from ..errors import PipcookError
+from . import ArtifactError, target_path
+from .safefiles import regular_files
+
+DEFAULT_FRAMEWORK = "tensorflow@2.21"
+CONVERT_TIMEOUT = 1800.0
+MAX_MODEL_BYTES = 8 << 30  # all of model/ that a processor copies
+
+CONVERT = r'''
+import os, sys
+src, dst, work = sys.argv[1:4]
+import keras
+import tensorflow as tf
+
+# safe_mode: a config that asks for arbitrary code (Lambda layers) is refused, not run
+model = keras.models.load_model(src, compile=False, safe_mode=True)
+try:
+    data = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+except Exception as exc:  # some Keras 3 models only convert through a SavedModel export
+    print(f"from_keras_model failed ({type(exc).__name__}); converting through a SavedModel", file=sys.stderr)
+    export = os.path.join(work, "saved_model")
+    model.export(export, format="tf_saved_model")
+    data = tf.lite.TFLiteConverter.from_saved_model(export).convert()
+with open(dst, "wb") as f:
+    f.write(data)
+'''
+
+
+def private_copy(model_dir: Path, dest: Path, cap: int = MAX_MODEL_BYTES) -> Path:
+    """Copy the regular files under model/ into dest (links, fifos and devices left behind)."""
+    total = 0
+    for rel, fd in regular_files(model_dir):
+        with os.fdopen(fd, "rb") as src:
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "xb") as out:
+                while chunk := src.read(1 << 20):
+                    total += len(chunk)
+                    if total > cap:
+                        raise ArtifactError(f"model/ holds more than {cap >> 30} GiB; refusing to convert it")
+                    out.write(chunk)
+    return dest
+
+
+def keras_file(copy_dir: Path, options: dict, processor: str) -> Path:
+    """The Keras model file to convert: option `model` (default model.keras), a path inside model/."""
+    name = options.get("model") or "model.keras"
+    parts = Path(str(name)).parts if isinstance(name, str) else ()
+    if not parts or Path(name).is_absolute() or ".." in parts:
+        raise ArtifactError(f"artifact processor {processor!r}: option model={name!r} must name a file inside model/")
+    path = copy_dir.joinpath(*parts)
+    if not path.is_file():
+        raise ArtifactError(
+            f"artifact processor {processor!r}: model/ has no regular file {name} (links and special files are "
+            "ignored); the model script must save its Keras model there, e.g. model.save('model.keras')")
+    return path
+
+
+def framework_for(options: dict, workspace: Path, processor: str, log: Callable[[str], None]) -> frameworks.Framework:
+    """The TensorFlow framework: option `framework`, else the pipeline's if it is TensorFlow, else the default."""
+    spec = options.get("framework")
+    if not spec:
+        try:
+            pipeline = json.loads((Path(workspace) / "pipeline.json").read_text("utf-8"))
+            spec = (pipeline.get("options") or {}).get("framework")
+        except (OSError, ValueError, AttributeError):
+            spec = None
+        if not isinstance(spec, str) or not spec.startswith("tensorflow@"):
+            spec = DEFAULT_FRAMEWORK
+    try:
+        framework = frameworks.resolve(str(spec), log=log)
+    except PipcookError as exc:
+        raise ArtifactError(f"artifact processor {processor!r} needs TensorFlow (framework {spec}), "
+                            f"which is not available: {exc}") from None
+    return framework
+
+
+def run_python(code: str, args: list[str], site_dirs: list[Path], work: Path, processor: str,
+               timeout: float = CONVERT_TIMEOUT) -> str:
+    """Run `code` in a fresh interpreter that sees only the stdlib and `site_dirs`; its stderr on success."""
+    script = work / f"{processor}_convert.py"
+    script.write_text(code)
+    boot = ("import site, sys, runpy\n"
+            f"for d in {[str(d) for d in site_dirs]!r}: site.addsitedir(d)\n"
+            f"sys.argv = [{str(script)!r}] + sys.argv[1:]\n"
+            f"runpy.run_path({str(script)!r}, run_name='__main__')\n")
+    home = work / "home"
+    home.mkdir(exist_ok=True)
+    # -I -S: neither the runner's packages nor PYTHON* variables; keras writes ~/.keras, so HOME is private.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "TMPDIR": str(work), "LANG": "C.UTF-8",
+           "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "-1", "KERAS_BACKEND": "tensorflow"}
+    try:
+        proc = subprocess.run([sys.executable, "-I", "-S", "-c", boot, *args], cwd=work, env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ArtifactError(f"artifact processor {processor!r}: the conversion took longer than {timeout:g} s") from None
+    if proc.returncode != 0:
+        missing = re.findall(r"ModuleNotFoundError: No module named '([^']+)'", proc.stderr)
+        if missing:
+            raise ArtifactError(f"artifact processor {processor!r} needs the Python library {missing[-1].split('.')[0]!r}, "
+                                f"which is not installed in {', '.join(str(d) for d in site_dirs)}")
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        cause = lines[-1] if lines else f"exit code {proc.returncode}"
+        raise ArtifactError(f"artifact processor {processor!r}: the conversion failed: {cause[:2000]}")
+    return proc.stderr
+
+
+def replace_file(produced: Path, target: Path) -> Path:
+    """Move a finished file onto target atomically (the zip processor's rule: a file target is replaced)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_dir() and not target.is_symlink():
+        raise ArtifactError(f"artifact target {target} is a directory; name a file")
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(produced, tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def process(model_dir: Path, options: dict, workspace: Path, log: Callable[[str], None] = print) -> Path:
+    target = target_path(Path(workspace), options.get("target"), "model.tflite", log)
+    with tempfile.TemporaryDirectory(prefix="pcsb-tflite-") as tmp:
+        work = Path(tmp)
+        source = keras_file(private_copy(Path(model_dir), work / "model"), options, "tflite")
+        framework = framework_for(options, Path(workspace), "tflite", log)
+        produced = work / "model.tflite"
+        run_python(CONVERT, [str(source), str(produced), str(work)], [framework.site], work, "tflite")
+        if not produced.is_file():
+            raise ArtifactError("artifact processor 'tflite': the conversion wrote no model")
+        return replace_file(produced, target)
