@@ -1,0 +1,80 @@
+"""Shared helpers for tests that drive the real CLI and real sandboxes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "tests" / "pipelines" / "tiny"
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`pipcook-sandbox ARGS` in a subprocess, as a user would run it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "runner.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd or REPO)
+
+
+def write_pipeline(root: Path, *, datasource: str | None = None, dataflow: list[str] | None = None,
+                   model: str | None = None, extra: dict | None = None, query: dict | None = None) -> Path:
+    """A pipeline in `root` whose scripts are the given sources (default: the tiny ones)."""
+    root.mkdir(parents=True, exist_ok=True)
+    query = query or {}
+    refs = {}
+    for name, source in (("datasource", datasource), ("model", model)):
+        path = root / f"{name}.py"
+        path.write_text(textwrap.dedent(source) if source else (TINY / f"{name}.py").read_text())
+        refs[name] = path.name + query.get(name, "")
+    flows = []
+    for i, source in enumerate(dataflow if dataflow is not None else [None], 1):
+        path = root / f"dataflow{i}.py"
+        path.write_text(textwrap.dedent(source) if source else (TINY / "dataflow.py").read_text())
+        flows.append(path.name)
+    spec = {"specVersion": "2.0", "datasource": refs["datasource"], "dataflow": flows, "model": refs["model"],
+            "options": {"train": {"epochs": 1}}}
+    spec.update(extra or {})
+    (root / "pipeline.json").write_text(json.dumps(spec))
+    return root / "pipeline.json"
+
+
+def bwrap_available() -> bool:
+    return shutil.which("bwrap") is not None and (REPO / "sandbox" / "backends" / "bwrap.py").is_file()
+
+
+def require_bwrap() -> None:
+    """In CI a missing bubblewrap is a failure, never a silent skip."""
+    if not bwrap_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("bubblewrap is not available in CI: .ci/run must install it")
+        pytest.skip("bubblewrap backend not available on this machine (apt-get install bubblewrap)")
+
+
+def sandbox_processes(marker: str) -> list[str]:
+    """Command lines of live processes that mention `marker` (leftover check)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(f"{pid}: {cmdline[:200]}")
+    return found
+
+
+def leftover_mounts() -> list[str]:
+    return [line for line in Path("/proc/mounts").read_text().splitlines() if "pcsb-" in line]
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,230 @@
+"""`pipcook-sandbox run` end to end: real CLI, real bubblewrap, small non-TF pipelines.
+
+What a user relies on: the workspace layout, streaming stages, metrics, a
+self-contained model dir, artifacts, the script cache and pins, and errors
+that name the stage, the script and the cause, without a traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from httpserver import http_server  # noqa: F401  (fixture)
+from conftest import REPO, TINY, leftover_mounts, require_bwrap, run_cli, sandbox_processes, write_pipeline
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(autouse=True)
+def _bwrap():
+    require_bwrap()
+
+
+def test_tiny_pipeline_trains_and_fills_the_workspace(tmp_path):
+    out = tmp_path / "ws"
+    proc = run_cli("run", str(TINY / "pipeline.json"), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    for sub in ("pipeline.json", "scripts", "framework", "data", "cache", "model", "logs", "metrics.jsonl"):
+        assert (out / sub).exists(), sub
+    assert (out / "data" / "made.txt").read_text() == "200 samples\n"  # datasource wrote data/
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1, 2]  # epochs=3 from options.train
+    assert all(m["stage"] == "model" and m["samples"] == 160 for m in metrics)
+    assert metrics[-1]["accuracy"] > 0.9
+    weights = json.loads((out / "model" / "weights.json").read_text())
+    assert weights["categories"] == ["neg", "pos"]
+    model_pipeline = json.loads((out / "model" / "pipeline.json").read_text())
+    assert model_pipeline["model"].startswith("scripts/model.py#sha256=")
+    assert (out / "model" / "scripts" / "dataflow.py").is_file()
+    assert json.loads((out / "model" / "meta.json").read_text())["factor"] == 2.0
+    with zipfile.ZipFile(out / "model.zip") as zf:
+        assert "weights.json" in zf.namelist() and "pipeline.json" in zf.namelist()
+    assert {p.name for p in (out / "logs").iterdir()} == {"datasource.log", "dataflow-1.log", "model.log"}
+    assert "Traceback" not in proc.stderr
+    assert not leftover_mounts()
+    assert not list(Path("/tmp").glob("pcsb-*/run.json"))
+
+
+def test_stages_overlap_in_time(tmp_path):
+    """The datasource is still producing while the model already consumes."""
+    datasource = '''
+        import time
+        from sandbox import sdk
+
+        class Slow(sdk.Dataset):
+            def __len__(self): return 40
+            def _get(self, i):
+                time.sleep(0.02)
+                return {"data": i, "label": time.time()}
+
+        def datasource(options, ctx):
+            return sdk.DatasetPool(train=Slow(), meta={"type": "general"})
+    '''
+    model = '''
+        import time
+        def train(runtime, options, ctx):
+            first = runtime.dataset.train.next()
+            received_first = time.time()
+            rest = runtime.dataset.train.next_batch(0)
+            produced_last = rest[-1]["label"]
+            runtime.log_metrics(overlap=float(received_first < produced_last), n=1 + len(rest))
+    '''
+    pipeline = write_pipeline(tmp_path / "p", datasource=datasource, dataflow=[], model=model)
+    proc = run_cli("run", str(pipeline), "-o", str(tmp_path / "ws"))
+    assert proc.returncode == 0, proc.stderr
+    metric = json.loads((tmp_path / "ws" / "metrics.jsonl").read_text().splitlines()[0])
+    assert metric["n"] == 40
+    assert metric["overlap"] == 1.0
+
+
+def _error_run(tmp_path, **scripts) -> subprocess.CompletedProcess:
+    pipeline = write_pipeline(tmp_path / "p", **scripts)
+    return run_cli("run", str(pipeline), "-o", str(tmp_path / "ws"))
+
+
+def test_syntax_error_names_stage_script_and_line(tmp_path):
+    proc = _error_run(tmp_path, model="def train(runtime, options, ctx)\n    pass\n")
+    assert proc.returncode == 1
+    assert "stage 'model' (model.py)" in proc.stderr and "syntax error at line 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "ws" / "logs").is_dir()  # the workspace is kept
+
+
+def test_missing_entry_is_named(tmp_path):
+    proc = _error_run(tmp_path, datasource="def not_it(options, ctx):\n    return None\n")
+    assert proc.returncode == 1
+    assert "stage 'datasource' (datasource.py)" in proc.stderr
+    assert "has no function 'datasource'" in proc.stderr
+
+
+def test_script_exception_names_line_and_traceback_only_with_debug(tmp_path):
+    model = "def train(runtime, options, ctx):\n    raise ValueError('labels are all the same')\n"
+    proc = _error_run(tmp_path, model=model)
+    assert proc.returncode == 1
+    assert "stage 'model' (model.py): ValueError: labels are all the same (model.py, line 2, in train)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    pipeline = tmp_path / "p" / "pipeline.json"
+    debug = run_cli("run", str(pipeline), "-o", str(tmp_path / "ws2"), "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_sample_of_unsupported_type_names_stage_and_type(tmp_path):
+    datasource = '''
+        from sandbox import sdk
+        def datasource(options, ctx):
+            return sdk.from_lists(train=[{"data": {1, 2}, "label": 0}])
+    '''
+    proc = _error_run(tmp_path, datasource=datasource, dataflow=[])
+    assert proc.returncode == 1
+    assert "stage 'datasource' (datasource.py)" in proc.stderr
+    assert "set" in proc.stderr and "cannot cross a sandbox boundary" in proc.stderr
+
+
+def test_failing_dataflow_is_reported_not_the_waiting_model(tmp_path):
+    dataflow = '''
+        def dataflow(pool, options, ctx):
+            def fn(sample):
+                raise KeyError("no such column")
+            return pool.transform(fn)
+    '''
+    proc = _error_run(tmp_path, dataflow=[dataflow])
+    assert proc.returncode == 1
+    assert "stage 'dataflow-1' (dataflow1.py)" in proc.stderr and "KeyError" in proc.stderr
+
+
+def test_bad_pipeline_file_is_one_paragraph(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"specVersion": "1.0", "datasource": "a.py", "model": "b.py"}))
+    proc = run_cli("run", str(bad), "-o", str(tmp_path / "ws"))
+    assert proc.returncode == 1
+    assert "specVersion" in proc.stderr and "Traceback" not in proc.stderr
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"specVersion": "2.0", "datasource": "a.py", "model": "b.py", "dataflows": []}))
+    proc = run_cli("run", str(typo), "-o", str(tmp_path / "ws2"))
+    assert proc.returncode == 1 and "dataflows" in proc.stderr
+    proc = run_cli("run", str(tmp_path / "missing.json"))
+    assert proc.returncode == 1 and "not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_existing_nonempty_output_is_never_clobbered(tmp_path):
+    out = tmp_path / "ws"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    proc = run_cli("run", str(TINY / "pipeline.json"), "-o", str(out))
+    assert proc.returncode == 1 and "not empty" in proc.stderr
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_ctrl_c_stops_every_stage_and_keeps_the_workspace(tmp_path):
+    marker = f"ctrlc-{os.getpid()}-{time.time_ns()}"
+    model = f'''
+        import time
+        def train(runtime, options, ctx):
+            runtime.notify_progress(1)
+            tag = "{marker}"
+            time.sleep(300)
+    '''
+    pipeline = write_pipeline(tmp_path / "p", model=model)
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(pipeline), "-o", str(tmp_path / "ws")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "ws" / "logs" / "model.log").exists():
+        time.sleep(0.2)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert (tmp_path / "ws" / "pipeline.json").is_file()
+    time.sleep(0.5)
+    assert not sandbox_processes("pcsb-"), "sandbox processes outlived the run"
+    assert not leftover_mounts()
+
+
+def _route(body: bytes) -> tuple:
+    return (200, {"Content-Type": "text/plain"}, body)
+
+
+def test_remote_pipeline_with_pin_and_cache(tmp_path, http_server):
+    """Served from a local HTTP server: pinned model, and a second run fetches no script."""
+    import hashlib
+
+    for name in ("datasource.py", "dataflow.py", "model.py"):
+        http_server.routes[f"/{name}"] = _route((TINY / name).read_bytes())
+    digest = hashlib.sha256((TINY / "model.py").read_bytes()).hexdigest()
+    spec = {"specVersion": "2.0", "datasource": "datasource.py?count=100", "dataflow": ["dataflow.py"],
+            "model": f"model.py#sha256={digest}", "options": {"train": {"epochs": 1}}}
+    http_server.routes["/pipeline.json"] = _route(json.dumps(spec).encode())
+    url = http_server.url("/pipeline.json")
+    env = {"PIPCOOK_SANDBOX_CACHE": str(tmp_path / "cache")}
+    refused = run_cli("run", url, "-o", str(tmp_path / "ws0"), env=env)
+    assert refused.returncode == 1 and "127.0.0.1" in refused.stderr  # private address without --allow-private
+    first = run_cli("run", url, "--allow-private", "127.0.0.1", "-o", str(tmp_path / "ws1"), env=env)
+    assert first.returncode == 0, first.stderr
+    assert {p: http_server.hits[p] for p in ("/datasource.py", "/dataflow.py", "/model.py")} == {
+        "/datasource.py": 1, "/dataflow.py": 1, "/model.py": 1}
+    second = run_cli("run", url, "--allow-private", "127.0.0.1", "-o", str(tmp_path / "ws2"), env=env)
+    assert second.returncode == 0, second.stderr
+    # the refused run never connected; the second run fetches the pipeline again but no script
+    assert http_server.hits["/pipeline.json"] == 2
+    assert sum(http_server.hits[p] for p in ("/datasource.py", "/dataflow.py", "/model.py")) == 3
+    http_server.routes["/model.py"] = _route((TINY / "model.py").read_bytes() + b"\n# tampered\n")
+    third = run_cli("run", url, "--allow-private", "127.0.0.1", "--nocache", "-o", str(tmp_path / "ws3"), env=env)
+    assert third.returncode == 1
+    assert "sha256" in third.stderr and "model.py" in third.stderr
+    assert not (tmp_path / "ws3" / "logs" / "model.log").exists()  # nothing ran
+
+
+def test_remote_pipeline_may_not_name_local_files(tmp_path, http_server):
+    spec = {"specVersion": "2.0", "datasource": "file:///etc/passwd", "model": "model.py"}
+    http_server.routes["/pipeline.json"] = _route(json.dumps(spec).encode())
+    proc = run_cli("run", http_server.url("/pipeline.json"), "--allow-private", "127.0.0.1", "-o", str(tmp_path / "ws"))
+    assert proc.returncode == 1
+    assert "remote pipeline may not name local files" in proc.stderr
