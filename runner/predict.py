@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import stat
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -91,31 +89,13 @@ def samples_from(strings: tuple[str, ...] | list[str], files: tuple[str, ...] | 
 
 
 def _unzip(archive: Path, dest: Path) -> None:
-    """Regular files only, no absolute or `..` paths, sizes counted as written (sandbox.extract's rules).
-
-    Unlike `ctx.extract`, an entry without file-type bits counts as a regular file: that is how
-    the `zip` processor (and many zip tools) write entries; links and devices are still refused.
-    """
-    from sandbox.extract import ExtractError, _safe_target, _write
+    """Regular files only, no absolute or `..` paths, sizes counted as written (ctx.extract's rules)."""
+    from sandbox.extract import ExtractError, extract
 
     if not zipfile.is_zipfile(archive):
         raise ModelError(f"{archive} is not a zip file (predict takes a workspace, a model dir or a model zip)")
-    budget = [0]
     try:
-        with zipfile.ZipFile(archive) as zf:
-            infos = zf.infolist()
-            if len(infos) > MAX_ZIP_FILES:
-                raise ExtractError(f"archive has more than {MAX_ZIP_FILES} entries")
-            for info in infos:
-                target = _safe_target(str(dest), info.filename)
-                if info.is_dir():
-                    os.makedirs(target, exist_ok=True)
-                    continue
-                kind = stat.S_IFMT(info.external_attr >> 16)
-                if kind and kind != stat.S_IFREG:
-                    raise ExtractError(f"archive entry {info.filename!r} is not a regular file")
-                with zf.open(info) as src:
-                    _write(src, target, budget, MAX_ZIP_BYTES)
+        extract(str(archive), str(dest), max_bytes=MAX_ZIP_BYTES, max_files=MAX_ZIP_FILES)
     except ExtractError as exc:
         raise ModelError(f"refused to unpack {archive.name}: {exc}") from None
     except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:  # RuntimeError: encrypted entries

@@ -261,8 +261,6 @@ class WarmWorker:
 
     def predict(self, samples: list[dict]) -> list:
         """Results for `samples`, starting the worker first if it is not running."""
-        from sandbox.boundary import PoolServer, serve_until
-
         if not self.alive():
             if self.handle is not None:
                 self.opts.log("serve: the worker had stopped; starting a new one")
@@ -270,10 +268,23 @@ class WarmWorker:
                 self.start()
             except PipcookError as exc:
                 raise WorkerUnavailable(f"the worker could not be started: {exc}") from None
+        try:
+            return self._exchange(samples)
+        except (WorkerError, RequestTimeout):
+            self.stop()  # only once the input pool's thread is done with the shared ZeroMQ context
+            raise
+
+    def _exchange(self, samples: list[dict]) -> list:
+        """One request: serve the inputs as a pool, ask the worker, wait for its answer."""
+        from sandbox.boundary import PoolServer, serve_until
+
         self.req += 1
         req = self.req
         sock = self.state / "ipc" / "in" / f"r{req}.sock"
         server = PoolServer(self.zctx, f"ipc://{sock}", orchestrator.input_pool(samples, self.model.meta))
+        # bound after the sandbox started, so the backend could not open it up: the stage may run as
+        # another uid (bwrap's mapped mode); the directory is private to this worker
+        os.chmod(sock, 0o666)
         done = threading.Event()
         thread = threading.Thread(target=serve_until, args=(server, done.is_set), daemon=True)
         thread.start()
@@ -282,11 +293,7 @@ class WarmWorker:
             self.control.send(STAGE, {"op": "predict", "req": req, "input": f"ipc://{where}/{sock.name}"})
             deadline = time.monotonic() + self.opts.request_timeout
             while True:
-                try:
-                    event = self._next_event(deadline, "predicting")
-                except PipcookError:
-                    self.stop()
-                    raise
+                event = self._next_event(deadline, "predicting")
                 if event is None:
                     continue
                 if event.op == "result" and event.data.get("req") == req:
@@ -294,12 +301,10 @@ class WarmWorker:
                 if event.op == "error":
                     if event.data.get("kind") == "request":
                         raise RequestFailed(event.data["message"])
-                    failure = self._failure(event.data)
-                    self.stop()
-                    raise failure
+                    raise self._failure(event.data)
         finally:
             done.set()
-            thread.join(timeout=2)
+            thread.join(timeout=5)
             server.close()
             with contextlib.suppress(OSError):
                 sock.unlink()
