@@ -1,0 +1,35 @@
+"""The bundled examples train for real: TensorFlow inside bubblewrap, small data.
+
+Each README states an accuracy; these tests hold the examples to it. The
+TensorFlow framework is built once into the user cache (about a minute).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import REPO, leftover_mounts, require_bwrap, run_cli
+
+pytestmark = [pytest.mark.e2e, pytest.mark.tf]
+
+EXAMPLES = {
+    "image-classification": 0.9,
+    "text-classification": 0.9,
+    "tabular-classification": 0.9,
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_example_trains_to_its_stated_accuracy(name, tmp_path):
+    require_bwrap()
+    out = tmp_path / "ws"
+    proc = run_cli("run", str(REPO / "examples" / name / "pipeline.json"), "-o", str(out), timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [m for m in metrics if "test_accuracy" in m]
+    assert final, f"no test_accuracy in {metrics[-3:]}"
+    assert final[-1]["test_accuracy"] >= EXAMPLES[name]
+    assert (out / "model" / "model.keras").is_file()
+    assert (out / "model" / "pipeline.json").is_file() and (out / "model" / "meta.json").is_file()
+    assert json.loads((out / "framework" / "framework.json").read_text())["name"] == "tensorflow"
+    assert not leftover_mounts()
