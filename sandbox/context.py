@@ -146,6 +146,10 @@ class Runtime:
                 clean[str(key)[:128]] = float(value)
             except (TypeError, ValueError):
                 raise ValueError(f"metric {key!r} is not a number: {value!r}") from None
+        if not clean:
+            return  # nothing to record (the runner refuses an empty metrics message)
+        if len(clean) > 256:
+            raise ValueError(f"log_metrics takes at most 256 metrics per call, not {len(clean)}")
         self._control.send({"op": "metrics", "step": None if step is None else int(step), "metrics": clean})
 
     def save_model(self, path: str) -> str:

@@ -64,7 +64,7 @@ def extract(path: str, dest: str, max_bytes: int = 4 << 30, max_files: int = 100
                 if info.is_dir():
                     os.makedirs(target, exist_ok=True)
                     continue
-                if mode and not stat.S_ISREG(mode):
+                if stat.S_IFMT(mode) and not stat.S_ISREG(mode):  # zipfile.writestr sets permission bits only
                     raise ExtractError(f"archive entry {info.filename!r} is not a regular file")
                 with zf.open(info) as src:
                     _write(src, target, budget, max_bytes)

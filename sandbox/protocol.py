@@ -60,12 +60,14 @@ class Caps:
     max_frames: int = 4096
     max_total: int = 2 << 30
     max_items: int = 1 << 20  # per list / dict / str / bin inside the header
+    max_containers: int = 1 << 24  # lists + maps in the whole header (~70 bytes of memory each)
 
 
 DATA_CAPS = Caps()
 # Control messages (progress, metrics, downloads, errors, results) are small;
 # the runner receives them from hostile stages, so it caps them tightly.
-CONTROL_CAPS = Caps(max_header=2 << 20, max_frame=2 << 20, max_frames=1, max_total=2 << 20, max_items=1 << 16)
+CONTROL_CAPS = Caps(max_header=2 << 20, max_frame=2 << 20, max_frames=1, max_total=2 << 20, max_items=1 << 16,
+                    max_containers=1 << 17)
 
 
 # ------------------------------------------------------------------ encoding
@@ -78,9 +80,11 @@ def _describe(obj: Any) -> str:
 
 def find_unsupported(obj: Any, where: str = "sample") -> tuple[str, str] | None:
     """(type name, location) of the first value that cannot cross, or None."""
-    if obj is None or isinstance(obj, (bool, int, float, str, bytes, bytearray, memoryview, np.generic)):
+    if isinstance(obj, int) and not isinstance(obj, bool) and not -(1 << 63) <= obj < (1 << 64):
+        return ("int outside the 64-bit range", where)
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, bytearray, memoryview)):
         return None
-    if isinstance(obj, np.ndarray):
+    if isinstance(obj, (np.ndarray, np.generic)):
         return None if obj.dtype.kind in ALLOWED_KINDS else (f"numpy array of dtype {obj.dtype}", where)
     if isinstance(obj, (list, tuple)):
         for i, item in enumerate(obj):
@@ -115,7 +119,7 @@ class _Encoder:
             self.frames.append(memoryview(arr.reshape(-1).view(np.uint8)))
             return msgpack.ExtType(EXT_ARRAY_FRAME, msgpack.packb([dtype, shape, len(self.frames)]))
         if isinstance(obj, np.generic):
-            return obj.item() if obj.dtype.kind in "biufc" else np.asarray(obj)
+            return obj.item() if obj.dtype.kind in "biuf" else self.default(np.asarray(obj))
         if isinstance(obj, (bytearray, memoryview)):
             return bytes(obj)
         raise BoundaryTypeError(_describe(obj), "value")
@@ -156,8 +160,8 @@ def _array(dtype: Any, shape: Any, raw: Any, caps: Caps) -> np.ndarray:
     count = math.prod(shape)
     if count * dt.itemsize != len(raw):
         raise ProtocolError(f"array of {dtype} {shape} does not match its {len(raw)} bytes")
-    if dt.itemsize == 0:
-        return np.zeros(shape, dtype=dt)
+    if dt.itemsize == 0:  # numpy never makes such arrays; np.zeros would allocate count bytes
+        raise ProtocolError(f"array dtype {dtype!r} has no item size")
     return np.frombuffer(raw, dtype=dt).reshape(shape)
 
 
@@ -175,6 +179,13 @@ def unpack(frames: list[Any], caps: Caps = DATA_CAPS) -> Any:
     if header.nbytes > caps.max_header:
         raise ProtocolError(f"header of {header.nbytes} bytes (cap {caps.max_header})")
     used: set[int] = set()
+    containers = [0]
+
+    def count(obj: Any) -> Any:  # a byte per empty list would cost ~70 bytes of memory
+        containers[0] += 1
+        if containers[0] > caps.max_containers:
+            raise ProtocolError(f"header holds more than {caps.max_containers} lists and maps")
+        return obj
 
     def ext_hook(code: int, data: bytes) -> Any:
         if code == EXT_ARRAY_INLINE:
@@ -204,9 +215,12 @@ def unpack(frames: list[Any], caps: Caps = DATA_CAPS) -> Any:
         obj = msgpack.unpackb(
             header,
             ext_hook=ext_hook,
+            list_hook=count,
+            object_hook=count,
             raw=False,
             strict_map_key=False,
             use_list=True,
+            timestamp=1,  # msgpack's own ext -1 decodes to a plain float, never a Timestamp object
             max_str_len=min(caps.max_header, 1 << 30),
             max_bin_len=min(caps.max_header, 1 << 30),
             max_array_len=caps.max_items,
