@@ -251,5 +251,26 @@ def doctor(debug: bool = False) -> None:
     sys.exit(0 if ok else 1)
 
 
+@main.group()
+def framework() -> None:
+    """Build framework archives for a mirror (`run -m URL`)."""
+
+
+@framework.command("build")
+@click.argument("spec", metavar="NAME@VERSION")
+@click.option("--cuda", is_flag=True, help="Build the CUDA variant.")
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Mirror directory; the archive goes to DIR/pyXY/ and DIR/pyXY/index.json lists it.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@handle_errors
+def framework_build(spec: str, cuda: bool, out_dir: Path, debug: bool) -> None:
+    """Build NAME@VERSION with pip and pack it as a mirror archive."""
+    from . import frameworks, mirror
+
+    fw = frameworks.resolve(spec, cuda=cuda, log=_say)
+    archive = mirror.pack(fw.dir, out_dir, fw.name, fw.version, cuda)
+    _say(f"wrote {archive} (listed in {archive.parent / 'index.json'}); serve {out_dir} and run with -m URL")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

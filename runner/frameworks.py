@@ -84,17 +84,27 @@ def definition(name: str, version: str) -> tuple[dict, dict, Path]:
     return spec, entry, folder
 
 
-def resolve(spec: str | None, *, cuda: bool = False, rebuild: bool = False, log=print) -> Framework | None:
-    """The built framework for `spec` (`NAME@VERSION`), building it if needed."""
+def resolve(spec: str | None, *, cuda: bool = False, rebuild: bool = False, log=print, mirror: str | None = None,
+            url_ref=None, nocache: bool = False, allow_private=()) -> Framework | None:
+    """The framework for `spec`: `NAME@VERSION` built locally or taken from `mirror`,
+    or the archive at `url_ref` (a spec.ScriptRef) when the pipeline names a URL."""
     if not spec:
         return None
+    if url_ref is not None:
+        from . import mirror as mirror_mod
+
+        return mirror_mod.from_url(url_ref.uri, url_ref.sha256, nocache=nocache, allow_private=allow_private, log=log)
     m = NAME_RE.match(spec)
     if not m:
-        raise FrameworkError(f"framework {spec!r} is not NAME@VERSION (a URL needs a mirror-capable runner)")
+        raise FrameworkError(f"framework {spec!r} is not NAME@VERSION or a URL of a framework archive")
     name, version = m.groups()
     target = cache_dir() / "frameworks" / build_id(name, version, cuda)
     if (target / "framework.json").is_file() and not rebuild:
         return Framework(name, version, target)
+    if mirror:
+        from . import mirror as mirror_mod
+
+        return mirror_mod.from_mirror(mirror, name, version, cuda=cuda, allow_private=allow_private, log=log)
     meta, entry, folder = definition(name, version)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(str(target) + ".lock", "w") as lock:

@@ -83,7 +83,9 @@ def plan(pipeline: spec.Pipeline, copies: dict[str, Path], task_type: str = "tra
 
 
 def prepare_runtime(pipeline: spec.Pipeline, opts: RunOptions) -> tuple[Any, Path | None]:
-    framework = frameworks.resolve(pipeline.framework, cuda=opts.gpu, log=opts.log)
+    framework = frameworks.resolve(pipeline.framework, cuda=opts.gpu, log=opts.log, mirror=opts.mirror,
+                                   url_ref=pipeline.framework_ref, nocache=opts.nocache,
+                                   allow_private=opts.allow_private)
     worker_site = ensure_worker_site(log=opts.log) if opts.isolation in ("bwrap", "none") else None
     return framework, worker_site
 
