@@ -563,6 +563,8 @@ def serve_model(location: str, opts: ServeOptions) -> None:
             shown = f"[{host}]" if ":" in host else host
             opts.log(f"serving {model.type or 'model'} from {location} on http://{shown}:{port}/ "
                      f"(POST /predict, GET /healthz; Ctrl-C stops)")
+            if opts.debug:
+                opts.log(f"serve: the worker's output goes to {worker.log_path}")
             try:
                 uvicorn.Server(config).run(sockets=[sock])
             except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: a normal stop
