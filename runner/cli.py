@@ -7,7 +7,6 @@ failed run or bad input, 2 a usage error (click), 130 interrupted.
 from __future__ import annotations
 
 import functools
-import os
 import signal
 import sys
 import traceback
@@ -270,6 +269,26 @@ def framework_build(spec: str, cuda: bool, out_dir: Path, debug: bool) -> None:
     fw = frameworks.resolve(spec, cuda=cuda, log=_say)
     archive = mirror.pack(fw.dir, out_dir, fw.name, fw.version, cuda)
     _say(f"wrote {archive} (listed in {archive.parent / 'index.json'}); serve {out_dir} and run with -m URL")
+
+
+@main.group()
+def images() -> None:
+    """Build the Docker images of the docker backend (docs/docker.md)."""
+
+
+@images.command("build")
+@click.option("--cuda", is_flag=True, help="The CUDA image, for --gpu.")
+@click.option("--offline", is_flag=True,
+              help="No registry: debootstrap Debian bookworm from a Debian mirror, then docker import.")
+@click.option("--force", is_flag=True, help="Rebuild even if the image for this runner exists.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@handle_errors
+def images_build(cuda: bool, offline: bool, force: bool, debug: bool) -> None:
+    """Build the worker image this runner's docker backend uses (tagged with its protocol and pins)."""
+    from .images import build
+
+    tag = build(cuda=cuda, offline=offline, force=force, log=_say)
+    click.secho(f"done: {tag}", err=True, fg="green")
 
 
 if __name__ == "__main__":  # pragma: no cover

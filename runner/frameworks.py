@@ -14,18 +14,16 @@ framework URLs are handled by `runner.mirror` when present.
 """
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import platform
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cachebuild import build_once, pip_install
 from .errors import PipcookError
 from .fetch import cache_dir
 
@@ -106,44 +104,31 @@ def resolve(spec: str | None, *, cuda: bool = False, rebuild: bool = False, log=
 
         return mirror_mod.from_mirror(mirror, name, version, cuda=cuda, allow_private=allow_private, log=log)
     meta, entry, folder = definition(name, version)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(target) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another run may be building it right now
-        if (target / "framework.json").is_file() and not rebuild:
-            return Framework(name, version, target)
-        build(name, version, meta, entry, folder, target, cuda=cuda, log=log)
+    build_once(target, "framework.json",
+               lambda staging: build(name, version, meta, entry, folder, staging, cuda=cuda, log=log, into=target),
+               rebuild=rebuild)
     return Framework(name, version, target)
 
 
-def build(name: str, version: str, meta: dict, entry: dict, folder: Path, target: Path, *, cuda: bool, log=print) -> Path:
-    """pip-install the framework into a fresh dir, then move it into place atomically."""
+def build(name: str, version: str, meta: dict, entry: dict, folder: Path, staging: Path, *, cuda: bool,
+          log=print, into: Path | None = None) -> None:
+    """pip-install the framework into `staging` (build_once moves it into place)."""
     requirements = entry["cuda" if cuda else "cpu"]
-    log(f"building framework {name}@{version}{' (CUDA)' if cuda else ''}: pip install {' '.join(requirements)} (once; cached in {target.parent})")
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-               "--no-warn-script-location", "--target", str(staging / "site"), *requirements]
-        pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
-        constraints = entry.get("constraints", {}).get(pyver)
-        if constraints and not cuda:
-            cmd += ["--constraint", str(folder / constraints)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            raise FrameworkError(f"building framework {name}@{version} failed: pip said:\n{tail}")
-        frozen = subprocess.run(
-            [sys.executable, "-m", "pip", "list", "--path", str(staging / "site"), "--format", "freeze"],
-            capture_output=True, text=True,
-        ).stdout.split()
-        if meta.get("initialize"):
-            shutil.copy2(folder / meta["initialize"], staging / "initialize.py")
-        record = {"name": name, "version": version, "cuda": cuda, "python": python_tag(),
-                  "platform": platform_tag(), "requirements": requirements, "installed": frozen}
-        (staging / "framework.json").write_text(json.dumps(record, indent=2))
-        os.chmod(staging, 0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    log(f"building framework {name}@{version}{' (CUDA)' if cuda else ''}: pip install {' '.join(requirements)} "
+        f"(once; cached in {(into or staging).parent})")
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    constraints = entry.get("constraints", {}).get(pyver)
+    failure = pip_install(staging / "site", requirements,
+                          constraints=folder / constraints if constraints and not cuda else None)
+    if failure:
+        raise FrameworkError(f"building framework {name}@{version} failed: pip said:\n{failure}")
+    frozen = subprocess.run(
+        [sys.executable, "-m", "pip", "list", "--path", str(staging / "site"), "--format", "freeze"],
+        capture_output=True, text=True,
+    ).stdout.split()
+    if meta.get("initialize"):
+        shutil.copy2(folder / meta["initialize"], staging / "initialize.py")
+    record = {"name": name, "version": version, "cuda": cuda, "python": python_tag(),
+              "platform": platform_tag(), "requirements": requirements, "installed": frozen}
+    # written last: its presence marks a complete build
+    (staging / "framework.json").write_text(json.dumps(record, indent=2))

@@ -14,7 +14,6 @@ cached like a local build, so a second run touches no network.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ from urllib.parse import urlsplit
 from sandbox import extract as safe_extract
 
 from . import fetch
+from .cachebuild import build_once
 from .errors import IntegrityError
 from .frameworks import Framework, FrameworkError, build_id, platform_tag, python_tag
 
@@ -70,26 +70,20 @@ def _sha256(path: Path) -> str:
 
 def _install(target: Path, fetch_archive: Callable[[Path], None], expect: tuple[str, str] | None) -> Framework:
     """Fetch (verified by `fetch_archive`), unpack safely, and move into `target`, once, under a lock."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(target) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "framework.json").is_file():
-            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+
+    def build(staging: Path) -> None:
+        archive = staging.parent / f"{staging.name}.zip"
+        try:
+            fetch_archive(archive)
             try:
-                archive = staging / "archive.zip"
-                fetch_archive(archive)
-                unpacked = staging / "unpacked"
-                try:
-                    safe_extract.extract(str(archive), str(unpacked), max_bytes=MAX_UNPACKED, max_files=MAX_FILES)
-                except safe_extract.ExtractError as exc:
-                    raise FrameworkError(f"framework archive refused: {exc}") from None
-                _check_layout(unpacked, expect)
-                os.chmod(unpacked, 0o755)
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(unpacked, target)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                safe_extract.extract(str(archive), str(staging), max_bytes=MAX_UNPACKED, max_files=MAX_FILES)
+            except safe_extract.ExtractError as exc:
+                raise FrameworkError(f"framework archive refused: {exc}") from None
+        finally:
+            archive.unlink(missing_ok=True)
+        _check_layout(staging, expect)
+
+    build_once(target, "framework.json", build)
     record = json.loads((target / "framework.json").read_text())
     return Framework(str(record.get("name")), str(record.get("version")), target)
 

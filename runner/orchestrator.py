@@ -14,7 +14,6 @@ returns; the workspace is kept.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os

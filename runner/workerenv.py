@@ -8,16 +8,11 @@ Docker images carry the same packages at the same path instead.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.metadata
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
+from .cachebuild import build_once, pip_install
 from .errors import PipcookError
 from .fetch import cache_dir
 from .frameworks import platform_tag, python_tag
@@ -39,29 +34,12 @@ def ensure_worker_site(log=print) -> Path:
     reqs = requirements()
     digest = hashlib.sha256(" ".join(reqs).encode()).hexdigest()[:12]
     target = cache_dir() / "worker-site" / f"{python_tag()}-{platform_tag()}-{digest}"
-    if (target / ".complete").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(target) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / ".complete").is_file():
-            return target
+
+    def build(staging: Path) -> None:
         log(f"preparing the sandbox worker's dependencies ({', '.join(reqs)}), once")
-        staging = Path(tempfile.mkdtemp(prefix=".worker-site-", dir=target.parent))
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-                 "--no-warn-script-location", "--target", str(staging), *reqs],
-                capture_output=True, text=True,
-            )
-            if proc.returncode != 0:
-                tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-                raise PipcookError(f"could not prepare the sandbox worker's dependencies: pip said:\n{tail}")
-            (staging / ".complete").write_text("\n".join(reqs) + "\n")
-            os.chmod(staging, 0o755)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+        failure = pip_install(staging, reqs, no_deps=True)
+        if failure:
+            raise PipcookError(f"could not prepare the sandbox worker's dependencies: pip said:\n{failure}")
+        (staging / ".complete").write_text("\n".join(reqs) + "\n")
+
+    return build_once(target, ".complete", build)

@@ -71,8 +71,26 @@ def sandbox_processes(marker: str) -> list[str]:
     return found
 
 
+def _runner_alive(state_dir: Path) -> bool:
+    try:
+        pid = json.loads((state_dir / "run.json").read_text())["runner_pid"]
+        os.kill(pid, 0)
+        return True
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def leftover_mounts() -> list[str]:
-    return [line for line in Path("/proc/mounts").read_text().splitlines() if "pcsb-" in line]
+    """Mounts of run state dirs whose runner is gone (a live run's mounts are its own business)."""
+    found = []
+    for line in Path("/proc/mounts").read_text().splitlines():
+        target = line.split()[1]
+        if "/pcsb-" not in target:
+            continue
+        state = Path("/" + "/".join(p for p in target.split("/")[1:3]))  # /tmp/pcsb-XXXX
+        if not _runner_alive(state):
+            found.append(line)
+    return found
 
 
 @pytest.fixture

@@ -23,15 +23,13 @@ Models of built-in layers convert; custom layers and nested models do not.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
 
+from ..cachebuild import build_once, pip_install
 from ..fetch import cache_dir
 from ..frameworks import platform_tag, python_tag
 from . import ArtifactError, target_path
@@ -100,32 +98,16 @@ conversion.write_artifacts({"model_config": topology, "keras_version": keras.__v
 def ensure_tensorflowjs(log: Callable[[str], None] = print) -> Path:
     """tensorflowjs (no dependencies) in its own dir under the cache, installed once under a lock."""
     target = cache_dir() / "tools" / f"tensorflowjs-{TFJS_VERSION}-{python_tag()}-{platform_tag()}"
-    if (target / ".complete").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(target) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent run may be installing it
-        if (target / ".complete").is_file():
-            return target
+
+    def build(staging: Path) -> None:
         log(f"installing tensorflowjs=={TFJS_VERSION} for the tfjs processor (once; cached in {target.parent})")
-        staging = Path(tempfile.mkdtemp(prefix=".tensorflowjs-", dir=target.parent))
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-                 "--no-warn-script-location", "--target", str(staging), f"tensorflowjs=={TFJS_VERSION}"],
-                capture_output=True, text=True)
-            if proc.returncode != 0:
-                tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-                raise ArtifactError(f"artifact processor 'tfjs' needs the Python package tensorflowjs=={TFJS_VERSION}, "
-                                    f"which could not be installed: pip said: {tail}")
-            (staging / ".complete").write_text(f"tensorflowjs=={TFJS_VERSION}\n")
-            os.chmod(staging, 0o755)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+        failure = pip_install(staging, [f"tensorflowjs=={TFJS_VERSION}"], no_deps=True)
+        if failure:
+            raise ArtifactError(f"artifact processor 'tfjs' needs the Python package tensorflowjs=={TFJS_VERSION}, "
+                                f"which could not be installed: pip said: {' '.join(failure.splitlines()[-3:])}")
+        (staging / ".complete").write_text(f"tensorflowjs=={TFJS_VERSION}\n")
+
+    return build_once(target, ".complete", build)
 
 
 def install_dir(produced: Path, target: Path) -> Path:
