@@ -155,7 +155,10 @@ class _Downloads:
         with self.lock:
             self.count += 1
             index = self.count
-        key = hashlib.sha256(url.encode()).hexdigest()
+        # Keyed by the URL and the policy it was fetched under: what a host allowed
+        # with --allow-private served is never handed to a run without that permission.
+        allowed = "\0".join(sorted(set(self.opts.allow_private)))
+        key = hashlib.sha256((f"{url}\0{allowed}" if allowed else url).encode()).hexdigest()
         cached = fetch.cache_dir() / "downloads" / key
         blob = cached / "blob"
         if self.opts.nocache or not blob.is_file():
