@@ -286,12 +286,17 @@ def _cached_ok(path: Path, expected: str) -> bool:
     return False
 
 
-def _index_lookup(index_path: Path, url: str) -> str | None:
+def _index_lookup(index_path: Path, url: str, allow_private: Collection[str]) -> str | None:
     try:
         entry = json.loads(index_path.read_text("utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(entry, dict) or entry.get("url") != url:
+        return None
+    # Reused only under a policy at least as wide as the one it was fetched
+    # under: what --allow-private let in is not served to a run without it.
+    recorded = entry.get("allow_private")
+    if not isinstance(recorded, list) or not set(map(str, recorded)) <= set(allow_private):
         return None
     sha = entry.get("sha256")
     return sha if isinstance(sha, str) else None
@@ -334,7 +339,7 @@ def fetch_script(
             if _cached_ok(cached, ref.sha256):
                 return cached
         else:
-            known = _index_lookup(index_path, ref.uri)
+            known = _index_lookup(index_path, ref.uri, allow_private)
             if known and _cached_ok(by_sha / f"{known}.py", known):
                 return by_sha / f"{known}.py"
 
@@ -356,6 +361,7 @@ def fetch_script(
     entry = {
         "url": ref.uri,
         "sha256": actual,
+        "allow_private": sorted(set(allow_private)),
         "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     _write_atomic(index_path, json.dumps(entry, indent=2).encode("utf-8"))
