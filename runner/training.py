@@ -92,6 +92,11 @@ def prepare_runtime(pipeline: spec.Pipeline, opts: RunOptions) -> tuple[Any, Pat
 
 def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
     pipeline = spec.load_pipeline(location, fetch_bytes=functools.partial(fetch.fetch_bytes, allow_private=opts.allow_private))
+    if opts.isolation == "docker":  # containers left by runners that crashed or were killed
+        from sandbox.backends import docker as docker_backend
+
+        for item in docker_backend.clean_leftovers():
+            opts.log(f"removed {item}")
     ws = workspace.create(opts.output)
     workspace.write_json(ws.pipeline, spec.pipeline_to_json(pipeline))
     opts.log(f"workspace: {ws.root}")
