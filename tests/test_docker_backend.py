@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import TINY, run_cli, write_pipeline
+from conftest import TINY, require_docker, run_cli, write_pipeline
 from httpserver import http_server  # noqa: F401  (fixture)
 
 from sandbox.backends import base
@@ -33,30 +33,9 @@ SMALL = Limits(memory=256 << 20, cpus=1.0, pids=64, disk=64 << 20, timeout=60, n
                tmp=8 << 20)
 
 
-def _unavailable(why: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"Docker is required in CI and is not usable: {why}. .ci/start-docker.sh must start dockerd "
-                    "and build the image (see /tmp/dockerd.log)")
-    pytest.skip(f"Docker backend not usable here: {why} (start dockerd, then `pipcook-sandbox images build --offline`)")
-
-
 @pytest.fixture(scope="module")
 def backend():
-    """The docker backend module, once the engine answers and the image exists (built offline if missing)."""
-    try:
-        from runner import images
-        from sandbox.backends import docker as backend_module
-
-        backend_module.client()
-    except Exception as exc:
-        _unavailable(str(exc))
-    tag = images.image_tag()
-    if not images.exists(tag):
-        try:
-            images.build(offline=True)
-        except Exception as exc:
-            _unavailable(f"the image {tag} is missing and could not be built offline: {exc}")
-    return backend_module
+    return require_docker()
 
 
 def containers(run_id: str | None = None, runner_pid: int | str | None = None) -> list[dict]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO, leftover_mounts, require_bwrap, run_cli
+from conftest import REPO, leftover_mounts, require_bwrap, require_docker, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.tf]
 
@@ -19,11 +19,13 @@ EXAMPLES = {
 }
 
 
+@pytest.mark.parametrize("isolation", ["bwrap", pytest.param("docker", marks=pytest.mark.docker)])
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
-def test_example_trains_to_its_stated_accuracy(name, tmp_path):
-    require_bwrap()
+def test_example_trains_to_its_stated_accuracy(name, isolation, tmp_path):
+    require_bwrap() if isolation == "bwrap" else require_docker()
     out = tmp_path / "ws"
-    proc = run_cli("run", str(REPO / "examples" / name / "pipeline.json"), "-o", str(out), timeout=1200)
+    proc = run_cli("run", str(REPO / "examples" / name / "pipeline.json"), "-o", str(out), "--isolation", isolation,
+                   timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = [m for m in metrics if "test_accuracy" in m]
