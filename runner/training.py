@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import shutil
@@ -90,8 +91,21 @@ def prepare_runtime(pipeline: spec.Pipeline, opts: RunOptions) -> tuple[Any, Pat
     return framework, worker_site
 
 
+def check_gpu(isolation: str) -> None:
+    """Refuse --gpu early, before anything is fetched or started, where it cannot work."""
+    if isolation == "none":
+        return
+    if not any(Path("/dev").glob("nvidia[0-9]*")):
+        raise PipcookError("--gpu (or options.train.gpu): this host has no NVIDIA GPU (no /dev/nvidia0); "
+                           "run without --gpu, or on a host with a GPU and its driver")
+
+
 def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
     pipeline = spec.load_pipeline(location, fetch_bytes=functools.partial(fetch.fetch_bytes, allow_private=opts.allow_private))
+    if pipeline.train_options.get("gpu") is True and not opts.gpu:
+        opts = dataclasses.replace(opts, gpu=True)  # options.train.gpu asks for what --gpu does
+    if opts.gpu:
+        check_gpu(opts.isolation)
     if opts.isolation == "docker":  # containers left by runners that crashed or were killed
         from sandbox.backends import docker as docker_backend
 

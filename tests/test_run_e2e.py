@@ -229,3 +229,14 @@ def test_remote_pipeline_may_not_name_local_files(tmp_path, http_server):
     proc = run_cli("run", http_server.url("/pipeline.json"), "--allow-private", "127.0.0.1", "-o", str(tmp_path / "ws"))
     assert proc.returncode == 1
     assert "remote pipeline may not name local files" in proc.stderr
+
+
+def test_gpu_is_refused_clearly_on_a_host_without_one(tmp_path):
+    if any(Path("/dev").glob("nvidia[0-9]*")):
+        pytest.skip("this host has an NVIDIA GPU: the refusal cannot be shown here")
+    for args in (["--gpu"], ["--gpu", "--isolation", "docker"]):
+        proc = run_cli("run", str(TINY / "pipeline.json"), "-o", str(tmp_path / f"ws{len(args)}"), *args)
+        assert proc.returncode == 1 and "no NVIDIA GPU" in proc.stderr and "Traceback" not in proc.stderr
+    pipeline = write_pipeline(tmp_path / "p", extra={"options": {"train": {"gpu": True}}})
+    proc = run_cli("run", str(pipeline), "-o", str(tmp_path / "ws"))
+    assert proc.returncode == 1 and "options.train.gpu" in proc.stderr
