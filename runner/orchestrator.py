@@ -41,6 +41,10 @@ from .limits import human
 LIB_DIR = Path(sandbox.__file__).resolve().parent
 IN_DOWNLOADS = "/pipcook/downloads"
 STOP_GRACE = 5.0
+# A serving stage binds its pool socket in a directory it can write: that
+# directory sits on a quota of its own (the smallest volume, a few MiB), or it
+# would be unlimited disk on the host's /tmp, outside --disk.
+SOCKET_DIR_QUOTA = 1 << 20
 FAILURE_GRACE = 0.5
 
 
@@ -213,6 +217,7 @@ def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
     control = control_mod.ControlServer(_Downloads(state, opts, inside))
     handles: dict[str, Any] = {}
     volumes: dict[str, Any] = {}
+    socket_dirs: dict[str, Any] = {}
     started: dict[str, float] = {}
     result = ExecResult()
     source_stop = threading.Event()
@@ -222,7 +227,6 @@ def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
         # --- sockets: the runner binds every control socket before any stage starts
         for plan in plans:
             (state / "ipc" / f"c-{plan.name}").mkdir(parents=True)
-            (state / "ipc" / f"b-{plan.name}").mkdir(parents=True)
             control.add_stage(plan.name, f"ipc://{state}/ipc/c-{plan.name}/control.sock")
         control.start()
         upstream_dir, upstream_name = None, None
@@ -249,6 +253,9 @@ def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
             elif plan.role == "model" and opts.task_type == "train":
                 vol = quota.create_volume(state / f"vol-{plan.name}", limits.disk, ["model"])
                 volumes[plan.name] = (vol, {"model": ws.model})
+        for plan in plans:
+            if plan.role != "model":
+                socket_dirs[plan.name] = quota.create_volume(state / f"ipc-{plan.name}", SOCKET_DIR_QUOTA, ["out"])
         if not data_dirs:  # predict: no datasource ran; show the training data read-only
             data_dirs = {"data": ws.data, "cache": ws.cache}
 
@@ -259,9 +266,9 @@ def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
             mounts.append(Mount(plan.script, script_in))
             ctl_dir = state / "ipc" / f"c-{plan.name}"
             mounts.append(Mount(ctl_dir, f"{base.IN_IPC}/control"))
-            out_dir = state / "ipc" / f"b-{plan.name}"
+            out_dir = socket_dirs[plan.name].path("out") if plan.name in socket_dirs else None
             serve = None
-            if plan.role != "model":
+            if out_dir is not None:
                 mounts.append(Mount(out_dir, f"{base.IN_IPC}/out", writable=True))
                 serve = f"ipc://{inside(out_dir, base.IN_IPC + '/out')}/pool.sock"
             upstream = None
@@ -341,6 +348,8 @@ def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
                     opts.on_event(name, f"not copied (links and special files are never followed): {', '.join(skipped[:5])}")
             finally:
                 vol.destroy()
+        for vol in socket_dirs.values():
+            vol.destroy()
         source_stop.set()
         if source_thread is not None:
             source_thread.join(timeout=2)
