@@ -366,6 +366,7 @@ def _monitor(plans: list[StagePlan], handles: dict, started: dict, volumes: dict
     errors: dict[str, dict] = {}
     violations: dict[str, str] = {}
     done: set[str] = set()
+    serving: set[str] = set()
     exited: dict[str, int] = {}
     failed_at: float | None = None
     metrics_file = open(ws.metrics, "a", encoding="utf-8")
@@ -377,6 +378,8 @@ def _monitor(plans: list[StagePlan], handles: dict, started: dict, volumes: dict
                 event = None
             while event is not None:
                 _on_event(event, by_name, errors, violations, done, handles, opts, result, metrics_file)
+                if event.op == "serving":
+                    serving.add(event.stage)
                 try:
                     event = control.events.get_nowait()
                 except queue.Empty:
@@ -389,7 +392,10 @@ def _monitor(plans: list[StagePlan], handles: dict, started: dict, volumes: dict
                         exited[name] = code
                         if opts.on_event:
                             opts.on_event(name, f"exited with code {code}")
-                if name not in exited and now - started[name] > opts.limits.timeout:
+                # A stage that serves its pool waits on its consumers: its time is theirs, and the
+                # model's own deadline (or its end) stops it. Otherwise the first-started datasource
+                # would be blamed for every run that takes too long.
+                if name not in exited and name not in serving and now - started[name] > opts.limits.timeout:
                     handle.terminate(base.REASON_TIMEOUT)
                 vol = volumes.get(name)
                 if vol is not None and name not in exited and vol[0].exceeded():
