@@ -66,7 +66,9 @@ Limits
     shell) writes its own pid into cgroup.procs, sets NOFILE=limits.nofile,
     FSIZE=limits.disk, CORE=0, and execs bwrap. Output: stdout+stderr are
     read by a thread into spec.log_path and cut at limits.output (output.py;
-    the stage is then killed, REASON_OUTPUT). Wall time: the caller, with
+    the stage is then killed, REASON_OUTPUT). Processes: a fork the pids
+    cgroup refused stops the stage at the next poll() (REASON_PIDS), so a
+    fork bomb that retries forever ends at once. Wall time: the caller, with
     terminate(REASON_TIMEOUT) or `enforce_deadline`. Disk: the volume
     (ENOSPC), or a watcher that kills the stage where only the weaker
     "watch" quota is possible.
@@ -131,6 +133,7 @@ MASKED_PROC_DIRS = ("acpi", "asound", "scsi")
 READONLY_PROC = ("sys", "fs", "bus", "irq")
 ENOSPC_TEXT = b"No space left on device"
 START_TIMEOUT = 20.0
+PIDS_CHECK_PERIOD = 0.25  # how often poll() looks for forks the pids cgroup refused
 
 # Host side, before bwrap: enter the cgroup, set rlimits, drop supplementary
 # groups, exec bwrap. A separate interpreter because these must happen in
@@ -487,6 +490,7 @@ class BwrapStage:
         self._reason: str | None = None
         self._outcome: Outcome | None = None
         self._saw_enospc = False
+        self._pids_checked = 0.0
         self._lock = threading.RLock()
         self._cleaned = False
         self._threads: list[threading.Thread] = []
@@ -519,7 +523,18 @@ class BwrapStage:
         return self.proc.pid if self.proc else None
 
     def poll(self) -> int | None:
-        return self.proc.poll() if self.proc else -1
+        if self.proc is None:
+            return -1
+        code = self.proc.poll()
+        if code is None and self.cgroup is not None:
+            now = time.monotonic()
+            if now - self._pids_checked >= PIDS_CHECK_PERIOD:
+                self._pids_checked = now
+                if self.cgroup.pids_exhausted():
+                    # A fork bomb retries forever: a refused fork stops the stage now,
+                    # not at its wall-clock limit (as the docker backend does).
+                    self.terminate(REASON_PIDS)
+        return code
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Exit code, or None if still running after `timeout` seconds."""
