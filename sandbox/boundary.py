@@ -11,20 +11,29 @@ dropped on arrival.
 Batches are sized by bytes, not samples: the server aims at TARGET_BATCH_BYTES
 so 100-byte samples go thousands to a message and 64 MiB tensors one each.
 
-Messages client -> server: {op: meta} | {op: open, split, gen, pos, credit} |
-{op: credit, split, gen, n} | {op: shuffle, split, seed, req}
-Messages server -> client: {op: meta, meta, sizes} | {op: batch, split, gen,
-samples} | {op: end, split, gen} | {op: ack, req} | {op: error, message}
+Arrays of 64 KiB or more travel through a shared-memory ring when the
+client mapped one (sandbox/shmring.py: set up once per client beside the
+ZeroMQ socket, the bytes copied in by the server and out by the client);
+a batch's ring space is reused once the client returned its credit, which
+it does only after copying the batch out. Without a ring, or when it is
+full, arrays go as frames. PIPCOOK_RING_BYTES=0 turns the ring off.
+
+Messages client -> server: {op: meta} | {op: ring, token} |
+{op: open, split, gen, pos, credit} | {op: credit, split, gen, n} |
+{op: shuffle, split, seed, req}
+Messages server -> client: {op: meta, meta, sizes, ring?} | {op: batch, split,
+gen, samples} | {op: end, split, gen} | {op: ack, req} | {op: error, message}
 """
 from __future__ import annotations
 
 import collections
+import os
 import threading
 from typing import Any, Callable
 
 import zmq
 
-from . import sdk
+from . import sdk, shmring
 from .protocol import DATA_CAPS, BoundaryTypeError, Caps, ProtocolError, check_message, pack, unpack
 
 SPLITS = sdk.SPLITS
@@ -32,6 +41,10 @@ TARGET_BATCH_BYTES = 4 << 20
 MAX_BATCH_SAMPLES = 4096
 DEFAULT_WINDOW = 4
 MAX_CREDIT = 64
+try:
+    RING_BYTES = max(0, min(int(os.environ.get("PIPCOOK_RING_BYTES", shmring.DEFAULT_RING)), shmring.MAX_RING))
+except ValueError:
+    RING_BYTES = shmring.DEFAULT_RING
 REQUEST_CAPS = Caps(max_header=64 << 10, max_frame=64 << 10, max_frames=1, max_total=64 << 10, max_items=64)
 
 
@@ -52,10 +65,18 @@ def _set_caps(sock: zmq.Socket, caps: Caps) -> None:
 
 
 class _Stream:
-    __slots__ = ("peer", "gen", "pos", "credit", "done")
+    __slots__ = ("peer", "gen", "pos", "credit", "done", "blocks")
 
     def __init__(self, peer: bytes, gen: int, pos: int, credit: int) -> None:
         self.peer, self.gen, self.pos, self.credit, self.done = peer, gen, pos, credit, False
+        self.blocks: collections.deque = collections.deque()  # ring block (or None) of each uncredited batch
+
+    def release(self, n: int | None = None) -> None:
+        """Give back the ring space of the `n` oldest uncredited batches (all with None)."""
+        for _ in range(len(self.blocks) if n is None else min(n, len(self.blocks))):
+            entry = self.blocks.popleft()
+            if entry is not None:
+                entry[0].release(entry[1])
 
 
 class PoolServer:
@@ -71,9 +92,23 @@ class PoolServer:
         self.streams: dict[str, _Stream] = {}
         self.batch_size: dict[str, int] = {}
         self._rr = 0
+        self.ring_listener: shmring.Listener | None = None
+        self.rings: collections.OrderedDict[bytes, shmring.Ring] = collections.OrderedDict()  # by peer
+        self._writer: shmring.Writer | None = None
+        path = shmring.ring_path(endpoint)
+        if RING_BYTES and path and shmring.supported():
+            try:
+                self.ring_listener = shmring.Listener(path, RING_BYTES)
+            except OSError:
+                self.ring_listener = None  # frames only
 
     def close(self) -> None:
         self.sock.close(linger=0)
+        if self.ring_listener is not None:
+            self.ring_listener.close()
+        for ring in self.rings.values():
+            ring.close()
+        self.rings.clear()
 
     def has_work(self) -> bool:
         return any(s.credit > 0 and not s.done for s in self.streams.values())
@@ -103,7 +138,21 @@ class PoolServer:
                 ds = getattr(self.pool, split, None)
                 sizes[split] = None if ds is None else len(ds)
             meta["size"] = {k: (v or 0) for k, v in sizes.items()}
-            self._send(peer, {"op": "meta", "meta": meta, "sizes": sizes}, what="the pool's meta")
+            reply = {"op": "meta", "meta": meta, "sizes": sizes}
+            if self.ring_listener is not None:
+                reply["ring"] = True
+            self._send(peer, reply, what="the pool's meta")
+            return
+        if op == "ring":
+            check_message(msg, {"token": bytes})
+            ring = self.ring_listener.claim(msg["token"]) if self.ring_listener is not None else None
+            if ring is not None:
+                old = self.rings.pop(peer, None)
+                if old is not None:
+                    old.close()
+                self.rings[peer] = ring
+                while len(self.rings) > shmring.MAX_RINGS:
+                    self.rings.popitem(last=False)[1].close()
             return
         if op == "shuffle":
             check_message(msg, {"split": str, "req": int}, {"seed": int})
@@ -116,6 +165,9 @@ class PoolServer:
             check_message(msg, {"split": str, "gen": int, "pos": int, "credit": int})
             if self._dataset(msg["split"]) is None:
                 raise ProtocolError(f"no split {msg['split']!r}")
+            old = self.streams.get(msg["split"])
+            if old is not None:
+                old.release()  # its batches in flight are dropped on arrival, unread
             self.streams[msg["split"]] = _Stream(peer, msg["gen"], max(0, msg["pos"]), min(MAX_CREDIT, max(0, msg["credit"])))
             return
         if op == "credit":
@@ -123,6 +175,7 @@ class PoolServer:
             stream = self.streams.get(msg["split"])
             if stream is not None and stream.gen == msg["gen"]:
                 stream.credit = min(MAX_CREDIT, stream.credit + max(0, msg["n"]))
+                stream.release(max(0, msg["n"]))  # the client copied those batches out of the ring
             return
         raise ProtocolError(f"unknown op {op!r}")
 
@@ -147,8 +200,18 @@ class PoolServer:
             stream.done = True
             self._send(stream.peer, {"op": "end", "split": split, "gen": stream.gen})
             return
-        frames = self._pack({"op": "batch", "split": split, "gen": stream.gen, "samples": samples}, split)
+        ring = self.rings.get(stream.peer)
+        self._writer = ring.reserve() if ring is not None else None
+        try:
+            frames = self._pack({"op": "batch", "split": split, "gen": stream.gen, "samples": samples}, split)
+        finally:
+            writer, self._writer = self._writer, None
         size = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
+        block = None
+        if writer is not None:
+            size += writer.cursor - writer.start
+            block = ring.commit(writer)
+        stream.blocks.append(None if block is None else (ring, block))
         per_sample = max(1, size // len(samples))
         self.batch_size[split] = max(1, min(MAX_BATCH_SAMPLES, TARGET_BATCH_BYTES // per_sample))
         stream.pos += len(samples)
@@ -157,7 +220,7 @@ class PoolServer:
 
     def _pack(self, msg: dict, split: str) -> list:
         try:
-            return pack(msg)
+            return pack(msg, self._writer)
         except BoundaryTypeError as exc:
             where = exc.where.replace("sample", "", 1)
             raise SampleError(
@@ -186,6 +249,7 @@ class RemoteDataset:
         self._buf: collections.deque = collections.deque()
         self._open = False
         self._ended = False
+        self._owed = 0  # batches received whose credit is not yet returned
 
     def __len__(self) -> int:
         return self._size
@@ -198,6 +262,7 @@ class RemoteDataset:
 
     def _reset(self) -> None:
         self._gen += 1
+        self._owed = 0
         self._buf.clear()
         self._open = False
         self._ended = False
@@ -224,7 +289,13 @@ class RemoteDataset:
         if gen != self._gen or not self._open:
             return
         self._buf.extend(samples)
-        self._pool._send({"op": "credit", "split": self._split, "gen": gen, "n": 1})
+        # Credits go back in groups of half the window (one message instead of several; each costs a
+        # wake-up of both ZeroMQ I/O threads): the server never runs dry, it always holds at least
+        # window - (owed < window / 2) credits once the client caught up.
+        self._owed += 1
+        if self._owed >= self._pool._credit_every:
+            self._pool._send({"op": "credit", "split": self._split, "gen": gen, "n": self._owed})
+            self._owed = 0
 
     def _on_end(self, gen: int) -> None:
         if gen == self._gen:
@@ -266,6 +337,7 @@ class RemotePool:
                  caps: Caps = DATA_CAPS, alive: Callable[[], bool] | None = None) -> None:
         self.upstream = upstream
         self.window = window
+        self._credit_every = max(1, window // 2)
         self._caps = caps
         self._alive = alive
         self._lock = threading.RLock()
@@ -277,11 +349,19 @@ class RemotePool:
         self._acks: set[int] = set()
         self._meta_reply: dict | None = None
         self._datasets: dict[str, RemoteDataset] = {}
+        self._ring: shmring.Reader | None = None
         with self._lock:
             self._send({"op": "meta"})
             while self._meta_reply is None:
                 self._receive_one()
         reply = self._meta_reply
+        path = shmring.ring_path(endpoint)
+        if reply.get("ring") is True and RING_BYTES and path and shmring.supported():
+            got = shmring.connect(path)  # the server answers from its poll loop; None: frames only
+            if got is not None:
+                self._ring, token = got
+                with self._lock:
+                    self._send({"op": "ring", "token": token})
         self.meta = reply["meta"] if isinstance(reply.get("meta"), dict) else {}
         sizes = reply.get("sizes") if isinstance(reply.get("sizes"), dict) else {}
         for split in SPLITS:
@@ -296,6 +376,9 @@ class RemotePool:
 
     def close(self) -> None:
         self._sock.close(linger=0)
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
 
     def __repr__(self) -> str:
         return f"<RemotePool from {self.upstream} size={self.meta.get('size')}>"
@@ -319,7 +402,7 @@ class RemotePool:
                 raise UpstreamError(f"stopped while waiting for stage {self.upstream!r}")
         frames = self._sock.recv_multipart(copy=False)
         try:
-            msg = check_message(unpack(frames, self._caps), {"op": str})
+            msg = check_message(unpack(frames, self._caps, self._ring), {"op": str})
         except ProtocolError as exc:
             raise UpstreamError(f"stage {self.upstream!r} sent a malformed message: {exc}") from None
         op = msg["op"]
@@ -345,11 +428,16 @@ def serve_until(server: PoolServer, should_stop: Callable[[], bool], extra: zmq.
     """Drive `server` until `should_stop()`; `extra` (the control socket) is polled too."""
     poller = zmq.Poller()
     poller.register(server.sock, zmq.POLLIN)
+    listener = server.ring_listener
+    if listener is not None:
+        poller.register(listener.fileno(), zmq.POLLIN)
     if extra is not None:
         poller.register(extra, zmq.POLLIN)
     while not should_stop():
         busy = server.has_work()
         events = dict(poller.poll(0 if busy else 200))
+        if listener is not None and listener.fileno() in events:
+            listener.accept()
         if server.sock in events:
             server.handle_incoming()
         if extra is not None and extra in events and on_extra is not None:

@@ -7,6 +7,12 @@ ExtType reference `(dtype, shape, frame index)` and the bytes travel as their
 own frame, sent without copying. Arrays under INLINE_LIMIT ride inside the
 header, since ZeroMQ copies small frames anyway.
 
+Arrays of INLINE_LIMIT or more may instead travel through the boundary's
+shared-memory ring (sandbox/shmring.py) when the receiver mapped one: the
+sender copies them in and the header holds `(dtype, shape, ring offset)`;
+the receiver checks the reference against the mapping's size and copies the
+bytes out into its own memory before anything else sees them.
+
 Decoding treats the peer as hostile: the caller passes `Caps`, the header is
 size-checked before msgpack sees it, msgpack gets per-container length limits,
 only two ext codes are understood and they only ever build numpy arrays of
@@ -28,6 +34,7 @@ PROTOCOL_VERSION = 1
 
 EXT_ARRAY_INLINE = 1  # payload: u32 meta length, msgpack [dtype, shape], raw bytes
 EXT_ARRAY_FRAME = 2  # payload: msgpack [dtype, shape, frame index]
+EXT_ARRAY_RING = 3  # payload: msgpack [dtype, shape, offset in the sender's shared-memory ring]
 INLINE_LIMIT = 64 * 1024
 
 # Array dtypes that may cross: booleans, numbers, fixed-width strings and
@@ -104,8 +111,9 @@ def find_unsupported(obj: Any, where: str = "sample") -> tuple[str, str] | None:
 
 
 class _Encoder:
-    def __init__(self) -> None:
+    def __init__(self, ring: Any = None) -> None:
         self.frames: list[Any] = []
+        self.ring = ring  # a shmring.Writer, or None
 
     def default(self, obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
@@ -116,6 +124,10 @@ class _Encoder:
             if arr.nbytes < INLINE_LIMIT:
                 meta = msgpack.packb([dtype, shape])
                 return msgpack.ExtType(EXT_ARRAY_INLINE, struct.pack("<I", len(meta)) + meta + arr.tobytes())
+            if self.ring is not None:
+                offset = self.ring.put(arr)
+                if offset is not None:
+                    return msgpack.ExtType(EXT_ARRAY_RING, msgpack.packb([dtype, shape, offset]))
             self.frames.append(memoryview(arr.reshape(-1).view(np.uint8)))
             return msgpack.ExtType(EXT_ARRAY_FRAME, msgpack.packb([dtype, shape, len(self.frames)]))
         if isinstance(obj, np.generic):
@@ -125,9 +137,12 @@ class _Encoder:
         raise BoundaryTypeError(_describe(obj), "value")
 
 
-def pack(obj: Any) -> list[Any]:
-    """Frames for `obj`: header first, then the raw array frames it references."""
-    enc = _Encoder()
+def pack(obj: Any, ring: Any = None) -> list[Any]:
+    """Frames for `obj`: header first, then the raw array frames it references.
+
+    With `ring` (a shmring.Writer), arrays of INLINE_LIMIT or more go into the
+    ring while it has room, the rest into frames as usual."""
+    enc = _Encoder(ring)
     try:
         header = msgpack.packb(obj, default=enc.default, use_bin_type=True, strict_types=False)
     except BoundaryTypeError:
@@ -147,6 +162,14 @@ def pack(obj: Any) -> list[Any]:
 
 
 def _array(dtype: Any, shape: Any, raw: Any, caps: Caps) -> np.ndarray:
+    dt, shape, nbytes = _array_meta(dtype, shape)
+    if nbytes != len(raw):
+        raise ProtocolError(f"array of {dtype} {shape} does not match its {len(raw)} bytes")
+    return np.frombuffer(raw, dtype=dt).reshape(shape)
+
+
+def _array_meta(dtype: Any, shape: Any) -> tuple[np.dtype, list, int]:
+    """(dtype, shape, byte size) of an array reference, or ProtocolError."""
     if not isinstance(dtype, str) or len(dtype) > 16:
         raise ProtocolError("array dtype is not a short string")
     try:
@@ -157,16 +180,16 @@ def _array(dtype: Any, shape: Any, raw: Any, caps: Caps) -> np.ndarray:
         raise ProtocolError(f"array dtype {dtype!r} is not allowed")
     if not isinstance(shape, list) or len(shape) > 32 or not all(type(d) is int and 0 <= d for d in shape):
         raise ProtocolError("array shape is not a list of non-negative ints")
-    count = math.prod(shape)
-    if count * dt.itemsize != len(raw):
-        raise ProtocolError(f"array of {dtype} {shape} does not match its {len(raw)} bytes")
     if dt.itemsize == 0:  # numpy never makes such arrays; np.zeros would allocate count bytes
         raise ProtocolError(f"array dtype {dtype!r} has no item size")
-    return np.frombuffer(raw, dtype=dt).reshape(shape)
+    return dt, shape, math.prod(shape) * dt.itemsize
 
 
-def unpack(frames: list[Any], caps: Caps = DATA_CAPS) -> Any:
-    """Decode frames received from an untrusted peer, or raise ProtocolError."""
+def unpack(frames: list[Any], caps: Caps = DATA_CAPS, ring: Any = None) -> Any:
+    """Decode frames received from an untrusted peer, or raise ProtocolError.
+
+    `ring` (a shmring.Reader) is the sender's shared-memory ring this side
+    mapped; without it a ring reference is a ProtocolError."""
     if not frames:
         raise ProtocolError("empty message")
     if len(frames) > caps.max_frames:
@@ -180,6 +203,7 @@ def unpack(frames: list[Any], caps: Caps = DATA_CAPS) -> Any:
         raise ProtocolError(f"header of {header.nbytes} bytes (cap {caps.max_header})")
     used: set[int] = set()
     containers = [0]
+    ring_total = [0]
 
     def count(obj: Any) -> Any:  # a byte per empty list would cost ~70 bytes of memory
         containers[0] += 1
@@ -209,6 +233,22 @@ def unpack(frames: list[Any], caps: Caps = DATA_CAPS) -> Any:
             if bufs[index].nbytes > caps.max_frame:
                 raise ProtocolError(f"array frame of {bufs[index].nbytes} bytes (cap {caps.max_frame})")
             return _array(meta[0], meta[1], bufs[index], caps)
+        if code == EXT_ARRAY_RING:
+            meta = msgpack.unpackb(data, max_array_len=64, max_map_len=0, max_str_len=64, max_bin_len=0)
+            if not isinstance(meta, list) or len(meta) != 3 or type(meta[2]) is not int:
+                raise ProtocolError("bad array ring reference")
+            if ring is None:
+                raise ProtocolError("array ring reference, but no ring is mapped")
+            dt, shape, nbytes = _array_meta(meta[0], meta[1])
+            offset = meta[2]
+            if not (0 <= offset and offset + nbytes <= ring.size):
+                raise ProtocolError(f"array ring reference [{offset}, +{nbytes}) is outside the {ring.size}-byte ring")
+            if nbytes > caps.max_frame:
+                raise ProtocolError(f"array of {nbytes} bytes in the ring (cap {caps.max_frame})")
+            ring_total[0] += nbytes
+            if total + ring_total[0] > caps.max_total:
+                raise ProtocolError(f"message of {total + ring_total[0]} bytes with its ring arrays (cap {caps.max_total})")
+            return ring.copy_out(offset, nbytes).view(dt).reshape(shape)
         raise ProtocolError(f"unknown msgpack extension type {code}")
 
     try:

@@ -1,0 +1,114 @@
+"""Helpers shared by the benchmarks: machine facts, medians, result files.
+
+Every benchmark measures its own baseline in the same run and prints ratios
+against it: this machine kind is a noisy shared 2-vCPU VM, so an absolute
+figure from another run means little.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+RESULTS_DIR = Path(os.environ.get("PIPCOOK_BENCH_OUT", REPO_ROOT / "bench" / "out"))
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on (nproc, memory, kernel, CPU, load)."""
+
+    def sh(*cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    cpu = ""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": sh("nproc"),
+        "free_h": sh("free", "-h").splitlines()[1:2],
+        "uname_r": platform.release(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "loadavg": open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else [],
+        "git": sh("git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"),
+    }
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def save(name: str, data: dict) -> Path:
+    """Write `data` (plus the machine) to bench/out/<name>.json; return the path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    data = {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]), **data}
+    path.write_text(json.dumps(data, indent=2, default=str))
+    return path
+
+
+def fmt_rate(bytes_per_s: float) -> str:
+    return f"{bytes_per_s / 1e9:.2f} GB/s" if bytes_per_s >= 1e9 else f"{bytes_per_s / 1e6:.0f} MB/s"
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def have(cmd: str) -> bool:
+    return shutil.which(cmd) is not None
+
+
+def tf_framework(log=lambda *a, **k: None):
+    """The TensorFlow framework the examples use, built in the user cache on first use (or None)."""
+    from runner import frameworks
+
+    try:
+        return frameworks.resolve("tensorflow@2.21", log=log)
+    except Exception as exc:  # no network to build it, say
+        print(f"[bench] TensorFlow framework unavailable: {exc}", file=sys.stderr)
+        return None
+
+
+def docker_image() -> str | None:
+    """A `pipcook-sandbox-worker:*` image when `docker info` works, else None."""
+    if not have("docker"):
+        return None
+    try:
+        if subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode != 0:
+            return None
+        out = subprocess.run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}", "pipcook-sandbox-worker"],
+                             capture_output=True, text=True, timeout=20).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
