@@ -93,10 +93,14 @@ class ExecResult:
 
 
 def _stage_failure(name: str, plan: StagePlan, outcome: base.Outcome, error: dict | None, violation: str | None,
-                   limits: Limits, log_path: Path) -> tuple[int, StageError] | None:
-    """(priority, error) for a stage that failed, lowest priority first; None if it did not."""
+                   limits: Limits, log_path: Path, disk_full: bool = False) -> tuple[int, StageError] | None:
+    """(priority, error) for a stage that failed, lowest priority first; None if it did not.
+    `disk_full`: the stage's quota volume is used up."""
     script = plan.script.name
     reason = outcome.reason
+    if reason is None and disk_full and (error is not None or outcome.exit_code not in (0, None)):
+        # It died of ENOSPC (a raised OSError, say) before the monitor saw the volume full.
+        reason = base.REASON_DISK
     limit_messages = {
         base.REASON_TIMEOUT: f"stopped after {limits.timeout:g} s: the wall-clock limit (--timeout) was reached",
         base.REASON_MEMORY: f"killed for using more than {human(limits.memory)} of memory (--memory)",
@@ -408,7 +412,7 @@ def _monitor(plans: list[StagePlan], handles: dict, started: dict, volumes: dict
             if failing and failed_at is None:
                 failed_at = now  # let the other stages' reports arrive: the first to fail may not be the cause
             if failed_at is not None and now - failed_at > FAILURE_GRACE:
-                _fail(plans, handles, errors, violations, opts, ws)
+                _fail(plans, handles, errors, violations, opts, ws, volumes)
         # Success: stop the serving stages politely, then for good.
         for plan in plans[:-1]:
             control.send_stop(plan.name)
@@ -444,7 +448,7 @@ def _on_event(event: Any, by_name: dict, errors: dict, violations: dict, done: s
         opts.on_event(name, f"download {data['url']}: {'ok' if data['ok'] else data['message']}")
 
 
-def _fail(plans, handles, errors, violations, opts, ws) -> None:
+def _fail(plans, handles, errors, violations, opts, ws, volumes) -> None:
     for handle in handles.values():
         handle.terminate(base.REASON_CANCELLED)
     deadline = time.monotonic() + 5
@@ -452,8 +456,10 @@ def _fail(plans, handles, errors, violations, opts, ws) -> None:
         time.sleep(0.05)
     candidates = []
     for index, plan in enumerate(plans):
+        vol = volumes.get(plan.name)
         found = _stage_failure(plan.name, plan, handles[plan.name].outcome(), errors.get(plan.name),
-                               violations.get(plan.name), opts.limits, ws.logs / f"{plan.name}.log")
+                               violations.get(plan.name), opts.limits, ws.logs / f"{plan.name}.log",
+                               disk_full=vol is not None and vol[0].exceeded())
         if found:
             candidates.append((found[0], index, found[1]))
     if not candidates:
