@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import queue
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -32,6 +33,21 @@ class Event:
     stage: str
     op: str
     data: dict = field(default_factory=dict)
+
+
+# What a terminal would act on rather than print: C0/C1 controls (ESC starts
+# escape sequences: colours, clipboard writes (OSC 52), screen clears), DEL,
+# and the invisible format characters that reorder or hide text (bidi
+# overrides, zero-width characters, line/paragraph separators).
+_UNSHOWABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e"
+                         "\u2060-\u206f\ufeff\ufff9-\ufffb]")
+
+
+def shown(text: str, limit: int) -> str:
+    """Text from a stage made safe to print on the operator's terminal: at most
+    `limit` characters, newlines and tabs kept, every other control or format
+    character written as a visible escape (\\x1b, \\u202e)."""
+    return _UNSHOWABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text[:limit])
 
 
 def _finite(x: Any) -> bool:
@@ -72,8 +88,8 @@ def validate(msg: Any) -> dict:
     if op == "error":
         if not isinstance(msg.get("message"), str):
             raise ProtocolError("error without a message")
-        return {"op": op, "kind": str(msg.get("kind", "script"))[:32], "message": msg["message"][:8000],
-                "traceback": str(msg.get("traceback") or "")[-100_000:]}
+        return {"op": op, "kind": str(msg.get("kind", "script"))[:32], "message": shown(msg["message"], 8000),
+                "traceback": shown(str(msg.get("traceback") or "")[-100_000:], 100_000)}
     if op == "meta":
         if not isinstance(msg.get("meta"), dict):
             raise ProtocolError("meta is not a map")
@@ -158,6 +174,7 @@ class ControlServer:
             sock.close(linger=0)
 
     def _violation(self, stage: str, why: str) -> None:
+        why = shown(why, 500)
         seen = self.violations.setdefault(stage, [])
         if len(seen) < MAX_VIOLATIONS_LOGGED:
             seen.append(why)
@@ -170,7 +187,8 @@ class ControlServer:
             reply = {"op": "download", "id": msg["id"], "ok": True, "path": path}
         except Exception as exc:  # a refusal or a failed fetch: the script hears why
             reply = {"op": "download", "id": msg["id"], "ok": False, "message": str(exc)[:2000]}
-        self.events.put(Event(stage, "downloaded", {"url": msg["url"], "ok": reply["ok"], "message": reply.get("message", "")}))
+        self.events.put(Event(stage, "downloaded", {"url": shown(msg["url"], 2000), "ok": reply["ok"],
+                                                     "message": shown(reply.get("message", ""), 2000)}))
         self._replies.put((stage, peer, reply))
 
     def close(self) -> None:

@@ -136,7 +136,7 @@ def _tail(path: Path, lines: int = 3) -> str:
         with open(path, "rb") as f:
             f.seek(max(0, os.path.getsize(path) - 4096))
             text = f.read().decode("utf-8", "replace").strip().splitlines()[-lines:]
-        return " | ".join(text) or "(none)"
+        return control_mod.shown(" | ".join(text), 1000) or "(none)"  # the stage's own output: inert
     except OSError:
         return "(no log)"
 
@@ -426,8 +426,10 @@ def _monitor(plans: list[StagePlan], handles: dict, started: dict, volumes: dict
 def _on_event(event: Any, by_name: dict, errors: dict, violations: dict, done: set, handles: dict,
               opts: ExecOptions, result: ExecResult, metrics_file: Any) -> None:
     name, op, data = event.stage, event.op, event.data
-    if op == "progress" and opts.on_progress:
-        opts.on_progress(data["value"], data.get("extra") or {})
+    if op == "progress" and opts.on_progress:  # shown on the operator's terminal: short and inert
+        extra = {control_mod.shown(k, 64): control_mod.shown(v, 200) if isinstance(v, str) else v
+                 for k, v in (data.get("extra") or {}).items()}
+        opts.on_progress(data["value"], extra)
     elif op == "metrics":
         record = {"time": round(time.time(), 3), "stage": name, "step": data.get("step"), **data["metrics"]}
         metrics_file.write(json.dumps(record) + "\n")
