@@ -90,6 +90,7 @@ class ExecResult:
     meta: dict | None = None
     results: list | None = None
     metrics: int = 0
+    metric_bytes: dict = field(default_factory=dict)  # per stage, what it wrote to metrics.jsonl
 
 
 def _stage_failure(name: str, plan: StagePlan, outcome: base.Outcome, error: dict | None, violation: str | None,
@@ -430,9 +431,14 @@ def _on_event(event: Any, by_name: dict, errors: dict, violations: dict, done: s
         extra = {control_mod.shown(k, 64): control_mod.shown(v, 200) if isinstance(v, str) else v
                  for k, v in (data.get("extra") or {}).items()}
         opts.on_progress(data["value"], extra)
-    elif op == "metrics":
-        record = {"time": round(time.time(), 3), "stage": name, "step": data.get("step"), **data["metrics"]}
-        metrics_file.write(json.dumps(record) + "\n")
+    elif op == "metrics" and name not in violations:
+        line = json.dumps({"time": round(time.time(), 3), "stage": name, "step": data.get("step"), **data["metrics"]})
+        logged = result.metric_bytes[name] = result.metric_bytes.get(name, 0) + len(line) + 1
+        if logged > opts.limits.output:  # metrics.jsonl is on the host's disk: capped like the stage's output
+            violations[name] = f"logged more than {human(opts.limits.output)} of metrics, the cap on what a stage may record"
+            handles[name].terminate(base.REASON_PROTOCOL)
+            return
+        metrics_file.write(line + "\n")
         metrics_file.flush()
         result.metrics += 1
     elif op == "meta" and by_name[name].role == "model":
