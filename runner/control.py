@@ -22,10 +22,18 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from sandbox.protocol import CONTROL_CAPS, ProtocolError, pack, unpack
 
 MAX_VIOLATIONS_LOGGED = 5
+# ZeroMQ queues received messages per connection, counted in messages (up to
+# the 2 MiB cap each), before the runner reads them. Few messages per queue
+# and few connections per stage bound what a flooding stage can make the
+# runner hold: a worker needs one connection; past MAX_CONNECTIONS the stage
+# is in violation and its socket is closed at once, freeing every queue.
+RCVHWM = 4
+MAX_CONNECTIONS = 4
 
 
 @dataclass
@@ -106,6 +114,7 @@ class ControlServer:
         """`downloader(stage, url) -> path inside the sandbox`, raising with a plain message."""
         self._zctx = zmq.Context()
         self._socks: dict[zmq.Socket, str] = {}
+        self._monitors: dict[zmq.Socket, zmq.Socket] = {}  # connection events -> the stage's socket
         self._downloader = downloader
         self.events: "queue.Queue[Event]" = queue.Queue()
         self._replies: "queue.Queue[tuple[str, bytes, dict]]" = queue.Queue()
@@ -117,10 +126,11 @@ class ControlServer:
     def add_stage(self, stage: str, endpoint: str) -> None:
         sock = self._zctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.MAXMSGSIZE, CONTROL_CAPS.max_frame)
-        sock.setsockopt(zmq.RCVHWM, 1000)
+        sock.setsockopt(zmq.RCVHWM, RCVHWM)
         sock.setsockopt(zmq.SNDHWM, 100)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._monitors[sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)] = sock
         sock.bind(endpoint)
         self._socks[sock] = stage
 
@@ -133,12 +143,18 @@ class ControlServer:
 
     def _loop(self) -> None:
         poller = zmq.Poller()
-        for sock in self._socks:
+        for sock in [*self._socks, *self._monitors]:
             poller.register(sock, zmq.POLLIN)
         peers: dict[str, set[bytes]] = {stage: set() for stage in self._socks.values()}
         by_stage = {stage: sock for sock, stage in self._socks.items()}
+        connections = {stage: 0 for stage in self._socks.values()}
         while not self._stop.is_set():
             for sock, _ in poller.poll(50):
+                if sock in self._monitors:
+                    self._connections(sock, connections, poller)
+                    continue
+                if sock.closed:
+                    continue
                 stage = self._socks[sock]
                 for _ in range(100):  # bounded: a flooding stage cannot starve the others
                     try:
@@ -170,8 +186,29 @@ class ControlServer:
                         sock.send_multipart([target, *pack(reply)], zmq.NOBLOCK)
                     except zmq.ZMQError:
                         pass  # the stage is gone or not reading: its problem
+        for monitor in self._monitors:
+            monitor.close(linger=0)
         for sock in self._socks:
             sock.close(linger=0)
+
+    def _connections(self, monitor: zmq.Socket, counts: dict[str, int], poller: zmq.Poller) -> None:
+        """Count a stage's connections; cut a stage that opens too many."""
+        sock = self._monitors[monitor]
+        stage = self._socks[sock]
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            counts[stage] += {zmq.EVENT_ACCEPTED: 1, zmq.EVENT_DISCONNECTED: -1}.get(event["event"], 0)
+            if counts[stage] > MAX_CONNECTIONS and not sock.closed:
+                self._violation(stage, f"opened more than {MAX_CONNECTIONS} connections to its control socket")
+                poller.unregister(sock)
+                poller.unregister(monitor)
+                sock.disable_monitor()
+                monitor.close(linger=0)
+                sock.close(linger=0)  # every queue of every connection goes with it
+                return
 
     def _violation(self, stage: str, why: str) -> None:
         why = shown(why, 500)
