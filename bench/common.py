@@ -64,11 +64,12 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t
 
 
-def save(name: str, data: dict) -> Path:
-    """Write `data` (plus the machine) to bench/out/<name>.json; return the path."""
+def save(name: str, data: dict, argv: list[str] | None = None) -> Path:
+    """Write `data` (plus the machine and the command) to bench/out/<name>.json; return the path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
-    data = {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]), **data}
+    args = sys.argv[1:] if argv is None else argv
+    data = {"machine": machine(), "command": " ".join([f"python -m bench.{name}", *args]), **data}
     path.write_text(json.dumps(data, indent=2, default=str))
     return path
 

@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                          fmt_rate(r["memcpy_Bps"]), f"{r['ratio_memcpy']:.2f}"])
         print(f"\nBetween two real sandboxes (datasource -> model stage of bench/pipelines/stream):")
         print(table(rows, ["case", "isolation", "boundary", "samples/s", "memcpy (in stage)", "x memcpy"]))
-    path = save("throughput", {"repeat": repeat, "quick": args.quick, "results": results, "sandboxed": sandboxed})
+    path = save("throughput", {"repeat": repeat, "quick": args.quick, "results": results, "sandboxed": sandboxed}, argv)
     print(f"\n(saved {path})")
     return 0
 

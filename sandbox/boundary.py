@@ -39,6 +39,7 @@ from .protocol import DATA_CAPS, BoundaryTypeError, Caps, ProtocolError, check_m
 SPLITS = sdk.SPLITS
 TARGET_BATCH_BYTES = 4 << 20
 MAX_BATCH_SAMPLES = 4096
+SLOW_START = 8
 DEFAULT_WINDOW = 4
 MAX_CREDIT = 64
 try:
@@ -65,10 +66,11 @@ def _set_caps(sock: zmq.Socket, caps: Caps) -> None:
 
 
 class _Stream:
-    __slots__ = ("peer", "gen", "pos", "credit", "done", "blocks")
+    __slots__ = ("peer", "gen", "pos", "credit", "done", "blocks", "sent")
 
     def __init__(self, peer: bytes, gen: int, pos: int, credit: int) -> None:
         self.peer, self.gen, self.pos, self.credit, self.done = peer, gen, pos, credit, False
+        self.sent = 0  # batches sent on this stream: the first ones are small (slow start)
         self.blocks: collections.deque = collections.deque()  # ring block (or None) of each uncredited batch
 
     def release(self, n: int | None = None) -> None:
@@ -194,7 +196,10 @@ class PoolServer:
         tell = getattr(ds, "tell", None)
         if tell is None or tell() != stream.pos:
             ds.seek(stream.pos)
-        n = self.batch_size.get(split, 8)
+        # Slow start: 8, 16, 32, ... samples, up to the size that gives TARGET_BATCH_BYTES. A stream
+        # (re)opens at every epoch (shuffle, seek to 0); a slow dataflow that made its first batch a
+        # full 4 MiB one would keep the model waiting for all of it before it could start.
+        n = min(self.batch_size.get(split, SLOW_START), SLOW_START << min(stream.sent, 16))
         samples = ds.next_batch(n)  # user code: exceptions propagate to the worker
         if not samples:
             stream.done = True
@@ -215,6 +220,7 @@ class PoolServer:
         per_sample = max(1, size // len(samples))
         self.batch_size[split] = max(1, min(MAX_BATCH_SAMPLES, TARGET_BATCH_BYTES // per_sample))
         stream.pos += len(samples)
+        stream.sent += 1
         stream.credit -= 1
         self.sock.send_multipart([stream.peer, *frames], copy=False)
 
