@@ -409,11 +409,12 @@ def _monitor(plans: list[StagePlan], handles: dict, started: dict, volumes: dict
             if success:
                 break
             failing = errors or violations or any(code != 0 for code in exited.values()) or (
-                any(n in exited for n in handles if n != model) and model not in exited)
+                any(n in exited for n in handles if n != model) and model not in exited) or (
+                model in exited and model not in done)  # it ended itself (os._exit(0)) before its work was done
             if failing and failed_at is None:
                 failed_at = now  # let the other stages' reports arrive: the first to fail may not be the cause
             if failed_at is not None and now - failed_at > FAILURE_GRACE:
-                _fail(plans, handles, errors, violations, opts, ws, volumes)
+                _fail(plans, handles, errors, violations, opts, ws, volumes, done)
         # Success: stop the serving stages politely, then for good.
         for plan in plans[:-1]:
             control.send_stop(plan.name)
@@ -456,7 +457,7 @@ def _on_event(event: Any, by_name: dict, errors: dict, violations: dict, done: s
         opts.on_event(name, f"download {data['url']}: {'ok' if data['ok'] else data['message']}")
 
 
-def _fail(plans, handles, errors, violations, opts, ws, volumes) -> None:
+def _fail(plans, handles, errors, violations, opts, ws, volumes, done) -> None:
     for handle in handles.values():
         handle.terminate(base.REASON_CANCELLED)
     deadline = time.monotonic() + 5
@@ -470,6 +471,11 @@ def _fail(plans, handles, errors, violations, opts, ws, volumes) -> None:
                                disk_full=vol is not None and vol[0].exceeded())
         if found:
             candidates.append((found[0], index, found[1]))
+    model = plans[-1]
+    if not candidates and model.name not in done and handles[model.name].outcome().exit_code == 0:
+        raise StageError("exited with code 0 before its work was done (the script ended the process itself, "
+                         f"e.g. with os._exit); last output: {_tail(ws.logs / f'{model.name}.log')}",
+                         model.name, model.script.name)
     if not candidates:
         served = [p.name for p in plans[:-1]]
         raise StageError(f"stopped before the model finished (a serving stage among {', '.join(served)} exited early)",
