@@ -46,6 +46,7 @@ STOP_GRACE = 5.0
 # would be unlimited disk on the host's /tmp, outside --disk.
 SOCKET_DIR_QUOTA = 1 << 20
 FAILURE_GRACE = 0.5
+UPSTREAM = 9  # the priority of a stage's "the stage before me failed" error: the cause is elsewhere
 
 
 class StageError(PipcookError):
@@ -115,7 +116,7 @@ def _stage_failure(name: str, plan: StagePlan, outcome: base.Outcome, error: dic
     if violation:
         return 1, StageError(f"broke the protocol with the runner and was stopped: {violation}", name, script)
     if error is not None:
-        priority = {"upstream": 9}.get(error.get("kind"), 2)
+        priority = UPSTREAM if error.get("kind") == "upstream" else 2
         return priority, StageError(error["message"], name, script, error.get("traceback", ""))
     if reason == base.REASON_CANCELLED:
         return None
@@ -481,7 +482,15 @@ def _fail(plans, handles, errors, violations, opts, ws, volumes, done) -> None:
         raise StageError(f"stopped before the model finished (a serving stage among {', '.join(served)} exited early)",
                          plans[-1].name, plans[-1].script.name)
     candidates.sort(key=lambda c: (c[0], c[1]))
-    raise candidates[0][2]
+    priority, index, error = candidates[0]
+    named = {plans[i].name for _, i, _ in candidates}
+    if priority == UPSTREAM and index > 0 and plans[index - 1].name not in named:
+        # The stage before it is fine by its own account, yet what it sent could not be read:
+        # it sent something outside the protocol (a malformed or hostile message). Name it.
+        upstream = plans[index - 1]
+        raise StageError(f"sent data that stage '{plans[index].name}' could not read: {error.cause}",
+                         upstream.name, upstream.script.name, error.traceback)
+    raise error
 
 
 def _jsonable(obj: Any) -> Any:
