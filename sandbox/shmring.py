@@ -62,7 +62,7 @@ SOFT_WRAP = 32 << 20  # past this offset, wrap to the start when it has room: ke
 TOKEN_BYTES = 16
 SEALS = getattr(fcntl, "F_SEAL_SHRINK", 0x0002) | getattr(fcntl, "F_SEAL_GROW", 0x0004)
 POOL_MIN = 64 << 10  # receive buffers this big are recycled
-POOL_BYTES = 1 << 30
+POOL_BYTES = 512 << 20  # free buffers kept at most (they count against the stage's memory limit)
 
 
 def ring_path(endpoint: str) -> str | None:
@@ -185,8 +185,9 @@ class Listener:
         return self.sock.fileno()
 
     def accept(self) -> None:
-        """Answer each waiting connection with a token and a ring; never blocks, never raises."""
-        while True:
+        """Answer waiting connections (a few per call: a flood must not hold the serve loop) with a
+        token and a ring each; never blocks, never raises."""
+        for _ in range(MAX_RINGS * 2):
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
