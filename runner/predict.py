@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -120,11 +121,20 @@ def _model_root(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
+def _scratch(prefix: str) -> Iterator[str]:
+    """A temporary dir that names its owner (run.json), like a run's state dir, so leftover checks
+    and `clean` can tell a live predict's scratch space from an abandoned one."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        (Path(tmp) / "run.json").write_text(json.dumps({"runner_pid": os.getpid()}))
+        yield tmp
+
+
+@contextlib.contextmanager
 def open_model(location: str, allow_private: tuple[str, ...] = ()) -> Iterator[Path]:
     """The model dir for WORKSPACE|MODEL_DIR|MODEL.zip|URL; temporary copies removed on exit."""
     scheme = urlsplit(location).scheme.lower()
     if scheme in ("http", "https"):
-        with tempfile.TemporaryDirectory(prefix="pcsb-model-") as tmp:
+        with _scratch("pcsb-model-") as tmp:
             archive = Path(tmp) / "model.zip"
             fetch.download(location, archive, allow_private=allow_private, max_bytes=MAX_DOWNLOAD_BYTES)
             _unzip(archive, Path(tmp) / "unpacked")
@@ -138,7 +148,7 @@ def open_model(location: str, allow_private: tuple[str, ...] = ()) -> Iterator[P
     if path.is_dir():
         yield _model_root(path)
         return
-    with tempfile.TemporaryDirectory(prefix="pcsb-model-") as tmp:
+    with _scratch("pcsb-model-") as tmp:
         _unzip(path, Path(tmp) / "unpacked")
         yield _model_root(Path(tmp) / "unpacked")
 
@@ -202,7 +212,7 @@ def prepare(model: Model, tmp: Path, opts: PredictOptions) -> tuple[workspace.Wo
 def run_predict(location: str, samples: list[dict], opts: PredictOptions) -> list:
     """The model's results, one per sample; every temporary dir removed however it ends."""
     with open_model(location, opts.allow_private) as model_dir, \
-            tempfile.TemporaryDirectory(prefix="pcsb-predict-") as tmp:
+            _scratch("pcsb-predict-") as tmp:
         model = load(model_dir)
         ws, copies, framework, worker_site = prepare(model, Path(tmp), opts)
         plans = training.plan(model.pipeline, copies, task_type="predict")

@@ -96,9 +96,13 @@ def keras_ws(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tfjs_node(pytestconfig) -> Path:
-    """A node_modules with @tensorflow/tfjs (pure JS: no native download), installed once."""
-    root = Path(pytestconfig.cache.mkdir("tfjs-node-4.22.0"))
+def tfjs_node() -> Path:
+    """A node_modules with @tensorflow/tfjs (pure JS: no native download), installed once per user
+    (under the user cache dir: pytest's own cache is not there when its cacheprovider is off)."""
+    import platformdirs
+
+    root = Path(platformdirs.user_cache_dir("pipcook-sandbox")) / "tests" / "tfjs-node-4.22.0"
+    root.mkdir(parents=True, exist_ok=True)
     if not (root / "node_modules" / "@tensorflow" / "tfjs" / "package.json").is_file():
         proc = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent", "--prefix", str(root), TFJS_NPM],
                               capture_output=True, text=True, timeout=600)
