@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -91,11 +92,24 @@ def run_once(runner: str, pipeline: Path, ws: Path, site: Path, env_threads: dic
                "-P", f"pipeline={pipeline}", "-P", f"output={ws}"]
     else:
         cmd = [sys.executable, "-m", "runner.cli", "run", str(pipeline), "-o", str(ws), "--isolation", runner]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO_ROOT), env=env, timeout=3600)
-    wall = time.perf_counter() - t0
+    from bench.scale import Sampler
+
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    owners: set[int] = set()
+    with Sampler(owners, interval=0.1) as sampler:  # the stages' processes, found through their cgroups
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO_ROOT),
+                                env=env)
+        owners.add(proc.pid)
+        _, stderr = proc.communicate(timeout=3600)
+        wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds: the command and what it waited for (bare, mlflow: everything; the runner), plus
+    # every process seen in a stage's cgroup (bwrap stages are not reaped into the runner's rusage).
+    # Docker's containers are containerd's children, in cgroups of their own: not counted.
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime) + sampler.stage_cpu_seconds()
     if proc.returncode != 0:
-        raise RuntimeError(f"{runner} failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{runner} failed ({proc.returncode}): {' '.join(cmd)}\n{stderr[-3000:]}")
     acc = None
     metrics = ws / "metrics.jsonl"
     if metrics.is_file():
@@ -103,7 +117,7 @@ def run_once(runner: str, pipeline: Path, ws: Path, site: Path, env_threads: dic
             rec = json.loads(line)
             if "test_accuracy" in rec:
                 acc = rec["test_accuracy"]
-    return {"wall": wall, "test_accuracy": acc}
+    return {"wall": wall, "cpu": cpu, "test_accuracy": acc}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                     for runner in runners:
                         res = run_once(runner, pipeline, tmp / f"ws-{runner}", framework.site, env_threads, tmp / "mlruns")
                         runs[runner].append(res)
-                        print(f"[e2e] {name} repeat {r + 1}/{repeat} {runner}: {res['wall']:.1f}s "
+                        print(f"[e2e] {name} repeat {r + 1}/{repeat} {runner}: {res['wall']:.1f}s wall, {res['cpu']:.1f}s CPU "
                               f"test_accuracy={res['test_accuracy']}", file=sys.stderr, flush=True)
             finally:
                 if temporary:
@@ -156,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             out = {}
             for runner in runners:
                 walls = [x["wall"] for x in runs[runner]]
+                cpus = [x["cpu"] for x in runs[runner]]
                 out[runner] = {"wall_s": median(walls), "ratio_bare": median([w / b for w, b in zip(walls, bare)]),
+                               "cpu_s": median(cpus), "cpu_ratio_bare": median([c / x["cpu"] for c, x in zip(cpus, runs["bare"])]),
+                               "cpus": cpus,
                                "test_accuracy": [x["test_accuracy"] for x in runs[runner]], "walls": walls}
             if "mlflow" in runs:
                 ml = [x["wall"] for x in runs["mlflow"]]
@@ -172,10 +189,11 @@ def main(argv: list[str] | None = None) -> int:
             acc = [a for a in r["test_accuracy"] if a is not None]
             rows.append([name, runner, f"{r['wall_s']:.1f}", f"{r['ratio_bare']:.2f}",
                          f"{r['ratio_mlflow']:.2f}" if "ratio_mlflow" in r else "-",
+                         "-" if runner == "docker" else f"{r['cpu_s']:.0f} ({r['cpu_ratio_bare']:.2f})",
                          f"{median(acc):.4f}" if acc else "-"])
     print(f"\nTraining wall time (medians of {repeat}; epochs {'as shipped' if epochs is None else epochs}; "
           f"threads {env_threads['TF_NUM_INTRAOP_THREADS']} intra / {env_threads['TF_NUM_INTEROP_THREADS']} inter):")
-    print(table(rows, ["pipeline", "runner", "wall s", "x bare", "x mlflow", "test accuracy"]))
+    print(table(rows, ["pipeline", "runner", "wall s", "x bare", "x mlflow", "CPU s (x bare)", "test accuracy"]))
     path = save("e2e", {"repeat": repeat, "epochs": epochs, "threads": env_threads, "results": results}, argv)
     print(f"\n(saved {path})")
     return 0

@@ -92,11 +92,13 @@ def e2e(d: dict) -> str:
     for name, out in d["results"].items():
         for runner, r in out.items():
             acc = [a for a in r["test_accuracy"] if a is not None]
+            cpu = "-" if runner == "docker" or "cpu_s" not in r else f"{r['cpu_s']:.0f} ({r['cpu_ratio_bare']:.2f})"
             rows.append([name, runner, f"{r['wall_s']:.1f}", f"{r['ratio_bare']:.2f}",
-                         f"{r['ratio_mlflow']:.2f}" if "ratio_mlflow" in r else "-",
+                         f"{r['ratio_mlflow']:.2f}" if "ratio_mlflow" in r else "-", cpu,
                          f"{sorted(acc)[len(acc) // 2]:.4f}" if acc else "-",
                          " ".join(f"{w:.1f}" for w in r["walls"])])
-    return _md(rows, ["pipeline", "runner", "wall (s)", "x bare", "x mlflow", "test accuracy", "every run (s)"])
+    return _md(rows, ["pipeline", "runner", "wall (s)", "x bare", "x mlflow", "CPU s (x bare)", "test accuracy",
+                      "every run, wall (s)"])
 
 
 def scale(d: dict) -> str:

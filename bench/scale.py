@@ -75,6 +75,8 @@ class Sampler:
         self.interval = interval
         self.peaks: dict[str, int] = {}  # cgroup name -> bytes
         self.pids: dict[int, str] = {}  # pid -> its /proc/<pid>/stat start time
+        self.ticks: dict[tuple[int, str], int] = {}  # (pid, start time) -> utime + stime, last seen
+        self.groups: dict[tuple[int, str], str] = {}  # (pid, start time) -> its stage's cgroup name
         self.rss: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -86,6 +88,17 @@ class Sampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+    def cpu_by_stage(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, ticks in self.ticks.items():
+            stage = self.groups[key].split("-", 2)[-1]
+            out[stage] = out.get(stage, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+        return out
+
+    def stage_cpu_seconds(self) -> float:
+        """CPU time of every process seen in the watched stages' cgroups (last sample of each)."""
+        return sum(self.ticks.values()) / os.sysconf("SC_CLK_TCK")
 
     def _run(self) -> None:
         t0 = time.monotonic()
@@ -108,8 +121,13 @@ class Sampler:
                         self.peaks[e.name] = max(self.peaks.get(e.name, 0), v)
                     try:
                         for p in (d / "cgroup.procs").read_text().split():
-                            if int(p) not in self.pids:
-                                self.pids[int(p)] = _start_time(int(p))
+                            pid = int(p)
+                            if pid not in self.pids:
+                                self.pids[pid] = _start_time(pid)
+                            t = _cpu_ticks(pid)
+                            if t is not None:
+                                self.ticks[(pid, t[0])] = t[1]
+                                self.groups[(pid, t[0])] = e.name
                     except (OSError, ValueError):
                         pass
             for d in Path(tempfile.gettempdir()).glob("pcsb-*"):
@@ -127,6 +145,15 @@ class Sampler:
                 except OSError:
                     pass
             self._stop.wait(self.interval)
+
+
+def _cpu_ticks(pid: int) -> tuple[str, int] | None:
+    """(start time, utime + stime in clock ticks) of a process, threads included."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return f[19], int(f[11]) + int(f[12])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _state(pid: int) -> str:

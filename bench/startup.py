@@ -78,7 +78,7 @@ def bare_once(tf_site: str | None) -> float:
     return t - t0
 
 
-def backend_once(name: str, framework, tmp: Path, n: int) -> float:
+def backend_once(name: str, framework, tmp: Path, n: int, label: str = "") -> float:
     from sandbox.backends import base, get_backend
 
     mounts = []
@@ -86,7 +86,8 @@ def backend_once(name: str, framework, tmp: Path, n: int) -> float:
     if framework is not None:
         mounts.append(base.Mount(framework.dir, base.IN_FRAMEWORK))
         site = f"{base.IN_FRAMEWORK}/site"
-    log = tmp / f"{name}-{n}.log"
+    log = tmp / f"{name}-{label}-{n}.log"
+    log.unlink(missing_ok=True)  # the backends append to a stage's log
     spec = base.StageSpec(run_id=f"bench{os.getpid()}x{n}", name="startup", mounts=mounts,
                           limits=base.Limits(timeout=300), log_path=log, argv=["-I", "-S", "-c", code(site)],
                           labels={"run_id": f"bench{os.getpid()}x{n}", "stage": "startup"})
@@ -117,11 +118,11 @@ def level_backend(backends: list[str], framework, repeat: int, with_tf: bool) ->
             # warm-up (page cache, docker's image layers): not counted
             bare_once(str(fw.site) if fw else None)
             for b in backends:
-                backend_once(b, fw, tmp, 0)
+                backend_once(b, fw, tmp, 0, label)
             for r in range(repeat):
                 runs.setdefault(label, {}).setdefault("bare", []).append(bare_once(str(fw.site) if fw else None))
                 for b in backends:
-                    runs[label].setdefault(b, []).append(backend_once(b, fw, tmp, r + 1))
+                    runs[label].setdefault(b, []).append(backend_once(b, fw, tmp, r + 1, label))
                 print(f"[startup] {label} repeat {r + 1}/{repeat}: " + ", ".join(
                     f"{k} {v[-1]:.2f}s" for k, v in runs[label].items()), file=sys.stderr, flush=True)
     finally:
