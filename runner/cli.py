@@ -117,14 +117,35 @@ def _progress_printer(quiet: bool) -> tuple[Callable[[float, dict], None], Calla
     return update_lines, lambda: None
 
 
-def _isolation_check(isolation: str, debug: bool) -> None:
+def _isolation_check(isolation: str, debug: bool) -> Callable[[], None]:
+    """Start checking that `isolation` can confine scripts here; the returned function waits for the
+    answer and raises if it cannot. The probe starts a throwaway sandbox (~0.2 s), so it runs in a
+    thread while the caller imports and prepares, and every run still checks its own host."""
     if isolation == "none":
         _warn("WARNING: --isolation none: scripts run UNCONFINED with your user's full access to this machine "
               "(files, network, processes). Use it only for code you trust.")
-        return
+        return lambda: None
+    import threading
+
     from .doctor import require_backend
 
-    require_backend(isolation)
+    failure: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            require_backend(isolation)
+        except BaseException as exc:  # handed to the caller's thread, raised there
+            failure.append(exc)
+
+    thread = threading.Thread(target=check, name="backend-probe", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    return wait
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -144,10 +165,12 @@ def run(pipeline: str, output: Path | None, mirror: str | None, isolation: str, 
         allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout) -> None:
     """Train: run PIPELINE (a path or an http(s) URL), every stage sandboxed."""
     from .limits import from_options
-    from .training import RunOptions, run_pipeline
 
     limits = from_options(memory, cpus, pids, disk, timeout)
-    _isolation_check(isolation, debug)
+    confined = _isolation_check(isolation, debug)
+    from .training import RunOptions, run_pipeline
+
+    confined()
     progress, close = _progress_printer(quiet=False)
     on_event = (lambda stage, what: _say(f"[{stage}] {what}")) if debug else None
     try:
@@ -178,14 +201,16 @@ def predict(model: str, strings: tuple[str, ...], files: tuple[str, ...], isolat
     Prints {"success": true, "data": [one result per input]} as JSON on stdout.
     """
     from .limits import from_options
+
+    limits = from_options(memory, cpus, pids, disk, timeout)
+    confined = _isolation_check(isolation, debug)
     from .predict import PredictOptions, UsageError, render, run_predict, samples_from
 
     try:
         samples = samples_from(strings, files)
     except UsageError as exc:
         raise click.UsageError(str(exc)) from None
-    limits = from_options(memory, cpus, pids, disk, timeout)
-    _isolation_check(isolation, debug)
+    confined()
     on_event = (lambda stage, what: _say(f"[{stage}] {what}")) if debug else None
     results = run_predict(model, samples, PredictOptions(isolation=isolation, gpu=gpu, allow_private=allow_private,
                                                          limits=limits, log=_say, on_event=on_event))
@@ -216,12 +241,14 @@ def serve(model: str, port: int, host: str, request_timeout: float, max_queue: i
     POST /predict, a demo page at /, GET /healthz.
     """
     from .limits import from_options
-    from .serve import ServeOptions, serve_model
 
     if request_timeout <= 0:
         raise click.BadParameter("must be positive", param_hint="--request-timeout")
     limits = from_options(memory, cpus, pids, disk, timeout)
-    _isolation_check(isolation, debug)
+    confined = _isolation_check(isolation, debug)
+    from .serve import ServeOptions, serve_model
+
+    confined()
     serve_model(model, ServeOptions(host=host, port=port, request_timeout=request_timeout, max_queue=max_queue,
                                     isolation=isolation, gpu=gpu, allow_private=allow_private, limits=limits,
                                     debug=debug, log=_say, warn=_warn))

@@ -16,14 +16,17 @@ import tempfile
 from collections.abc import Callable, Collection
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin
 
-import httpx
 import platformdirs
 
 from runner.errors import FetchError, IntegrityError, PolicyError
 from runner.netpolicy import check_url, parse_ip_literal, resolve_and_check
 from runner.spec import ScriptRef, uri_to_path
+
+if TYPE_CHECKING:  # httpx is imported when something is fetched over http: a run from local files skips it
+    import httpx
 
 MAX_REDIRECTS = 5
 DEFAULT_MAX_BYTES = 1 << 30
@@ -75,6 +78,8 @@ def _send_pinned(
     client: httpx.Client, url: httpx.URL, allow_private: Collection[str], timeout: float
 ) -> httpx.Response:
     """Send one GET to a vetted address of ``url``'s host; the caller closes it."""
+    import httpx
+
     host = url.raw_host.decode("ascii")
     port = url.port or {"http": 80, "https": 443}[url.scheme]
     ips = resolve_and_check(host, port, allow_private)
@@ -109,6 +114,8 @@ def _stream(
     timeout: float,
 ) -> str:
     """GET ``url`` into ``sink`` following redirects by hand; return the sha256."""
+    import httpx
+
     stats["downloads"] += 1
     current = url
     with httpx.Client(follow_redirects=False, trust_env=False, verify=tls_verify) as client:
@@ -160,6 +167,8 @@ def _read_body(
     max_bytes: int,
     timeout: float,
 ) -> str:
+    import httpx
+
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise _too_big(url, max_bytes)
