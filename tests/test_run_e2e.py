@@ -240,3 +240,23 @@ def test_gpu_is_refused_clearly_on_a_host_without_one(tmp_path):
     pipeline = write_pipeline(tmp_path / "p", extra={"options": {"train": {"gpu": True}}})
     proc = run_cli("run", str(pipeline), "-o", str(tmp_path / "ws"))
     assert proc.returncode == 1 and "options.train.gpu" in proc.stderr
+
+
+def test_a_backend_that_cannot_confine_here_is_refused_before_any_script_runs(tmp_path):
+    """The backend probe runs beside the runner's imports, but its answer still comes first: with no
+    Docker engine to reach, `run --isolation docker` stops with the reason and starts no stage."""
+    marker = tmp_path / "ran"
+    datasource = f"""
+        open({str(marker)!r}, "w").close()  # would only work unconfined; must never run at all
+        def datasource(options, ctx):
+            return ctx.pool_from_list([])
+    """
+    pipeline = write_pipeline(tmp_path / "p", datasource=datasource)
+    ws = tmp_path / "ws"
+    proc = run_cli("run", str(pipeline), "-o", str(ws), "--isolation", "docker",
+                   env={"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "the docker backend cannot confine scripts on this host" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists()
+    assert not (ws / "logs").exists() or not any((ws / "logs").iterdir())
