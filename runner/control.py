@@ -14,6 +14,7 @@ the only thread that touches the sockets.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import math
 import queue
 import re
@@ -56,6 +57,23 @@ def shown(text: str, limit: int) -> str:
     `limit` characters, newlines and tabs kept, every other control or format
     character written as a visible escape (\\x1b, \\u202e)."""
     return _UNSHOWABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text[:limit])
+
+
+# Lone surrogates cannot be printed as UTF-8 at all; escaped, they stay valid JSON.
+_JSON_UNSHOWABLE = re.compile(f"{_UNSHOWABLE.pattern}|[\ud800-\udfff]")
+
+
+def json_shown(value: Any, indent: int | None = 2) -> str:
+    """`value` (from a stage) as JSON safe to print on the operator's terminal.
+
+    Unlike `shown`, nothing is cut and the text stays exact JSON: what
+    `json.loads` reads back is `value` itself. Control and format characters
+    become JSON escapes (\\u001b, \\u202e), which a terminal prints as text;
+    other non-ASCII text (labels in Chinese, accents) is kept readable, as
+    `ensure_ascii=True` would not. Every character `_UNSHOWABLE` matches is in
+    the BMP, so one `\\uXXXX` escape each is exact."""
+    text = json.dumps(value, ensure_ascii=False, indent=indent)
+    return _JSON_UNSHOWABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _finite(x: Any) -> bool:

@@ -230,6 +230,11 @@ def run_predict(location: str, samples: list[dict], opts: PredictOptions) -> lis
 
 
 def render(results: list) -> str:
-    """What `predict` prints on stdout: the same envelope as `serve`'s answers."""
-    return json.dumps({"success": True, "data": results}, ensure_ascii=False, indent=2)
+    """What `predict` prints on stdout: the same envelope as `serve`'s answers.
+
+    The results come from the model script and go to the operator's terminal,
+    so control and bidi characters in them are JSON-escaped (control.json_shown)."""
+    from .control import json_shown
+
+    return json_shown({"success": True, "data": results}, indent=2)
 

@@ -243,3 +243,15 @@ def test_a_workspace_whose_run_failed_says_so(tmp_path):
     proc = run_cli("predict", str(tmp_path), "--isolation", "none", "-s", "1")
     assert proc.returncode == 1
     assert "has no trained model" in _one_paragraph(proc.stderr)
+
+
+def test_render_escapes_terminal_controls_and_keeps_the_json_exact():
+    """predict's stdout carries results a hostile model chose: C0/C1 controls, bidi
+    overrides and line separators are JSON-escaped, other text stays readable."""
+    from runner.predict import render
+
+    hostile = ["\x1b]52;c;cHduZWQ=\x07\x1b[2J\r\x9b1m\x85", {"\u202elabel\u2066": "\u2028\u200b\ufeff"}, "猫 é"]
+    out = render(hostile)
+    assert all(ch == "\n" or ch.isprintable() for ch in out), repr(out)
+    assert "\\u202e" in out and "\\u009b" in out and "猫 é" in out
+    assert json.loads(out) == {"success": True, "data": hostile}

@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from .attack import assert_contained_failure, run_attack, token
+from .attack import assert_contained_failure, run_attack, run_cli_tracked, token
 
 pytestmark = pytest.mark.hostile
 
@@ -214,4 +214,29 @@ def train(runtime, options, ctx):
     assert_contained_failure(attack, "model", "exited with code 3", "FAKE", within=25)
     for ch in ("\x1b", "\x07", "\x9b", "\u202e", "\r"):
         assert ch not in attack.stderr, (repr(ch), attack.stderr[-2000:])
+    assert not attack.leftovers()
+
+
+def test_predict_results_reach_the_terminal_inert(tmp_path, isolation):
+    """`predict` prints the model's results as JSON on stdout: a hostile predict()
+    returning escapes and bidi overrides gets them JSON-escaped (\\u001b, \\u202e),
+    while the JSON still decodes to exactly what it returned and plain non-ASCII
+    text stays readable."""
+    hostile = ESCAPES + "\u2066\u2028\x85 猫"
+    model = f'''
+import os
+def train(runtime, options, ctx):
+    open(os.path.join(runtime.read_model(), "w.txt"), "w").write("1")
+
+def predict(runtime, options, ctx):
+    return [{{{hostile!r}: {hostile!r}}} for _ in runtime.dataset.predicted]
+'''
+    attack = run_attack(tmp_path, isolation, dataflow=[], model=model)
+    assert attack.returncode == 0, attack.describe()
+    proc, _, _ = run_cli_tracked(["predict", str(attack.ws), "--isolation", isolation, "-s", "x"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for ch in ("\x1b", "\x07", "\x9b", "\x85", "\u202e", "\u2066", "\u2028", "\r"):
+        assert ch not in proc.stdout, (repr(ch), proc.stdout[-2000:])
+    assert "\\u202e" in proc.stdout and "猫" in proc.stdout  # escaped, not dropped; readable text kept
+    assert json.loads(proc.stdout) == {"success": True, "data": [{hostile: hostile}]}
     assert not attack.leftovers()
