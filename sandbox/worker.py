@@ -253,6 +253,21 @@ def _call(fn: Any, script: str, *args: Any, frames_in: tuple[str, ...] | None = 
         ) from None
 
 
+def _size_thread_pools(cpus: str | None) -> None:
+    """Native thread pools sized to the stage's CPU quota, set before anything imports numpy.
+
+    OpenBLAS (numpy's BLAS) and OpenMP start one thread per core of the *host* at import: 64 threads
+    for a 2-CPU stage on a big training host, which costs start-up and then only thrashes. A script
+    or the framework's initialize() may still choose otherwise (setdefault)."""
+    try:
+        n = max(1, int(float(cpus) + 0.5)) if cpus else os.cpu_count() or 1
+    except ValueError:
+        n = 1
+    n = min(n, os.cpu_count() or n)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(n))
+
+
 def main(config_path: str) -> int:
     sys.dont_write_bytecode = True  # scripts and the SDK are read-only mounts
     with open(config_path, encoding="utf-8") as f:
@@ -264,6 +279,7 @@ def main(config_path: str) -> int:
     # What initialize() may need to know about its sandbox, as plain variables.
     for key, value in (cfg.get("hints") or {}).items():
         os.environ[f"PIPCOOK_{key.upper()}"] = str(value)
+    _size_thread_pools(os.environ.get("PIPCOOK_CPUS"))
     import zmq
 
     from .context import ControlClient

@@ -249,7 +249,7 @@ def test_a_backend_that_cannot_confine_here_is_refused_before_any_script_runs(tm
     datasource = f"""
         open({str(marker)!r}, "w").close()  # would only work unconfined; must never run at all
         def datasource(options, ctx):
-            return ctx.pool_from_list([])
+            return None
     """
     pipeline = write_pipeline(tmp_path / "p", datasource=datasource)
     ws = tmp_path / "ws"
@@ -260,3 +260,16 @@ def test_a_backend_that_cannot_confine_here_is_refused_before_any_script_runs(tm
     assert "Traceback" not in proc.stderr
     assert not marker.exists()
     assert not (ws / "logs").exists() or not any((ws / "logs").iterdir())
+
+
+def test_native_thread_pools_follow_the_stage_cpu_quota(tmp_path):
+    """OpenBLAS/OpenMP would start one thread per host core; a stage gets as many as --cpus gives it,
+    set before numpy is imported, whatever the runner's own environment says."""
+    datasource = (TINY / "datasource.py").read_text().replace("def datasource(options, ctx):\n", (
+        "def datasource(options, ctx):\n"
+        "    print('threads', os.environ.get('OPENBLAS_NUM_THREADS'), os.environ.get('OMP_NUM_THREADS'), flush=True)\n"))
+    pipeline = write_pipeline(tmp_path / "p", datasource=datasource)
+    ws = tmp_path / "ws"
+    proc = run_cli("run", str(pipeline), "-o", str(ws), "--cpus", "1", env={"OPENBLAS_NUM_THREADS": "64"})
+    assert proc.returncode == 0, proc.stderr
+    assert "threads 1 1" in (ws / "logs" / "datasource.log").read_text()
