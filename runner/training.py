@@ -125,7 +125,7 @@ def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
         allow_private=opts.allow_private, task_type="train", framework=framework, worker_site=worker_site,
         pipeline_options=dict(pipeline.options), on_progress=opts.on_progress, on_event=opts.on_event))
     finish_model_dir(ws, pipeline, copies, result.meta)
-    artifacts.run_all(pipeline.artifact, ws, log=opts.log)
+    artifacts.run_all(pipeline.artifact, ws, log=opts.log, isolation=opts.isolation, limits=opts.limits)
     return ws
 
 

@@ -13,12 +13,23 @@ into `DIR/artifacts/` instead, so a pipeline cannot overwrite host files.
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import PipcookError
 
 GROUP = "pipcook_sandbox.artifacts"
+
+# The isolation and limits of the run whose model is being processed. Processors are trusted, the
+# model files are not: code that parses them (Keras, TensorFlow) runs in this sandbox
+# (`confined.run`). Called outside a run, the default sandbox.
+_confinement: ContextVar[tuple[str, Any]] = ContextVar("pipcook_artifact_confinement", default=("bwrap", None))
+
+
+def confinement() -> tuple[str, Any]:
+    """(isolation, Limits or None) for code that reads the model's files."""
+    return _confinement.get()
 
 
 class ArtifactError(PipcookError):
@@ -46,7 +57,16 @@ def target_path(ws_root: Path, target: Any, default_name: str, log: Callable[[st
     return resolved
 
 
-def run_all(entries: list[dict], ws: Any, log: Callable[[str], None] = print) -> list[Path]:
+def run_all(entries: list[dict], ws: Any, log: Callable[[str], None] = print, isolation: str = "bwrap",
+            limits: Any = None) -> list[Path]:
+    token = _confinement.set((isolation, limits))
+    try:
+        return _run_all(entries, ws, log)
+    finally:
+        _confinement.reset(token)
+
+
+def _run_all(entries: list[dict], ws: Any, log: Callable[[str], None]) -> list[Path]:
     outputs = []
     available = installed()
     for i, entry in enumerate(entries or []):

@@ -10,7 +10,7 @@ jax, flax, tensorflow-decision-forests (which pins an older TensorFlow), tf-kera
 tensorflow-hub and packaging~=23.1, none of which fit next to TensorFlow 2.21 /
 Keras 3 (and the runner has no TensorFlow at all). So tensorflowjs is installed
 without its dependencies into its own directory in the cache (once), and used
-from a subprocess on the framework's site dir for what needs none of those: its
+in the run's sandbox on the framework's site dir for what needs none of those: its
 writer of the layers-model format (model.json + weight shards, quantisation).
 
 Its own Keras 3 reader is not used: it writes Keras 3 configs (`batch_shape`,
@@ -32,8 +32,8 @@ from typing import Callable
 from ..cachebuild import build_once, pip_install
 from ..fetch import cache_dir
 from ..frameworks import platform_tag, python_tag
-from . import ArtifactError, target_path
-from .tflite_processor import framework_for, keras_file, private_copy, run_python
+from . import ArtifactError, confinement, confined, target_path
+from .tflite_processor import CONVERT_TIMEOUT, framework_for, inside_model, keras_file, private_copy
 
 TFJS_VERSION = "4.22.0"
 SHARD_BYTES = 4 << 20
@@ -138,13 +138,15 @@ def process(model_dir: Path, options: dict, workspace: Path, log: Callable[[str]
     target = target_path(Path(workspace), options.get("target"), "tfjs", log)
     with tempfile.TemporaryDirectory(prefix="pcsb-tfjs-") as tmp:
         work = Path(tmp)
-        source = keras_file(private_copy(Path(model_dir), work / "model"), options, "tfjs")
+        copy = private_copy(Path(model_dir), work / "model")
+        source = keras_file(copy, options, "tfjs")
         framework = framework_for(options, Path(workspace), "tfjs", log)
         tfjs_site = ensure_tensorflowjs(log)
         produced = work / "out"
         produced.mkdir()
-        run_python(CONVERT, [str(tfjs_site), str(source), str(produced), str(SHARD_BYTES)],
-                   [framework.site, tfjs_site], work, "tfjs")
+        isolation, limits = confinement()
+        confined.run(confined.Job("tfjs", CONVERT, ["{site1}", inside_model(copy, source), "{out}", str(SHARD_BYTES)],
+                                  copy, [framework.site, tfjs_site], produced, CONVERT_TIMEOUT), isolation, limits)
         if not (produced / "model.json").is_file():
             raise ArtifactError("artifact processor 'tfjs': the conversion wrote no model.json")
         return install_dir(produced, target)

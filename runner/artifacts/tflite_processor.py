@@ -2,30 +2,28 @@
 
     {"processor": "tflite", "target": "model.tflite", "model": "model.keras", "framework": "tensorflow@2.21"}
 
-TensorFlow is not a dependency of the runner: the conversion runs as a
-subprocess on the framework's own site dir (built once into the cache, the
-same one the pipeline's stages used). It reads a private copy of model/'s
-regular files, never model/ itself, so a link a stage planted is never
-followed; it writes only to the target.
+TensorFlow is not a dependency of the runner: the conversion runs on the
+framework's own site dir (built once into the cache, the same one the
+pipeline's stages used), inside the run's sandbox (`confined.py`: the model
+file was written by an untrusted script, and loading it parses it). It reads
+a private copy of model/'s regular files, never model/ itself, so a link a
+stage planted is never followed; it writes only to the target.
 
 The helpers here (`private_copy`, `keras_file`, `framework_for`,
-`run_python`) are shared with the `tfjs` processor.
+`inside_model`) are shared with the `tfjs` processor.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from .. import frameworks
 from ..errors import PipcookError
-from . import ArtifactError, target_path
+from . import ArtifactError, confinement, confined, target_path
 from .safefiles import regular_files
 
 DEFAULT_FRAMEWORK = "tensorflow@2.21"
@@ -101,36 +99,6 @@ def framework_for(options: dict, workspace: Path, processor: str, log: Callable[
     return framework
 
 
-def run_python(code: str, args: list[str], site_dirs: list[Path], work: Path, processor: str,
-               timeout: float = CONVERT_TIMEOUT) -> str:
-    """Run `code` in a fresh interpreter that sees only the stdlib and `site_dirs`; its stderr on success."""
-    script = work / f"{processor}_convert.py"
-    script.write_text(code)
-    boot = ("import site, sys, runpy\n"
-            f"for d in {[str(d) for d in site_dirs]!r}: site.addsitedir(d)\n"
-            f"sys.argv = [{str(script)!r}] + sys.argv[1:]\n"
-            f"runpy.run_path({str(script)!r}, run_name='__main__')\n")
-    home = work / "home"
-    home.mkdir(exist_ok=True)
-    # -I -S: neither the runner's packages nor PYTHON* variables; keras writes ~/.keras, so HOME is private.
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "TMPDIR": str(work), "LANG": "C.UTF-8",
-           "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "-1", "KERAS_BACKEND": "tensorflow"}
-    try:
-        proc = subprocess.run([sys.executable, "-I", "-S", "-c", boot, *args], cwd=work, env=env,
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise ArtifactError(f"artifact processor {processor!r}: the conversion took longer than {timeout:g} s") from None
-    if proc.returncode != 0:
-        missing = re.findall(r"ModuleNotFoundError: No module named '([^']+)'", proc.stderr)
-        if missing:
-            raise ArtifactError(f"artifact processor {processor!r} needs the Python library {missing[-1].split('.')[0]!r}, "
-                                f"which is not installed in {', '.join(str(d) for d in site_dirs)}")
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        cause = lines[-1] if lines else f"exit code {proc.returncode}"
-        raise ArtifactError(f"artifact processor {processor!r}: the conversion failed: {cause[:2000]}")
-    return proc.stderr
-
-
 def replace_file(produced: Path, target: Path) -> Path:
     """Move a finished file onto target atomically (the zip processor's rule: a file target is replaced)."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -142,14 +110,25 @@ def replace_file(produced: Path, target: Path) -> Path:
     return target
 
 
+def inside_model(copy_dir: Path, source: Path) -> str:
+    """`source` (a file of the private copy) as a conversion argument: {model}/its path."""
+    rel = source.relative_to(copy_dir).as_posix()
+    return "{model}/" + rel.replace("{", "{{").replace("}", "}}")
+
+
 def process(model_dir: Path, options: dict, workspace: Path, log: Callable[[str], None] = print) -> Path:
     target = target_path(Path(workspace), options.get("target"), "model.tflite", log)
     with tempfile.TemporaryDirectory(prefix="pcsb-tflite-") as tmp:
         work = Path(tmp)
-        source = keras_file(private_copy(Path(model_dir), work / "model"), options, "tflite")
+        copy = private_copy(Path(model_dir), work / "model")
+        source = keras_file(copy, options, "tflite")
         framework = framework_for(options, Path(workspace), "tflite", log)
-        produced = work / "model.tflite"
-        run_python(CONVERT, [str(source), str(produced), str(work)], [framework.site], work, "tflite")
-        if not produced.is_file():
+        out = work / "out"
+        out.mkdir()
+        isolation, limits = confinement()
+        confined.run(confined.Job("tflite", CONVERT, [inside_model(copy, source), "{out}/model.tflite", "{tmp}"],
+                                  copy, [framework.site], out, CONVERT_TIMEOUT), isolation, limits)
+        produced = out / "model.tflite"
+        if not produced.is_file() or produced.is_symlink():
             raise ArtifactError("artifact processor 'tflite': the conversion wrote no model")
         return replace_file(produced, target)
