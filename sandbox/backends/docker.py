@@ -6,8 +6,9 @@ What a stage gets (tests/test_docker_backend.py checks each line):
                 (runner/images.py): Python 3.11 and the worker's pinned
                 dependencies at /pipcook/site, nothing else
     user        65534:65534 (nobody), cap_drop ALL, no-new-privileges
-    seccomp     seccomp.docker_profile() (the same deny list as bwrap) where
-                available, else Docker's default profile
+    seccomp     seccomp.docker_profile() where available (bwrap's policy as
+                an allow list: at least as strict as Docker's default, which
+                it replaces), else Docker's default profile
     network     network_mode "none": only `lo`; the host's loopback and the
                 metadata address are unreachable
     filesystem  read-only root; /tmp a private tmpfs of limits.tmp (1777);
@@ -130,7 +131,7 @@ def seccomp_profile() -> tuple[str | None, str]:
         from .seccomp import docker_profile
     except ImportError:
         return None, "docker default"
-    return "seccomp=" + json.dumps(docker_profile(), separators=(",", ":")), "pipcook-sandbox deny list"
+    return "seccomp=" + json.dumps(docker_profile(), separators=(",", ":")), "pipcook-sandbox allow list"
 
 
 # --- the runner's identity, for leftovers ---------------------------------------------
