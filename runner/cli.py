@@ -81,7 +81,9 @@ def common_options(fn: Callable) -> Callable:
     for option in reversed([
         click.option("--isolation", type=click.Choice(ISOLATIONS), default="bwrap", show_default=True,
                      help="Sandbox for every stage. 'none' runs scripts unconfined: trusted local code only."),
-        click.option("--gpu", is_flag=True, help="Give the model stage a GPU (docker isolation, CUDA image)."),
+        click.option("--gpu/--no-gpu", default=None,
+                     help="Give the model stage a GPU (CUDA image), or refuse one even if the pipeline's "
+                          "options.train.gpu asks. Neither: the pipeline decides."),
         click.option("--nocache", is_flag=True, help="Download scripts and data again instead of using the cache."),
         click.option("--allow-private", "allow_private", multiple=True, metavar="HOST",
                      help="Allow fetching from this loopback/private host (local mirrors, tests). Repeatable."),
@@ -188,7 +190,8 @@ def run(pipeline: str, output: Path | None, mirror: str | None, isolation: str, 
 @click.option("-u", "--upload", "files", multiple=True, metavar="FILE", help="An input file, sent as bytes (repeatable).")
 @click.option("--isolation", type=click.Choice(ISOLATIONS), default="bwrap", show_default=True,
               help="Sandbox for every stage. 'none' runs scripts unconfined: trusted local code only.")
-@click.option("--gpu", is_flag=True, help="Give the model stage a GPU (docker isolation, CUDA image).")
+@click.option("--gpu/--no-gpu", default=False, show_default=True,
+              help="Give the model stage a GPU (CUDA image). The model's own pipeline never turns one on here.")
 @click.option("--allow-private", "allow_private", multiple=True, metavar="HOST",
               help="Allow fetching a model URL (and ctx.download) from this loopback/private host. Repeatable.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and each stage's events.")
@@ -228,7 +231,8 @@ def predict(model: str, strings: tuple[str, ...], files: tuple[str, ...], isolat
               help="Requests that may wait for the worker; more get 503 at once.")
 @click.option("--isolation", type=click.Choice(ISOLATIONS), default="bwrap", show_default=True,
               help="Sandbox of the worker. 'none' runs scripts unconfined: trusted local code only.")
-@click.option("--gpu", is_flag=True, help="Give the worker a GPU (docker isolation, CUDA image).")
+@click.option("--gpu/--no-gpu", default=False, show_default=True,
+              help="Give the worker a GPU (CUDA image). The model's own pipeline never turns one on here.")
 @click.option("--allow-private", "allow_private", multiple=True, metavar="HOST",
               help="Allow ctx.download from this loopback/private host. Repeatable.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and the worker's events.")

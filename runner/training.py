@@ -30,7 +30,7 @@ from .workerenv import ensure_worker_site
 class RunOptions:
     output: Path | None = None
     isolation: str = "bwrap"
-    gpu: bool = False
+    gpu: bool | None = None  # --gpu True, --no-gpu False, neither None (the pipeline may ask)
     nocache: bool = False
     allow_private: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
@@ -91,21 +91,35 @@ def prepare_runtime(pipeline: spec.Pipeline, opts: RunOptions) -> tuple[Any, Pat
     return framework, worker_site
 
 
-def check_gpu(isolation: str) -> None:
-    """Refuse --gpu early, before anything is fetched or started, where it cannot work."""
-    if isolation == "none":
-        return
-    if not any(Path("/dev").glob("nvidia[0-9]*")):
-        raise PipcookError("--gpu (or options.train.gpu): this host has no NVIDIA GPU (no /dev/nvidia0); "
-                           "run without --gpu, or on a host with a GPU and its driver")
+def check_gpu(pipeline: spec.Pipeline, opts: RunOptions) -> RunOptions:
+    """`opts` with `gpu` decided, before anything is fetched or started.
+
+    The pipeline's `options.train.gpu: true` may ask for a GPU (CONTRACT), but
+    the pipeline is untrusted input and the operator has the last word:
+    `--no-gpu` refuses even then, and a request that came from the file
+    rather than the command line is said so in the log. A GPU is refused
+    early where it cannot work (no NVIDIA device), naming who asked."""
+    from_file = pipeline.train_options.get("gpu") is True
+    if opts.gpu is False:
+        if from_file:
+            opts.log("GPU: the pipeline file asks for one (options.train.gpu); --no-gpu refuses it, "
+                     "the model stage runs on the CPU")
+        return dataclasses.replace(opts, gpu=False)
+    if opts.gpu is None and not from_file:
+        return dataclasses.replace(opts, gpu=False)
+    who = "--gpu" if opts.gpu else "the pipeline file (options.train.gpu, not the command line)"
+    if opts.isolation != "none" and not any(Path("/dev").glob("nvidia[0-9]*")):
+        raise PipcookError(f"a GPU was requested by {who}, but this host has no NVIDIA GPU (no /dev/nvidia0); "
+                           + ("run without --gpu" if opts.gpu else "pass --no-gpu to train on the CPU")
+                           + ", or run on a host with a GPU and its driver")
+    if opts.gpu is None:
+        opts.log(f"GPU: requested by {who}; pass --no-gpu to refuse it")
+    return dataclasses.replace(opts, gpu=True)
 
 
 def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
     pipeline = spec.load_pipeline(location, fetch_bytes=functools.partial(fetch.fetch_bytes, allow_private=opts.allow_private))
-    if pipeline.train_options.get("gpu") is True and not opts.gpu:
-        opts = dataclasses.replace(opts, gpu=True)  # options.train.gpu asks for what --gpu does
-    if opts.gpu:
-        check_gpu(opts.isolation)
+    opts = check_gpu(pipeline, opts)  # --gpu / --no-gpu, else options.train.gpu
     if opts.isolation == "docker":  # containers left by runners that crashed or were killed
         from sandbox.backends import docker as docker_backend
 

@@ -239,7 +239,41 @@ def test_gpu_is_refused_clearly_on_a_host_without_one(tmp_path):
         assert proc.returncode == 1 and "no NVIDIA GPU" in proc.stderr and "Traceback" not in proc.stderr
     pipeline = write_pipeline(tmp_path / "p", extra={"options": {"train": {"gpu": True}}})
     proc = run_cli("run", str(pipeline), "-o", str(tmp_path / "ws"))
-    assert proc.returncode == 1 and "options.train.gpu" in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    # The error says the request came from the file, not the command line, and how to refuse it.
+    assert "requested by the pipeline file (options.train.gpu" in proc.stderr and "--no-gpu" in proc.stderr
+    assert not (tmp_path / "ws").exists()  # refused before anything ran
+
+
+def test_no_gpu_overrides_a_gpu_the_pipeline_file_asks_for(tmp_path):
+    """options.train.gpu is untrusted input: the operator's --no-gpu has the last word."""
+    pipeline = write_pipeline(tmp_path / "p", extra={"options": {"train": {"gpu": True, "epochs": 1}}})
+    proc = run_cli("run", str(pipeline), "-o", str(tmp_path / "ws"), "--no-gpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "options.train.gpu" in proc.stderr and "--no-gpu refuses it" in proc.stderr
+    assert (tmp_path / "ws" / "model" / "weights.json").is_file()  # trained, on the CPU
+
+
+def _decide(train: dict, gpu: bool | None, isolation: str = "none") -> tuple[bool | None, list[str]]:
+    from runner import spec
+    from runner.training import RunOptions, check_gpu
+
+    said: list[str] = []
+    pipeline = spec.parse_pipeline({"specVersion": "2.0", "datasource": "d.py", "model": "m.py",
+                                    "options": {"train": train}}, str(REPO / "pipeline.json"))
+    return check_gpu(pipeline, RunOptions(isolation=isolation, gpu=gpu, log=said.append)).gpu, said
+
+
+def test_who_decides_the_gpu():
+    """--gpu asks, --no-gpu refuses, neither lets the pipeline ask and the log says so."""
+    assert _decide({}, None) == (False, [])
+    assert _decide({"gpu": False}, None) == (False, [])
+    assert _decide({}, True) == (True, [])  # the command line asked: nothing to point out
+    gpu, said = _decide({"gpu": True}, None)
+    assert gpu is True and said and "pipeline file" in said[0] and "not the command line" in said[0]
+    gpu, said = _decide({"gpu": True}, False)
+    assert gpu is False and "--no-gpu refuses it" in said[0]
+    assert _decide({}, False) == (False, [])
 
 
 def test_a_backend_that_cannot_confine_here_is_refused_before_any_script_runs(tmp_path):
