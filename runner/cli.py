@@ -163,7 +163,7 @@ def main() -> None:
 @common_options
 @limit_options
 @handle_errors
-def run(pipeline: str, output: Path | None, mirror: str | None, isolation: str, gpu: bool, nocache: bool,
+def run(pipeline: str, output: Path | None, mirror: str | None, isolation: str, gpu: bool | None, nocache: bool,
         allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout) -> None:
     """Train: run PIPELINE (a path or an http(s) URL), every stage sandboxed."""
     from .limits import from_options

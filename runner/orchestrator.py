@@ -1,4 +1,4 @@
-"""Run a pipeline: every stage in its own sandbox, all started together, streaming.
+r"""Run a pipeline: every stage in its own sandbox, all started together, streaming.
 
     datasource --b-datasource--> dataflow-1 --b-dataflow-1--> ... --> model
          \________________ control sockets (one per stage) ___________/
