@@ -8,6 +8,11 @@ an integer `label` (index into `meta["categories"]`). Training pulls
 batches from `runtime.dataset.train` through `tf.data.Dataset.from_generator`
 (re-shuffled every epoch), so the data set never has to fit in memory.
 
+Written for streaming from other stages: one generator runs through every
+epoch (`steps_per_epoch` keeps Keras on the same iterator), so the stages
+upstream never stop and wait at an epoch boundary while TensorFlow finishes
+its last batches; the validation split, small, is streamed once and cached.
+
 Options (pipeline `options.train`, query values win; strings accepted):
 epochs (10), batchSize (32), learningRate (0.001), seed (42).
 
@@ -30,27 +35,27 @@ def _opt(options, key, default, cast):
     return cast(value)
 
 
-def _stream(dataset, batch_size, h, w, epoch_seed=None):
-    """A generator function over (x, y) batches of `dataset`, from the start."""
-    state = {"epoch": 0}
+def _stream(dataset, batch_size, h, w, epoch_seed=None, epochs=1):
+    """A generator function over (x, y) batches of `dataset`, `epochs` times over, each epoch
+    reshuffled with epoch_seed + epoch (if given)."""
 
     def gen():
-        if epoch_seed is not None:
-            dataset.shuffle(epoch_seed + state["epoch"])
-            state["epoch"] += 1
-        dataset.seek(0)
-        while True:
-            batch = dataset.next_batch(batch_size)
-            if not batch:
-                return
-            x = np.stack([np.asarray(s["data"], dtype=np.float32).reshape(h, w, 3) for s in batch])
-            y = np.asarray([int(s["label"]) for s in batch], dtype=np.int32)
-            yield x, y
+        for epoch in range(epochs):
+            if epoch_seed is not None:
+                dataset.shuffle(epoch_seed + epoch)
+            dataset.seek(0)
+            while True:
+                batch = dataset.next_batch(batch_size)
+                if not batch:
+                    break
+                x = np.stack([np.asarray(s["data"], dtype=np.float32).reshape(h, w, 3) for s in batch])
+                y = np.asarray([int(s["label"]) for s in batch], dtype=np.int32)
+                yield x, y
 
     return gen
 
 
-def _tf_dataset(tf, gen, h, w, n, batch_size):
+def _tf_dataset(tf, gen, h, w, n, batch_size, epochs=1):
     sig = (
         tf.TensorSpec(shape=(None, h, w, 3), dtype=tf.float32),
         tf.TensorSpec(shape=(None,), dtype=tf.int32),
@@ -58,7 +63,7 @@ def _tf_dataset(tf, gen, h, w, n, batch_size):
     # No prefetch: the generator reads a (possibly remote) dataset; one reader
     # at a time keeps the stage-to-stage stream strictly sequential.
     ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
-    return ds.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
+    return ds.apply(tf.data.experimental.assert_cardinality(epochs * -(-n // batch_size)))
 
 
 def build(keras, h, w, classes, lr):
@@ -105,10 +110,14 @@ def train(runtime, options, ctx):
         raise ValueError("the dataset has no train split")
 
     model = build(keras, h, w, len(categories), lr)
-    train_ds = _tf_dataset(tf, _stream(pool.train, batch_size, h, w, epoch_seed=seed), h, w, len(pool.train), batch_size)
+    steps = -(-len(pool.train) // batch_size)
+    train_ds = _tf_dataset(tf, _stream(pool.train, batch_size, h, w, epoch_seed=seed, epochs=epochs), h, w,
+                           len(pool.train), batch_size, epochs)
     valid_ds = None
     if pool.valid is not None and len(pool.valid) > 0:
-        valid_ds = _tf_dataset(tf, _stream(pool.valid, batch_size, h, w), h, w, len(pool.valid), batch_size)
+        # Read once, then from memory: reopening the stream each epoch would make the stages
+        # upstream redo its work (and wait for the request) at every epoch boundary.
+        valid_ds = _tf_dataset(tf, _stream(pool.valid, batch_size, h, w), h, w, len(pool.valid), batch_size).cache()
 
     class Progress(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -117,9 +126,10 @@ def train(runtime, options, ctx):
             runtime.notify_progress(90.0 * (epoch + 1) / epochs, epoch=epoch + 1, epochs=epochs)
 
     model.fit(
-        train_ds,  # re-iterated each epoch: the generator reshuffles and seeks to 0
+        train_ds,  # one pass of the generator covers every epoch, reshuffled per epoch
         validation_data=valid_ds,
         epochs=epochs,
+        steps_per_epoch=steps,
         callbacks=[Progress()],
         shuffle=False,  # the generator shuffles
         verbose=2,
