@@ -107,6 +107,10 @@ def validate(msg: Any) -> dict:
                 raise ProtocolError("metrics must map short names to numbers")
             clean[k] = float(v) if math.isfinite(v) else None
         return {"op": op, "step": step, "metrics": clean}
+    if op == "sync":
+        if not isinstance(msg.get("id"), int) or isinstance(msg["id"], bool):
+            raise ProtocolError("sync needs an integer id")
+        return {"op": op, "id": msg["id"]}
     if op == "download":
         if not isinstance(msg.get("id"), int) or not isinstance(msg.get("url"), str) or len(msg["url"]) > 8192:
             raise ProtocolError("download needs an integer id and a URL string")
@@ -190,6 +194,10 @@ class ControlServer:
                     peers[stage].add(peer)
                     if msg["op"] == "download":
                         self._pool.submit(self._download, stage, peer, msg)
+                    elif msg["op"] == "sync":
+                        # Everything this peer sent before is in `events` now: the stage may exit
+                        # knowing its last reports (done, error) were not lost in its socket.
+                        self._replies.put((stage, peer, {"op": "sync", "id": msg["id"]}))
                     else:
                         self.events.put(Event(stage, msg["op"], msg))
             while True:

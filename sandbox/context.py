@@ -77,6 +77,17 @@ class ControlClient:
         elif isinstance(msg.get("id"), int):
             self._replies[msg["id"]] = msg
 
+    def sync(self, timeout: float) -> bool:
+        """Wait until the runner has read everything sent so far; False if it did not say so in time.
+
+        A stage's last reports (done, error) sit in its socket's queue behind whatever it sent
+        before (a burst of metrics, say); exiting with them queued loses them when the host is busy."""
+        try:
+            self.request({"op": "sync"}, timeout=timeout)
+            return True
+        except (TimeoutError, zmq.ZMQError):
+            return False
+
     def close(self) -> None:
         self._sock.close()
 

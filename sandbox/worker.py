@@ -19,6 +19,9 @@ import sys
 import traceback
 from typing import Any
 
+# How long a finished stage waits for the runner to confirm it has read the stage's last reports.
+# The runner answers at once unless it is gone or starved; the stage's own deadline still applies.
+SYNC_TIMEOUT = 30.0
 ENTRIES = {"datasource": "datasource", "dataflow": "dataflow"}
 SIGNATURES = {
     "datasource": "datasource(options, ctx)",
@@ -302,6 +305,8 @@ def main(config_path: str) -> int:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+        if code != 130:
+            control.sync(timeout=SYNC_TIMEOUT)
         control.close()
         zctx.destroy()  # data sockets linger 0; the control socket flushes its last report
     return code

@@ -38,6 +38,7 @@ GOOD = [
     {"op": "meta", "meta": {"type": "image", "size": {"train": 1}}},
     {"op": "result", "data": [1, "two", {"three": 3}]},
     {"op": "result", "data": []},
+    {"op": "sync", "id": 3},
 ]
 
 
@@ -111,6 +112,9 @@ BAD = [
     {"op": "result"},
     {"op": "result", "data": {"a": 1}},
     {"op": "result", "data": "text"},
+    {"op": "sync"},
+    {"op": "sync", "id": True},
+    {"op": "sync", "id": "1"},
 ]
 
 
@@ -154,6 +158,7 @@ def control():
         return sock
 
     server.dealer = dealer
+    server.endpoints = endpoints
     server.downloads = downloads
     yield server
     alive = server._thread.is_alive()
@@ -214,6 +219,40 @@ def test_progress_metrics_and_error_events_arrive(control):
     assert events[3].data["message"] == "model exploded" and events[3].data["traceback"] == "tb"
     assert events[4].data["data"] == [{"label": "cat"}]
     assert control.violations == {}
+
+
+def test_sync_returns_only_after_the_runner_has_read_everything_sent_before(control, tmp_path):
+    """A stage's last reports must not die in its socket queue when it exits right after a burst."""
+    from sandbox.context import ControlClient
+
+    zctx = zmq.Context()
+    client = ControlClient(zctx, control.endpoints["model"])
+    try:
+        for step in range(2000):  # far past the runner's receive queue (RCVHWM) and one loop turn
+            client.send({"op": "metrics", "step": step, "metrics": {"loss": step / 2000}})
+        client.send({"op": "done"})
+        assert client.sync(timeout=WAIT)
+        events = drain(control)  # no waiting: sync means they are already there
+        assert [e.data["step"] for e in events if e.op == "metrics"] == list(range(2000))
+        assert events[-1].op == "done"
+        assert all(e.op != "sync" for e in events)  # answered by the control loop, never an event
+    finally:
+        client.close()
+        zctx.destroy(linger=0)
+
+
+def test_sync_gives_up_when_nobody_answers(tmp_path):
+    from sandbox.context import ControlClient
+
+    zctx = zmq.Context()
+    client = ControlClient(zctx, f"ipc://{tmp_path}/nobody.sock")
+    try:
+        started = time.monotonic()
+        assert client.sync(timeout=0.3) is False
+        assert time.monotonic() - started < 5
+    finally:
+        client.close()
+        zctx.destroy(linger=0)
 
 
 def test_events_are_attributed_to_the_stage_whose_socket_they_came_from(control):
