@@ -47,20 +47,38 @@ class Event:
 # What a terminal would act on rather than print: C0/C1 controls (ESC starts
 # escape sequences: colours, clipboard writes (OSC 52), screen clears), DEL,
 # and the invisible format characters that reorder or hide text (bidi
-# overrides, zero-width characters, line/paragraph separators).
-_UNSHOWABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e"
-                         "\u2060-\u206f\ufeff\ufff9-\ufffb]")
+# overrides, zero-width characters, line/paragraph separators, and the tag
+# characters U+E0000..E007F that carry text no terminal shows). This is every
+# character of Unicode categories Cc, Cf, Zl and Zp (a test holds it to
+# `unicodedata`), listed so that nothing is computed at import.
+_UNSHOWABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891"
+                         "\u08e2\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb"
+                         "\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
+                         "\U0001d173-\U0001d17a\U000e0000-\U000e007f]")
+
+
+def _escaped(ch: str) -> str:
+    return ch.encode("unicode_escape").decode("ascii")
 
 
 def shown(text: str, limit: int) -> str:
     """Text from a stage made safe to print on the operator's terminal: at most
     `limit` characters, newlines and tabs kept, every other control or format
-    character written as a visible escape (\\x1b, \\u202e)."""
-    return _UNSHOWABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text[:limit])
+    character written as a visible escape (\\x1b, \\u202e, \\U000e0041)."""
+    return _UNSHOWABLE.sub(lambda m: _escaped(m.group()), text[:limit])
 
 
 # Lone surrogates cannot be printed as UTF-8 at all; escaped, they stay valid JSON.
 _JSON_UNSHOWABLE = re.compile(f"{_UNSHOWABLE.pattern}|[\ud800-\udfff]")
+
+
+def _json_escape(ch: str) -> str:
+    """One character as JSON escapes: a surrogate pair past the BMP, as JSON spells those."""
+    code = ord(ch)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xd800 + (code >> 10):04x}\\u{0xdc00 + (code & 0x3ff):04x}"
 
 
 def json_shown(value: Any, indent: int | None = 2) -> str:
@@ -68,12 +86,11 @@ def json_shown(value: Any, indent: int | None = 2) -> str:
 
     Unlike `shown`, nothing is cut and the text stays exact JSON: what
     `json.loads` reads back is `value` itself. Control and format characters
-    become JSON escapes (\\u001b, \\u202e), which a terminal prints as text;
-    other non-ASCII text (labels in Chinese, accents) is kept readable, as
-    `ensure_ascii=True` would not. Every character `_UNSHOWABLE` matches is in
-    the BMP, so one `\\uXXXX` escape each is exact."""
+    become JSON escapes (\\u001b, \\u202e, \\udb40\\udc41), which a terminal
+    prints as text; other non-ASCII text (labels in Chinese, accents) is kept
+    readable, as `ensure_ascii=True` would not."""
     text = json.dumps(value, ensure_ascii=False, indent=indent)
-    return _JSON_UNSHOWABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return _JSON_UNSHOWABLE.sub(lambda m: _json_escape(m.group()), text)
 
 
 def _finite(x: Any) -> bool:

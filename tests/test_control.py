@@ -12,7 +12,7 @@ import time
 import pytest
 import zmq
 
-from runner.control import MAX_VIOLATIONS_LOGGED, ControlServer, Event, validate
+from runner.control import MAX_VIOLATIONS_LOGGED, ControlServer, Event, json_shown, shown, validate
 from sandbox.protocol import CONTROL_CAPS, ProtocolError, pack, unpack
 
 pytestmark = pytest.mark.timeout(60)
@@ -122,6 +122,42 @@ BAD = [
 def test_validate_refuses_malformed_messages(msg):
     with pytest.raises(ProtocolError):
         validate(msg)
+
+
+# ------------------------------------------------------------------ text from a stage, on a terminal
+
+
+def _unprintable_by_unicode() -> list[str]:
+    import unicodedata
+
+    return [chr(c) for c in range(0x110000)
+            if unicodedata.category(chr(c)) in ("Cc", "Cf", "Zl", "Zp") and chr(c) not in "\n\t"]
+
+
+def test_shown_escapes_every_control_and_format_character_unicode_knows():
+    hidden = _unprintable_by_unicode()
+    assert "\U000e0041" in hidden and "\u202e" in hidden  # tag characters and bidi overrides among them
+    text = "".join(hidden)
+    out = shown(text, len(text))
+    assert not any(ch in out for ch in hidden), [hex(ord(ch)) for ch in hidden if ch in out][:10]
+    assert out.isascii() and "\\U000e0041" in out and "\\u202e" in out
+
+
+def test_shown_keeps_newlines_tabs_and_readable_text():
+    assert shown("猫 é\tb\nc 🐈", 100) == "猫 é\tb\nc 🐈"
+    assert shown("abcdef", 3) == "abc"
+
+
+def test_json_shown_is_exact_json_with_every_hidden_character_escaped():
+    import json
+
+    hidden = _unprintable_by_unicode()
+    value = {"label": "".join(hidden) + "猫 🐈", "lone": "\ud800x"}
+    out = json_shown(value, indent=None)
+    assert json.loads(out) == value
+    assert not any(ch in out for ch in hidden) and "\ud800" not in out
+    assert "\\udb40\\udc41" in out  # U+E0041 as the surrogate pair JSON spells it
+    assert "猫 🐈" in out  # readable text stays readable
 
 
 # ------------------------------------------------------------------ a real server
