@@ -4,7 +4,8 @@ It reads /pipcook/stage.json, makes the framework and the worker's own
 dependencies importable, runs the framework's `initialize(options)`, loads
 the script, calls its entry, and then either serves the resulting pool to the
 next stage (datasource, dataflow) or reports that training / prediction is
-done (model). Everything it tells the runner goes over the control socket;
+done (model). Everything it tells the runner goes over the control socket,
+and the worker exits only once the runner has confirmed reading it (`sync`);
 stdout and stderr are the stage's log.
 
 Imports nothing of the host side (`runner`), by design.

@@ -3,7 +3,8 @@
 Samples: `data` a float32 vector (from the dataflow), `label` a category
 name (or index) from `meta["categories"]`. Dense(32) -> Dense(16) ->
 softmax, trained by streaming batches from `runtime.dataset.train` through
-`tf.data.Dataset.from_generator`, reshuffled every epoch.
+`tf.data.Dataset.from_generator`, reshuffled every epoch; one generator
+runs through every epoch, so the stages upstream never idle between them.
 
 Options (pipeline `options.train`, query values win; strings accepted):
 epochs (40), batchSize (16), learningRate (0.003), seed (42).
@@ -38,30 +39,31 @@ def _label_index(label, categories):
     raise ValueError(f"label {label!r} is not one of the categories {categories}")
 
 
-def _stream(dataset, batch_size, width, categories, epoch_seed=None):
-    state = {"epoch": 0}
+def _stream(dataset, batch_size, width, categories, epoch_seed=None, epochs=1):
+    """A generator function over (x, y) batches of `dataset`, `epochs` times over, each epoch
+    reshuffled with epoch_seed + epoch (if given)."""
 
     def gen():
-        if epoch_seed is not None:
-            dataset.shuffle(epoch_seed + state["epoch"])
-            state["epoch"] += 1
-        dataset.seek(0)
-        while True:
-            batch = dataset.next_batch(batch_size)
-            if not batch:
-                return
-            x = np.stack([np.asarray(s["data"], dtype=np.float32).reshape(width) for s in batch])
-            y = np.asarray([_label_index(s["label"], categories) for s in batch], dtype=np.int32)
-            yield x, y
+        for epoch in range(epochs):
+            if epoch_seed is not None:
+                dataset.shuffle(epoch_seed + epoch)
+            dataset.seek(0)
+            while True:
+                batch = dataset.next_batch(batch_size)
+                if not batch:
+                    break
+                x = np.stack([np.asarray(s["data"], dtype=np.float32).reshape(width) for s in batch])
+                y = np.asarray([_label_index(s["label"], categories) for s in batch], dtype=np.int32)
+                yield x, y
 
     return gen
 
 
-def _tf_dataset(tf, gen, width, n, batch_size):
+def _tf_dataset(tf, gen, width, n, batch_size, epochs=1):
     sig = (tf.TensorSpec(shape=(None, width), dtype=tf.float32), tf.TensorSpec(shape=(None,), dtype=tf.int32))
     # No prefetch: one reader at a time keeps the (possibly remote) stream sequential.
     ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
-    return ds.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
+    return ds.apply(tf.data.experimental.assert_cardinality(epochs * -(-n // batch_size)))
 
 
 def train(runtime, options, ctx):
@@ -95,12 +97,17 @@ def train(runtime, options, ctx):
         optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
     )
 
+    # One generator through every epoch (steps_per_epoch keeps Keras on it) and the validation
+    # split read once: the stages upstream never stop and wait at an epoch boundary.
+    steps = -(-len(pool.train) // batch_size)
     train_ds = _tf_dataset(
-        tf, _stream(pool.train, batch_size, width, categories, epoch_seed=seed), width, len(pool.train), batch_size
+        tf, _stream(pool.train, batch_size, width, categories, epoch_seed=seed, epochs=epochs), width,
+        len(pool.train), batch_size, epochs,
     )
     valid_ds = None
     if pool.valid is not None and len(pool.valid) > 0:
-        valid_ds = _tf_dataset(tf, _stream(pool.valid, batch_size, width, categories), width, len(pool.valid), batch_size)
+        valid_ds = _tf_dataset(tf, _stream(pool.valid, batch_size, width, categories), width, len(pool.valid),
+                               batch_size).cache()
 
     class Progress(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -108,7 +115,8 @@ def train(runtime, options, ctx):
             runtime.log_metrics(step=epoch + 1, **logs)
             runtime.notify_progress(90.0 * (epoch + 1) / epochs, epoch=epoch + 1, epochs=epochs)
 
-    model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=[Progress()], shuffle=False, verbose=0)
+    model.fit(train_ds, validation_data=valid_ds, epochs=epochs, steps_per_epoch=steps, callbacks=[Progress()],
+              shuffle=False, verbose=0)
 
     if pool.test is not None and len(pool.test) > 0:
         test_ds = _tf_dataset(tf, _stream(pool.test, batch_size, width, categories), width, len(pool.test), batch_size)

@@ -9,7 +9,9 @@ pooling -> Dense(32) -> softmax.
 
 Samples: `data` a string, `label` a category name (or its index) from
 `meta["categories"]`. Training streams batches from `runtime.dataset.train`
-through `tf.data.Dataset.from_generator`, reshuffled every epoch.
+through `tf.data.Dataset.from_generator`, reshuffled every epoch; one
+generator runs through every epoch, so the stages upstream never idle
+between them.
 
 Options (pipeline `options.train`, query values win; strings accepted):
 epochs (10), batchSize (32), learningRate (0.003), maxTokens (5000),
@@ -44,33 +46,34 @@ def _label_index(label, categories):
     raise ValueError(f"label {label!r} is not one of the categories {categories}")
 
 
-def _stream(dataset, batch_size, categories, epoch_seed=None, texts_only=False):
-    state = {"epoch": 0}
+def _stream(dataset, batch_size, categories, epoch_seed=None, texts_only=False, epochs=1):
+    """A generator function over batches of `dataset`, `epochs` times over, each epoch
+    reshuffled with epoch_seed + epoch (if given)."""
 
     def gen():
-        if epoch_seed is not None:
-            dataset.shuffle(epoch_seed + state["epoch"])
-            state["epoch"] += 1
-        dataset.seek(0)
-        while True:
-            batch = dataset.next_batch(batch_size)
-            if not batch:
-                return
-            x = np.array([[str(s["data"])] for s in batch], dtype=object)
-            if texts_only:
-                yield x
-            else:
-                yield x, np.array([_label_index(s["label"], categories) for s in batch], dtype=np.int32)
+        for epoch in range(epochs):
+            if epoch_seed is not None:
+                dataset.shuffle(epoch_seed + epoch)
+            dataset.seek(0)
+            while True:
+                batch = dataset.next_batch(batch_size)
+                if not batch:
+                    break
+                x = np.array([[str(s["data"])] for s in batch], dtype=object)
+                if texts_only:
+                    yield x
+                else:
+                    yield x, np.array([_label_index(s["label"], categories) for s in batch], dtype=np.int32)
 
     return gen
 
 
-def _tf_dataset(tf, gen, n, batch_size, texts_only=False):
+def _tf_dataset(tf, gen, n, batch_size, texts_only=False, epochs=1):
     x_spec = tf.TensorSpec(shape=(None, 1), dtype=tf.string)
     sig = x_spec if texts_only else (x_spec, tf.TensorSpec(shape=(None,), dtype=tf.int32))
     # No prefetch: one reader at a time keeps the (possibly remote) stream sequential.
     ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
-    return ds.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
+    return ds.apply(tf.data.experimental.assert_cardinality(epochs * -(-n // batch_size)))
 
 
 def train(runtime, options, ctx):
@@ -112,10 +115,14 @@ def train(runtime, options, ctx):
         optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
     )
 
-    train_ds = _tf_dataset(tf, _stream(pool.train, batch_size, categories, epoch_seed=seed), len(pool.train), batch_size)
+    # One generator through every epoch (steps_per_epoch keeps Keras on it) and the validation
+    # split read once: the stages upstream never stop and wait at an epoch boundary.
+    steps = -(-len(pool.train) // batch_size)
+    train_ds = _tf_dataset(tf, _stream(pool.train, batch_size, categories, epoch_seed=seed, epochs=epochs),
+                           len(pool.train), batch_size, epochs=epochs)
     valid_ds = None
     if pool.valid is not None and len(pool.valid) > 0:
-        valid_ds = _tf_dataset(tf, _stream(pool.valid, batch_size, categories), len(pool.valid), batch_size)
+        valid_ds = _tf_dataset(tf, _stream(pool.valid, batch_size, categories), len(pool.valid), batch_size).cache()
 
     class Progress(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -123,7 +130,8 @@ def train(runtime, options, ctx):
             runtime.log_metrics(step=epoch + 1, **logs)
             runtime.notify_progress(90.0 * (epoch + 1) / epochs, epoch=epoch + 1, epochs=epochs)
 
-    model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=[Progress()], shuffle=False, verbose=2)
+    model.fit(train_ds, validation_data=valid_ds, epochs=epochs, steps_per_epoch=steps, callbacks=[Progress()],
+              shuffle=False, verbose=2)
 
     if pool.test is not None and len(pool.test) > 0:
         test_ds = _tf_dataset(tf, _stream(pool.test, batch_size, categories), len(pool.test), batch_size)
