@@ -19,6 +19,7 @@ import math
 import queue
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -35,6 +36,13 @@ MAX_VIOLATIONS_LOGGED = 5
 # is in violation and its socket is closed at once, freeing every queue.
 RCVHWM = 4
 MAX_CONNECTIONS = 4
+# Decoded messages waiting for the orchestrator. Past this many, the control
+# thread stops reading (ZeroMQ's queues then push back on the stages), so
+# a flood never outpaces a main thread that is busy polling containers:
+# at most this many messages of up to 2 MiB are held in the runner.
+MAX_PENDING_EVENTS = 32
+# Progress notes are only ever shown, cut to a line; nothing longer is kept.
+PROGRESS_TEXT_MAX = 1000
 
 
 @dataclass
@@ -111,7 +119,8 @@ def validate(msg: Any) -> dict:
         if not isinstance(extra, dict) or len(extra) > 16:
             raise ProtocolError("progress extra is not a small map")
         return {"op": op, "value": min(100.0, max(0.0, float(msg["value"]))),
-                "extra": {str(k)[:64]: v for k, v in extra.items() if v is None or isinstance(v, (bool, int, float, str))}}
+                "extra": {str(k)[:64]: v[:PROGRESS_TEXT_MAX] if isinstance(v, str) else v
+                          for k, v in extra.items() if v is None or isinstance(v, (bool, int, float, str))}}
     if op == "metrics":
         metrics, step = msg.get("metrics"), msg.get("step")
         if not isinstance(metrics, dict) or not 0 < len(metrics) <= 256:
@@ -188,7 +197,8 @@ class ControlServer:
         by_stage = {stage: sock for sock, stage in self._socks.items()}
         connections = {stage: 0 for stage in self._socks.values()}
         while not self._stop.is_set():
-            for sock, _ in poller.poll(50):
+            backlog = self.events.qsize() >= MAX_PENDING_EVENTS
+            for sock, _ in poller.poll(5 if backlog else 50):
                 if sock in self._monitors:
                     self._connections(sock, connections, poller)
                     continue
@@ -196,6 +206,9 @@ class ControlServer:
                     continue
                 stage = self._socks[sock]
                 for _ in range(100):  # bounded: a flooding stage cannot starve the others
+                    if self.events.qsize() >= MAX_PENDING_EVENTS:
+                        time.sleep(0.002)  # the orchestrator is behind: let ZeroMQ hold the rest
+                        break
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:

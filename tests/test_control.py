@@ -12,7 +12,8 @@ import time
 import pytest
 import zmq
 
-from runner.control import MAX_VIOLATIONS_LOGGED, ControlServer, Event, json_shown, shown, validate
+from runner.control import (MAX_PENDING_EVENTS, MAX_VIOLATIONS_LOGGED, PROGRESS_TEXT_MAX, ControlServer, Event,
+                            json_shown, shown, validate)
 from sandbox.protocol import CONTROL_CAPS, ProtocolError, pack, unpack
 
 pytestmark = pytest.mark.timeout(60)
@@ -261,6 +262,20 @@ def test_sync_returns_only_after_the_runner_has_read_everything_sent_before(cont
     """A stage's last reports must not die in its socket queue when it exits right after a burst."""
     from sandbox.context import ControlClient
 
+    import threading
+
+    taken, stop = [], threading.Event()
+
+    def orchestrator():  # takes events as the real one does, a little slowly
+        while not stop.is_set():
+            try:
+                taken.append(control.events.get(timeout=0.05))
+            except queue.Empty:
+                continue
+            time.sleep(0.0002)
+
+    consumer = threading.Thread(target=orchestrator, daemon=True)
+    consumer.start()
     zctx = zmq.Context()
     client = ControlClient(zctx, control.endpoints["model"])
     try:
@@ -268,13 +283,33 @@ def test_sync_returns_only_after_the_runner_has_read_everything_sent_before(cont
             client.send({"op": "metrics", "step": step, "metrics": {"loss": step / 2000}})
         client.send({"op": "done"})
         assert client.sync(timeout=WAIT)
-        events = drain(control)  # no waiting: sync means they are already there
+        stop.set()
+        consumer.join()
+        events = taken + drain(control)  # no waiting: sync means they are all there already
         assert [e.data["step"] for e in events if e.op == "metrics"] == list(range(2000))
         assert events[-1].op == "done"
         assert all(e.op != "sync" for e in events)  # answered by the control loop, never an event
     finally:
+        stop.set()
         client.close()
         zctx.destroy(linger=0)
+
+
+def test_a_flood_waits_in_zeromq_not_in_the_runners_memory(control):
+    """The orchestrator may be slow to take events (polling containers): the control thread then
+    stops reading, so the stage's messages wait in bounded ZeroMQ queues, none is lost."""
+    sock = control.dealer()
+    for i in range(300):
+        send(sock, {"op": "progress", "value": i % 100, "extra": {"i": i}})
+    time.sleep(1.0)  # ample time to read them all, were it unbounded
+    assert control.events.qsize() <= MAX_PENDING_EVENTS
+    got = [next_event(control).data["extra"]["i"] for _ in range(300)]
+    assert got == list(range(300))
+
+
+def test_progress_notes_are_cut_on_arrival():
+    msg = validate({"op": "progress", "value": 1, "extra": {"note": "p" * (1 << 20), "n": 3}})
+    assert msg["extra"] == {"note": "p" * PROGRESS_TEXT_MAX, "n": 3}
 
 
 def test_sync_gives_up_when_nobody_answers(tmp_path):
@@ -401,10 +436,10 @@ def test_hostile_download_request_fields_are_a_violation_not_a_call(control):
 
 
 def test_a_message_near_the_control_cap_still_decodes():
-    msg = {"op": "progress", "value": 1, "extra": {"note": "x" * (CONTROL_CAPS.max_header - 200)}}
+    msg = {"op": "result", "data": ["x" * (CONTROL_CAPS.max_header - 200)]}
     frames = pack(msg)
     assert len(frames) == 1 and len(frames[0]) <= CONTROL_CAPS.max_frame
-    assert validate(unpack(frames, CONTROL_CAPS))["extra"]["note"] == "x" * (CONTROL_CAPS.max_header - 200)
+    assert validate(unpack(frames, CONTROL_CAPS))["data"] == ["x" * (CONTROL_CAPS.max_header - 200)]
 
 
 # ------------------------------------------------------------------ the stage side agrees with validate

@@ -176,7 +176,9 @@ def test_a_flood_of_valid_messages_costs_the_host_a_bounded_amount(tmp_path, iso
     else:  # progress is shown, not stored: the stage may go on
         assert attack.returncode == 0, attack.describe()
         assert attack.reports("model")["sent"] > 256 << 20  # it did send hundreds of megabytes
-    assert attack.peak_rss < 400 << 20, attack.peak_rss
+    # ~50 MiB of runner, then at most MAX_PENDING_EVENTS decoded messages and the ZeroMQ queues
+    # (RCVHWM per connection) of 2 MiB each: measured 51-75 MiB here, 164-199 MiB before the bound.
+    assert attack.peak_rss < 256 << 20, attack.peak_rss
     assert len(attack.stderr) < 1 << 20, len(attack.stderr)  # the terminal is not flooded either
     assert not attack.leftovers()
 
