@@ -1,13 +1,14 @@
 """`pipcook-sandbox serve`: the real command as a subprocess, spoken to over HTTP.
 
 The model echoes its inputs and misbehaves on request ("raise", "sleep",
-"die"), so every failure path of the server is driven for real.
+"die", "flood"), so every failure path of the server is driven for real.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -49,6 +50,20 @@ def predict(runtime, options, ctx):
             os._exit(3)
         if data == "raise":
             raise ValueError("cannot use this input")
+        if data == "flood":  # keeps sending after the answer, between requests, until the worker goes
+            import threading
+            def flood():  # its own connection, past the SDK's rate limit, as a hostile script would
+                import msgpack, zmq
+                endpoint = runtime._control.socket.get(zmq.LAST_ENDPOINT).decode()
+                sock = zmq.Context.instance().socket(zmq.DEALER)
+                sock.setsockopt(zmq.SNDHWM, 2)  # block rather than queue in the worker's own memory
+                sock.connect(endpoint)
+                msg = msgpack.packb({"op": "progress", "value": 50, "extra": {"note": "f" * (256 << 10)}})
+                while True:
+                    sock.send(msg)
+            threading.Thread(target=flood, daemon=True).start()
+            out.append({"flooding": True})
+            continue
         if isinstance(data, bytes):
             out.append({"name": s.get("name"), "bytes": len(data), "task": s.get("task")})
         else:
@@ -293,6 +308,19 @@ def test_over_the_queue_limit_is_503(server):
         assert slow.result().status_code == 504
         assert waiting.result().status_code == 200
     server.wait_ready()
+
+
+def test_a_worker_flooding_between_requests_cannot_grow_the_server(model, tmp_path):
+    """serve reads the worker's events only while a request waits: between requests, what the
+    worker sends must wait in bounded queues, not pile up in the server's memory."""
+    isolation, ws = model
+    with serving(ws / "model.zip", isolation, tmp=tmp_path) as s:
+        assert s.post(json={"inputs": ["flood"]}).json()["data"] == [{"flooding": True}]
+        time.sleep(5)  # unbounded, the queue would hold gigabytes by now
+        peak = int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{s.proc.pid}/status").read_text()).group(1)) << 10
+        assert peak < 256 << 20, peak
+        r = s.post(json={"inputs": ["3"]})  # the flood is still on: the answer is found behind it
+        assert r.status_code == 200 and r.json()["data"] == [{"value": 6.0, "task": "predict"}], r.text
 
 
 def test_serve_refuses_a_model_without_predict(tmp_path):
