@@ -122,3 +122,24 @@ def leftover_mounts() -> list[str]:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+# Where a skip means a guarantee went unchecked on this host (confinement, Docker, limits).
+_SECURITY_TESTS = ("tests/hostile/", "tests/test_docker_backend.py", "tests/test_bwrap_backend.py",
+                   "tests/test_seccomp.py", "tests/test_cgroups_quota.py", "tests/test_artifact_confinement.py")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Every skip of a security or Docker test, in a banner at the end: never silent, in CI or not.
+
+    The backends themselves are never skipped in CI (require_bwrap, require_docker and
+    require_backend fail there); what can still skip is a host property (cgroup v2, loop
+    devices, a GPU present), and the operator must see which guarantee went unchecked."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", [])
+               if any(r.nodeid.startswith(prefix) for prefix in _SECURITY_TESTS)]
+    if not skipped:
+        return
+    terminalreporter.write_sep("!", f"{len(skipped)} security or Docker test(s) SKIPPED on this host", red=True)
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        terminalreporter.write_line(f"SKIPPED {report.nodeid}: {reason}", red=True)

@@ -36,11 +36,10 @@ def test_program_is_packed_sock_filters(arch: str) -> None:
     assert first == (sc.BPF_LD_W_ABS, 0, 0, sc.OFF_ARCH)  # the arch is checked first
 
 
-@pytest.mark.parametrize("arch", ARCHES)
-@pytest.mark.parametrize("name", sc.DENIED_EPERM)
+# Only the calls each architecture has: an absent one (iopl on aarch64) has no number to deny.
+@pytest.mark.parametrize("arch, name", [(arch, name) for arch in ARCHES for name in sc.DENIED_EPERM
+                                        if name in sc.SYSCALLS[arch]])
 def test_denied_calls_get_eperm(arch: str, name: str) -> None:
-    if name not in sc.SYSCALLS[arch]:
-        pytest.skip(f"{name} does not exist on {arch}")
     assert errno_of(verdict(arch, name)) == errno.EPERM
 
 
