@@ -38,8 +38,8 @@ RCVHWM = 4
 MAX_CONNECTIONS = 4
 # Decoded messages waiting for the orchestrator. Past this many, the control
 # thread stops reading (ZeroMQ's queues then push back on the stages), so
-# a flood never outpaces a main thread that is busy polling containers:
-# at most this many messages of up to 2 MiB are held in the runner.
+# a flood never outpaces a main thread that falls behind: at most this many
+# messages of up to 2 MiB are held in the runner.
 MAX_PENDING_EVENTS = 32
 # Progress notes are only ever shown, cut to a line; nothing longer is kept.
 PROGRESS_TEXT_MAX = 1000
@@ -197,8 +197,8 @@ class ControlServer:
         by_stage = {stage: sock for sock, stage in self._socks.items()}
         connections = {stage: 0 for stage in self._socks.values()}
         while not self._stop.is_set():
-            backlog = self.events.qsize() >= MAX_PENDING_EVENTS
-            for sock, _ in poller.poll(5 if backlog else 50):
+            held = False  # a socket left unread because the orchestrator is behind
+            for sock, _ in poller.poll(50):
                 if sock in self._monitors:
                     self._connections(sock, connections, poller)
                     continue
@@ -207,7 +207,7 @@ class ControlServer:
                 stage = self._socks[sock]
                 for _ in range(100):  # bounded: a flooding stage cannot starve the others
                     if self.events.qsize() >= MAX_PENDING_EVENTS:
-                        time.sleep(0.002)  # the orchestrator is behind: let ZeroMQ hold the rest
+                        held = True  # let ZeroMQ hold the rest
                         break
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -242,6 +242,8 @@ class ControlServer:
                         sock.send_multipart([target, *pack(reply)], zmq.NOBLOCK)
                     except zmq.ZMQError:
                         pass  # the stage is gone or not reading: its problem
+            if held:
+                time.sleep(0.002)  # the held sockets are still readable: poll() would not wait
         for monitor in self._monitors:
             monitor.close(linger=0)
         for sock in self._socks:

@@ -271,13 +271,11 @@ def unpack(frames: list[Any], caps: Caps = DATA_CAPS, ring: Any = None) -> Any:
         raise
     except RecursionError:
         raise ProtocolError("header nests too deeply") from None
-    except TypeError as exc:
-        if "unhashable" not in str(exc):
-            raise ProtocolError(f"undecodable header (TypeError: {exc})") from None
-        # msgpack packs a tuple key as an array, which cannot be a key again: say what it was.
-        raise ProtocolError("a dict key that is a list, tuple or dict: only str, int and bytes keys "
-                            "cross a boundary") from None
     except Exception as exc:  # msgpack raises a zoo of types on garbage input
+        if isinstance(exc, TypeError) and "unhashable" in str(exc):
+            # msgpack packs a tuple key as an array, which cannot be a key again: say what it was.
+            raise ProtocolError("a dict key that is a list, tuple or dict: only str, int and bytes keys "
+                                "cross a boundary") from None
         raise ProtocolError(f"undecodable header ({type(exc).__name__}: {exc})") from None
     if len(used) != len(bufs) - 1:
         raise ProtocolError("message carries frames its header does not reference")

@@ -7,6 +7,7 @@ import queue
 import shutil
 import struct
 import tempfile
+import threading
 import time
 
 import pytest
@@ -258,11 +259,9 @@ def test_progress_metrics_and_error_events_arrive(control):
     assert control.violations == {}
 
 
-def test_sync_returns_only_after_the_runner_has_read_everything_sent_before(control, tmp_path):
+def test_sync_returns_only_after_the_runner_has_read_everything_sent_before(control):
     """A stage's last reports must not die in its socket queue when it exits right after a burst."""
     from sandbox.context import ControlClient
-
-    import threading
 
     taken, stop = [], threading.Event()
 
@@ -296,7 +295,7 @@ def test_sync_returns_only_after_the_runner_has_read_everything_sent_before(cont
 
 
 def test_a_flood_waits_in_zeromq_not_in_the_runners_memory(control):
-    """The orchestrator may be slow to take events (polling containers): the control thread then
+    """The orchestrator may be slow to take events: the control thread then
     stops reading, so the stage's messages wait in bounded ZeroMQ queues, none is lost."""
     sock = control.dealer()
     for i in range(300):
