@@ -41,7 +41,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from sandbox import sdk  # noqa: E402
+from pipcook_sandbox.sandbox import sdk  # noqa: E402
 
 KNOWN_KEYS = {"specVersion", "type", "datasource", "dataflow", "model", "artifact", "options"}
 

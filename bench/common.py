@@ -92,7 +92,7 @@ def have(cmd: str) -> bool:
 
 def tf_framework(log=lambda *a, **k: None):
     """The TensorFlow framework the examples use, built in the user cache on first use (or None)."""
-    from runner import frameworks
+    from pipcook_sandbox.runner import frameworks
 
     try:
         return frameworks.resolve("tensorflow@2.21", log=log)

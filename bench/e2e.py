@@ -91,7 +91,7 @@ def run_once(runner: str, pipeline: Path, ws: Path, site: Path, env_threads: dic
         cmd = ["mlflow", "run", str(REPO_ROOT / "bench" / "mlflow_project"), "--env-manager", "local",
                "-P", f"pipeline={pipeline}", "-P", f"output={ws}"]
     else:
-        cmd = [sys.executable, "-m", "runner.cli", "run", str(pipeline), "-o", str(ws), "--isolation", runner]
+        cmd = [sys.executable, "-m", "pipcook_sandbox", "run", str(pipeline), "-o", str(ws), "--isolation", runner]
     from bench.scale import Sampler
 
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         runners.remove("mlflow")
     if "bare" not in runners:
         runners.insert(0, "bare")
-    from runner.limits import from_options
+    from pipcook_sandbox.runner.limits import from_options
 
     cpus = from_options(None, None, None, None, None).cpus  # the runner's default quota per stage
     env_threads = thread_env(cpus)

@@ -192,7 +192,7 @@ def leftovers(runner_pids: list[int], sampler: Sampler) -> list[str]:
 
 
 def run_cmd(pipeline: Path, ws: Path, isolation: str) -> list[str]:
-    return [sys.executable, "-m", "runner.cli", "run", str(pipeline), "-o", str(ws), "--isolation", isolation]
+    return [sys.executable, "-m", "pipcook_sandbox", "run", str(pipeline), "-o", str(ws), "--isolation", isolation]
 
 
 def concurrent(n: int, isolation: str, tmp: Path) -> dict:

@@ -79,7 +79,7 @@ def bare_once(tf_site: str | None) -> float:
 
 
 def backend_once(name: str, framework, tmp: Path, n: int, label: str = "") -> float:
-    from sandbox.backends import base, get_backend
+    from pipcook_sandbox.runner.backends import base, get_backend
 
     mounts = []
     site = None
@@ -156,7 +156,7 @@ def pipeline_once(isolation: str | None, tf: bool, ws: Path) -> dict:
             env["PYTHONPATH"] = str(fw.site)
         cmd = [sys.executable, str(REPO_ROOT / "bench" / "bare_harness.py"), str(pipeline), "-o", str(ws)]
     else:
-        cmd = [sys.executable, "-m", "runner.cli", "run", str(pipeline), "-o", str(ws), "--isolation", isolation]
+        cmd = [sys.executable, "-m", "pipcook_sandbox", "run", str(pipeline), "-o", str(ws), "--isolation", isolation]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, cwd=str(REPO_ROOT), env=env, timeout=600)
     wall = time.time() - t0

@@ -117,7 +117,7 @@ def serve(case: str, count: int, endpoint: str) -> None:
     """The upstream stage: serve `count` samples of `case` until the parent goes away."""
     import zmq
 
-    from sandbox.boundary import PoolServer, serve_until
+    from pipcook_sandbox.sandbox.boundary import PoolServer, serve_until
 
     parent = os.getppid()
     zctx = zmq.Context()
@@ -215,7 +215,7 @@ def read_all(ds, read: int, count: int) -> None:
 def run_case(case: str, count: int, repeat: int, tmp: str) -> dict:
     import zmq
 
-    from sandbox.boundary import RemotePool
+    from pipcook_sandbox.sandbox.boundary import RemotePool
 
     sample, payload = make_sample(case)
     read = CASES[case]["read"]
@@ -275,7 +275,7 @@ def run_sandboxed(cases: list[str], repeat: int, quick: bool, isolation: str) ->
             spec["model"] = f"model.py?case={case}&repeat={repeat}&read={CASES[case]['read']}"
             tmp_pipeline = pipeline.parent / f".pipeline-{case}-{os.getpid()}.json"
             tmp_pipeline.write_text(json.dumps(spec))
-            cmd = [sys.executable, "-m", "runner.cli", "run", str(tmp_pipeline), "-o", str(ws), "--isolation", isolation]
+            cmd = [sys.executable, "-m", "pipcook_sandbox", "run", str(tmp_pipeline), "-o", str(ws), "--isolation", isolation]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO_ROOT), timeout=900)
             finally:

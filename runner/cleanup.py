@@ -5,7 +5,7 @@ with the run); a run whose runner process is gone is fair game.
 """
 from __future__ import annotations
 
-from sandbox.backends import BACKENDS, get_backend
+from pipcook_sandbox.runner.backends import BACKENDS, get_backend
 
 
 def clean_all() -> list[str]:

@@ -151,7 +151,7 @@ def _isolation_check(isolation: str, debug: bool) -> Callable[[], None]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="pipcook-sandbox")
+@click.version_option(package_name="pipcook-sandbox", prog_name="pipcook-sandbox")
 def main() -> None:
     """Run machine-learning pipelines whose scripts you do not trust."""
 

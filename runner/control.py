@@ -26,7 +26,7 @@ from typing import Any, Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from sandbox.protocol import CONTROL_CAPS, ProtocolError, pack, unpack
+from pipcook_sandbox.sandbox.protocol import CONTROL_CAPS, ProtocolError, pack, unpack
 
 MAX_VIOLATIONS_LOGGED = 5
 # ZeroMQ queues received messages per connection, counted in messages (up to

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sandbox.backends import BACKENDS, get_backend
+from pipcook_sandbox.runner.backends import BACKENDS, get_backend
 
 from .errors import PipcookError
 

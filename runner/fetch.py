@@ -21,9 +21,9 @@ from urllib.parse import urljoin
 
 import platformdirs
 
-from runner.errors import FetchError, IntegrityError, PolicyError
-from runner.netpolicy import check_url, parse_ip_literal, resolve_and_check
-from runner.spec import ScriptRef, uri_to_path
+from pipcook_sandbox.runner.errors import FetchError, IntegrityError, PolicyError
+from pipcook_sandbox.runner.netpolicy import check_url, parse_ip_literal, resolve_and_check
+from pipcook_sandbox.runner.spec import ScriptRef, uri_to_path
 
 if TYPE_CHECKING:  # httpx is imported when something is fetched over http: a run from local files skips it
     import httpx

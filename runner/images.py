@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from sandbox.protocol import PROTOCOL_VERSION
+from pipcook_sandbox.sandbox.protocol import PROTOCOL_VERSION
 
 from .errors import PipcookError
 from .fetch import cache_dir

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import re
 
-from sandbox.backends.base import Limits
+from pipcook_sandbox.runner.backends.base import Limits
 
 from .errors import PipcookError
 

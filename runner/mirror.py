@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Collection
 from urllib.parse import urlsplit
 
-from sandbox import extract as safe_extract
+from pipcook_sandbox.sandbox import extract as safe_extract
 
 from . import fetch
 from .cachebuild import build_once

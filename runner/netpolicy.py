@@ -19,7 +19,7 @@ import socket
 from collections.abc import Collection
 from urllib.parse import urlsplit
 
-from runner.errors import FetchError, PolicyError
+from pipcook_sandbox.runner.errors import FetchError, PolicyError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

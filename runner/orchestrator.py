@@ -7,7 +7,7 @@ r"""Run a pipeline: every stage in its own sandbox, all started together, stream
 The orchestrator owns what crosses stages and outlives them: the ZeroMQ
 socket directories, the disk-quota volumes of the writable dirs, downloads
 made for scripts, deadlines, and the copy of results into the workspace. A
-backend (sandbox/backends) owns only the confinement of one stage. Whatever
+backend (runner/backends) owns only the confinement of one stage. Whatever
 happens (success, a failing stage, a limit, Ctrl-C) every stage is killed,
 every volume unmounted and every temporary directory removed before `execute`
 returns; the workspace is kept.
@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import sandbox
-from sandbox import sdk
-from sandbox.backends import base, get_backend, quota
-from sandbox.backends.base import Limits, Mount, StageSpec
+import pipcook_sandbox.sandbox as sandbox
+from pipcook_sandbox.sandbox import sdk
+from pipcook_sandbox.runner.backends import base, get_backend, quota
+from pipcook_sandbox.runner.backends.base import Limits, Mount, StageSpec
 
 from . import control as control_mod
 from . import fetch
@@ -239,7 +239,7 @@ def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
         if opts.source is not None:
             import zmq
 
-            from sandbox.boundary import PoolServer, serve_until
+            from pipcook_sandbox.sandbox.boundary import PoolServer, serve_until
 
             src_dir = state / "ipc" / "b-source"
             src_dir.mkdir(parents=True)

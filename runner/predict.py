@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
-from sandbox.backends.base import Limits
+from pipcook_sandbox.runner.backends.base import Limits
 
 from . import fetch, orchestrator, spec, training, workspace
 from .errors import PipcookError
@@ -91,7 +91,7 @@ def samples_from(strings: tuple[str, ...] | list[str], files: tuple[str, ...] | 
 
 def _unzip(archive: Path, dest: Path) -> None:
     """Regular files only, no absolute or `..` paths, sizes counted as written (ctx.extract's rules)."""
-    from sandbox.extract import ExtractError, extract
+    from pipcook_sandbox.sandbox.extract import ExtractError, extract
 
     if not zipfile.is_zipfile(archive):
         raise ModelError(f"{archive} is not a zip file (predict takes a workspace, a model dir or a model zip)")

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from sandbox.backends import base, get_backend
-from sandbox.backends.base import Limits, Mount, StageSpec
+from pipcook_sandbox.runner.backends import base, get_backend
+from pipcook_sandbox.runner.backends.base import Limits, Mount, StageSpec
 
 from . import control as control_mod
 from . import orchestrator, predict, training
@@ -276,7 +276,7 @@ class WarmWorker:
 
     def _exchange(self, samples: list[dict]) -> list:
         """One request: serve the inputs as a pool, ask the worker, wait for its answer."""
-        from sandbox.boundary import PoolServer, serve_until
+        from pipcook_sandbox.sandbox.boundary import PoolServer, serve_until
 
         self.req += 1
         req = self.req

@@ -24,7 +24,7 @@ from urllib.request import url2pathname
 import jsonschema
 from jsonschema import Draft202012Validator
 
-from runner.errors import SpecError
+from pipcook_sandbox.runner.errors import SpecError
 
 SCHEMA_RESOURCE = "pipeline-2.0.schema.json"
 REMOTE_SCHEMES = ("http", "https")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from sandbox.backends.base import Limits
+from pipcook_sandbox.runner.backends.base import Limits
 
 from . import artifacts, fetch, frameworks, orchestrator, spec, workspace
 from .errors import PipcookError
@@ -121,7 +121,7 @@ def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
     pipeline = spec.load_pipeline(location, fetch_bytes=functools.partial(fetch.fetch_bytes, allow_private=opts.allow_private))
     opts = check_gpu(pipeline, opts)  # --gpu / --no-gpu, else options.train.gpu
     if opts.isolation == "docker":  # containers left by runners that crashed or were killed
-        from sandbox.backends import docker as docker_backend
+        from pipcook_sandbox.runner.backends import docker as docker_backend
 
         for item in docker_backend.clean_leftovers():
             opts.log(f"removed {item}")

@@ -18,7 +18,7 @@ TINY = REPO / "tests" / "pipelines" / "tiny"
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`pipcook-sandbox ARGS` in a subprocess, as a user would run it."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "runner.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipcook_sandbox", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd or REPO)
 
 
@@ -45,7 +45,7 @@ def write_pipeline(root: Path, *, datasource: str | None = None, dataflow: list[
 
 
 def bwrap_available() -> bool:
-    return shutil.which("bwrap") is not None and (REPO / "sandbox" / "backends" / "bwrap.py").is_file()
+    return shutil.which("bwrap") is not None and (REPO / "runner" / "backends" / "bwrap.py").is_file()
 
 
 def require_bwrap() -> None:
@@ -67,8 +67,8 @@ def require_docker():
         pytest.skip(f"Docker backend not usable here: {why} (start dockerd, then `pipcook-sandbox images build --offline`)")
 
     try:
-        from runner import images
-        from sandbox.backends import docker as backend_module
+        from pipcook_sandbox.runner import images
+        from pipcook_sandbox.runner.backends import docker as backend_module
 
         backend_module.client()
     except Exception as exc:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import require_bwrap, require_docker
-from runner.artifacts import ArtifactError, confined
-from sandbox.backends.base import Limits
+from pipcook_sandbox.runner.artifacts import ArtifactError, confined
+from pipcook_sandbox.runner.backends.base import Limits
 
 PROBE = r'''
 import json, os, socket, sys

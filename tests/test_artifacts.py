@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from conftest import REPO, run_cli, write_pipeline
 
-from runner import artifacts
-from runner.artifacts import ArtifactError, tfjs_processor, tflite_processor
+from pipcook_sandbox.runner import artifacts
+from pipcook_sandbox.runner.artifacts import ArtifactError, tfjs_processor, tflite_processor
 
 TFJS_NPM = "@tensorflow/tfjs@4.22.0"
 
@@ -74,7 +74,7 @@ const tf = require("@tensorflow/tfjs");
 
 
 def tf_python(code: str, *args: str, timeout: float = 600) -> None:
-    from runner import frameworks
+    from pipcook_sandbox.runner import frameworks
 
     site = frameworks.resolve("tensorflow@2.21").site
     boot = f"import site, sys, runpy; site.addsitedir({str(site)!r}); sys.argv = ['x'] + sys.argv[1:]; exec(compile({code!r}, 'tf', 'exec'))"
@@ -207,7 +207,7 @@ def test_private_copy_keeps_regular_files_only(tmp_path):
 
 def test_a_missing_library_is_named(tmp_path, monkeypatch):
     """No TensorFlow where the processor looks for it: the error names the library."""
-    from runner import frameworks
+    from pipcook_sandbox.runner import frameworks
 
     empty = tmp_path / "fw"
     (empty / "site").mkdir(parents=True)

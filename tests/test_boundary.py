@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import zmq
 
-from sandbox import boundary, sdk
-from sandbox.boundary import MAX_CREDIT, PoolServer, RemotePool, SampleError, UpstreamError, serve_until
-from sandbox.protocol import pack, unpack
+from pipcook_sandbox.sandbox import boundary, sdk
+from pipcook_sandbox.sandbox.boundary import MAX_CREDIT, PoolServer, RemotePool, SampleError, UpstreamError, serve_until
+from pipcook_sandbox.sandbox.protocol import pack, unpack
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import require_bwrap
-from sandbox.backends import bwrap, cgroups
-from sandbox.backends.base import (
+from pipcook_sandbox.runner.backends import bwrap, cgroups
+from pipcook_sandbox.runner.backends.base import (
     REASON_CANCELLED, REASON_DISK, REASON_MEMORY, REASON_OUTPUT, REASON_PIDS, REASON_TIMEOUT, Limits, Mount,
     StageSpec)
 
@@ -470,8 +470,8 @@ CRASHING_RUNNER = """
 import json, os, sys, time
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from sandbox.backends import bwrap, cgroups
-from sandbox.backends.base import Limits, StageSpec
+from pipcook_sandbox.runner.backends import bwrap, cgroups
+from pipcook_sandbox.runner.backends.base import Limits, StageSpec
 tmp = Path({tmp!r})
 spec = StageSpec(run_id=cgroups.new_run_id(), name="crash", mounts=[],
                  limits=Limits(memory=256 << 20, pids=32, disk=16 << 20),

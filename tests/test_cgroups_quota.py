@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.backends import cgroups, quota
+from pipcook_sandbox.runner.backends import cgroups, quota
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="real cgroups and loop mounts need root")
@@ -168,7 +168,7 @@ def test_v2_runner_moves_into_a_leaf_to_delegate() -> None:
             "import os, sys\n"
             "from pathlib import Path\n"
             f"open({str(box / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
-            "from sandbox.backends import cgroups\n"
+            "from pipcook_sandbox.runner.backends import cgroups\n"
             f"parent, failed = cgroups.prepare_v2_parent(Path({str(box)!r}), [{ctrl!r}])\n"
             "print('failed', failed)\n"
             "print('cgroup', open('/proc/self/cgroup').read().strip().splitlines()[-1])\n"

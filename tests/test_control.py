@@ -13,9 +13,9 @@ import time
 import pytest
 import zmq
 
-from runner.control import (MAX_PENDING_EVENTS, MAX_VIOLATIONS_LOGGED, PROGRESS_TEXT_MAX, ControlServer, Event,
+from pipcook_sandbox.runner.control import (MAX_PENDING_EVENTS, MAX_VIOLATIONS_LOGGED, PROGRESS_TEXT_MAX, ControlServer, Event,
                             json_shown, shown, validate)
-from sandbox.protocol import CONTROL_CAPS, ProtocolError, pack, unpack
+from pipcook_sandbox.sandbox.protocol import CONTROL_CAPS, ProtocolError, pack, unpack
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -261,7 +261,7 @@ def test_progress_metrics_and_error_events_arrive(control):
 
 def test_sync_returns_only_after_the_runner_has_read_everything_sent_before(control):
     """A stage's last reports must not die in its socket queue when it exits right after a burst."""
-    from sandbox.context import ControlClient
+    from pipcook_sandbox.sandbox.context import ControlClient
 
     taken, stop = [], threading.Event()
 
@@ -312,7 +312,7 @@ def test_progress_notes_are_cut_on_arrival():
 
 
 def test_sync_gives_up_when_nobody_answers(tmp_path):
-    from sandbox.context import ControlClient
+    from pipcook_sandbox.sandbox.context import ControlClient
 
     zctx = zmq.Context()
     client = ControlClient(zctx, f"ipc://{tmp_path}/nobody.sock")
@@ -453,7 +453,7 @@ class RecordingControl:
 
 
 def test_what_runtime_sends_is_always_accepted_by_the_runner():
-    from sandbox.context import Runtime
+    from pipcook_sandbox.sandbox.context import Runtime
 
     control = RecordingControl()
     runtime = Runtime(control, dataset=None, model_dir=None)

@@ -1,6 +1,6 @@
 """The Docker backend against a real engine and the real worker image.
 
-One assertion per confinement promise of sandbox/backends/docker.py, then
+One assertion per confinement promise of runner/backends/docker.py, then
 `pipcook-sandbox run --isolation docker` end to end through the CLI. Every
 test also checks that no container of its run is left behind.
 
@@ -24,8 +24,8 @@ import pytest
 from conftest import TINY, require_docker, run_cli, write_pipeline
 from httpserver import http_server  # noqa: F401  (fixture)
 
-from sandbox.backends import base
-from sandbox.backends.base import Limits, Mount, StageSpec
+from pipcook_sandbox.runner.backends import base
+from pipcook_sandbox.runner.backends.base import Limits, Mount, StageSpec
 
 pytestmark = pytest.mark.docker
 
@@ -41,7 +41,7 @@ def backend():
 def containers(run_id: str | None = None, runner_pid: int | str | None = None) -> list[dict]:
     """Our containers as the engine lists them: {"id", "labels", "state"} (sparse: no
     inspect per container, which would race with other runs removing theirs)."""
-    from sandbox.backends import docker as backend_module
+    from pipcook_sandbox.runner.backends import docker as backend_module
 
     filters = [backend_module.LABEL_RUN + (f"={run_id}" if run_id else "")]
     if runner_pid is not None:
@@ -53,7 +53,7 @@ def containers(run_id: str | None = None, runner_pid: int | str | None = None) -
 def orphans(before: set[str]) -> list[dict]:
     """Containers made since `before` whose runner is gone: a finished CLI run's leftovers. Other runs
     on the same engine (a benchmark, a neighbour's tests) keep their live runner and do not count."""
-    from sandbox.backends import docker as backend_module
+    from pipcook_sandbox.runner.backends import docker as backend_module
 
     found = []
     for c in containers():
@@ -350,7 +350,7 @@ def test_clean_leftovers_removes_containers_of_dead_runners(backend):
 
 @pytest.mark.tf
 def test_host_built_tensorflow_imports_in_the_image(backend, tmp_path):
-    from runner import frameworks
+    from pipcook_sandbox.runner import frameworks
 
     built = frameworks.resolve("tensorflow@2.21").dir  # built once into the user cache, as a run would
     code = """
@@ -423,7 +423,7 @@ SLOW_MODEL = '''
 
 def _start_slow_run(tmp_path: Path) -> tuple[subprocess.Popen, str]:
     pipeline = write_pipeline(tmp_path / "p", model=SLOW_MODEL)
-    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(pipeline), "--isolation", "docker",
+    proc = subprocess.Popen([sys.executable, "-m", "pipcook_sandbox", "run", str(pipeline), "--isolation", "docker",
                              "-o", str(tmp_path / "ws")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.extract import ExtractError, extract
+from pipcook_sandbox.sandbox.extract import ExtractError, extract
 
 
 def tree(root: Path) -> dict[str, bytes]:

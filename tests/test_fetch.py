@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from runner import fetch
-from runner.errors import FetchError, IntegrityError, PolicyError
-from runner.fetch import cache_dir, download, fetch_bytes, fetch_script
-from runner.spec import ScriptRef
+from pipcook_sandbox.runner import fetch
+from pipcook_sandbox.runner.errors import FetchError, IntegrityError, PolicyError
+from pipcook_sandbox.runner.fetch import cache_dir, download, fetch_bytes, fetch_script
+from pipcook_sandbox.runner.spec import ScriptRef
 
 try:  # pytest puts tests/ on sys.path unless tests/ becomes a package
     from httpserver import Server, http_server, start_server  # noqa: F401

@@ -10,8 +10,8 @@ import pytest
 from conftest import require_bwrap, run_cli, write_pipeline
 from httpserver import http_server  # noqa: F401  (fixture)
 
-from runner import mirror
-from runner.frameworks import python_tag
+from pipcook_sandbox.runner import mirror
+from pipcook_sandbox.runner.frameworks import python_tag
 
 MODEL_USING_FRAMEWORK = '''
 import os

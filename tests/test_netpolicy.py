@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from runner.errors import FetchError, PolicyError
-from runner.netpolicy import check_url, resolve_and_check
+from pipcook_sandbox.runner.errors import FetchError, PolicyError
+from pipcook_sandbox.runner.netpolicy import check_url, resolve_and_check
 
 FORBIDDEN_HOSTS = [
     "127.0.0.1",

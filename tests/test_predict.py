@@ -248,7 +248,7 @@ def test_a_workspace_whose_run_failed_says_so(tmp_path):
 def test_render_escapes_terminal_controls_and_keeps_the_json_exact():
     """predict's stdout carries results a hostile model chose: C0/C1 controls, bidi
     overrides and line separators are JSON-escaped, other text stays readable."""
-    from runner.predict import render
+    from pipcook_sandbox.runner.predict import render
 
     hostile = ["\x1b]52;c;cHduZWQ=\x07\x1b[2J\r\x9b1m\x85", {"\u202elabel\u2066": "\u2028\u200b\ufeff"}, "猫 é"]
     out = render(hostile)

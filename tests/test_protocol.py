@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sandbox.protocol import (
+from pipcook_sandbox.sandbox.protocol import (
     CONTROL_CAPS,
     DATA_CAPS,
     EXT_ARRAY_FRAME,

@@ -172,7 +172,7 @@ def test_ctrl_c_stops_every_stage_and_keeps_the_workspace(tmp_path):
             time.sleep(300)
     '''
     pipeline = write_pipeline(tmp_path / "p", model=model)
-    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(pipeline), "-o", str(tmp_path / "ws")],
+    proc = subprocess.Popen([sys.executable, "-m", "pipcook_sandbox", "run", str(pipeline), "-o", str(tmp_path / "ws")],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "ws" / "logs" / "model.log").exists():
@@ -255,8 +255,8 @@ def test_no_gpu_overrides_a_gpu_the_pipeline_file_asks_for(tmp_path):
 
 
 def _decide(train: dict, gpu: bool | None, isolation: str = "none") -> tuple[bool | None, list[str]]:
-    from runner import spec
-    from runner.training import RunOptions, check_gpu
+    from pipcook_sandbox.runner import spec
+    from pipcook_sandbox.runner.training import RunOptions, check_gpu
 
     said: list[str] = []
     pipeline = spec.parse_pipeline({"specVersion": "2.0", "datasource": "d.py", "model": "m.py",

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sandbox import sdk
-from sandbox.sdk import DatasetPool, ListDataset
+from pipcook_sandbox.sandbox import sdk
+from pipcook_sandbox.sandbox.sdk import DatasetPool, ListDataset
 
 
 def items(n):

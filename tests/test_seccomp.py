@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from sandbox.backends import seccomp as sc
+from pipcook_sandbox.runner.backends import seccomp as sc
 
 ARCHES = ("x86_64", "aarch64")
 ALLOW = sc.RET_ALLOW
@@ -277,8 +277,8 @@ def test_filter_in_a_real_sandbox(tmp_path) -> None:
     from conftest import require_bwrap
 
     require_bwrap()
-    from sandbox.backends import bwrap, cgroups
-    from sandbox.backends.base import Limits, StageSpec
+    from pipcook_sandbox.runner.backends import bwrap, cgroups
+    from pipcook_sandbox.runner.backends.base import Limits, StageSpec
 
     spec = StageSpec(run_id=cgroups.new_run_id(), name="seccomp", mounts=[],
                      limits=Limits(memory=512 << 20, pids=64, disk=16 << 20), log_path=tmp_path / "log",

@@ -140,7 +140,7 @@ def serving(model: Path, isolation: str, *args: str, tmp: Path) -> Iterator[Serv
     port = free_port()
     log = tmp / f"serve-{port}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "serve", str(model), "-p", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "pipcook_sandbox", "serve", str(model), "-p", str(port),
                                  "--isolation", isolation, *args], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     server = Server(proc, f"http://127.0.0.1:{port}", log)
     try:

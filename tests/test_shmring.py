@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import zmq
 
-from sandbox import boundary, sdk, shmring
-from sandbox.protocol import EXT_ARRAY_RING, ProtocolError, pack, unpack
+from pipcook_sandbox.sandbox import boundary, sdk, shmring
+from pipcook_sandbox.sandbox.protocol import EXT_ARRAY_RING, ProtocolError, pack, unpack
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.skipif(not shmring.supported(), reason="no memfd / seals")]
 
@@ -140,7 +140,7 @@ def test_a_ring_reference_without_a_ring_is_a_protocol_error():
 
 
 def test_ring_arrays_count_against_the_caps():
-    from sandbox.protocol import Caps
+    from pipcook_sandbox.sandbox.protocol import Caps
 
     ring = shmring.Ring(1 << 20)
     reader = reader_for(ring)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
-from runner.errors import PipcookError, SpecError
-from runner.spec import (
+from pipcook_sandbox.runner.errors import PipcookError, SpecError
+from pipcook_sandbox.runner.spec import (
     Pipeline,
     load_pipeline,
     load_schema,

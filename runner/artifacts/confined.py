@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandbox.backends import base, get_backend
+from pipcook_sandbox.runner.backends import base, get_backend
 
 from . import ArtifactError
 
@@ -111,7 +111,7 @@ def _run_unconfined(job: Job) -> str:
 
 
 def _run_confined(job: Job, isolation: str, limits: base.Limits) -> str:
-    from sandbox.backends import quota
+    from pipcook_sandbox.runner.backends import quota
 
     backend = get_backend(isolation)
     run_id = f"{os.getpid()}-{os.urandom(3).hex()}"
@@ -173,7 +173,7 @@ def _run_confined(job: Job, isolation: str, limits: base.Limits) -> str:
 
 
 def _stopped(job: Job, outcome: base.Outcome, limits: base.Limits) -> ArtifactError:
-    from sandbox.backends.bwrap import fmt_bytes
+    from pipcook_sandbox.runner.backends.bwrap import fmt_bytes
 
     why = {
         base.REASON_TIMEOUT: f"it took longer than {job.timeout:g} s",

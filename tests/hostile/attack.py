@@ -134,12 +134,12 @@ class HostSnapshot:
             state_dir = next((TMP / p for p in mountpoint.parts if p.startswith("pcsb-")), None)
             if state_dir is None or self._owner(state_dir) in (None, runner_pid):
                 found.append(f"mount {line}")
-        from sandbox.backends import cgroups
+        from pipcook_sandbox.runner.backends import cgroups
 
         for cg in cgroups.leftovers(is_alive=lambda pid: pid != runner_pid):
             found += [f"cgroup {d}" for d in cg.all_dirs() if d.exists()]
         if docker:
-            from sandbox.backends import docker as docker_backend
+            from pipcook_sandbox.runner.backends import docker as docker_backend
 
             label = f"{docker_backend.LABEL_PID}={runner_pid}"
             found += [f"container {c.name}" for c in
@@ -152,7 +152,7 @@ def run_cli_tracked(args: list[str], *, env: dict | None = None, timeout: float 
     """`pipcook-sandbox ARGS` as conftest.run_cli does, but keeping the runner's pid."""
     full_env = {**os.environ, **(env or {})}
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "pipcook_sandbox", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=full_env, cwd=cwd or REPO)
     peak = _PeakMemory(proc.pid)
     try:
@@ -255,7 +255,7 @@ def grep_workspace(ws: Path, needle: str) -> list[str]:
 def private_cache(tmp_path: Path) -> dict[str, str]:
     """Env for a runner with a cache of its own (downloads, scripts), sharing
     only the worker's dependencies with the real cache (built once, read-only)."""
-    from runner.fetch import cache_dir
+    from pipcook_sandbox.runner.fetch import cache_dir
 
     root = tmp_path / "cache"
     root.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ def _probe(name: str) -> str | None:
         if info.returncode != 0:
             return f"`docker info` failed: {(info.stderr or info.stdout).strip()[-300:]}"
         try:
-            from runner import images
+            from pipcook_sandbox.runner import images
 
             tag = images.image_tag()
             if not images.exists(tag):
@@ -49,7 +49,7 @@ def _probe(name: str) -> str | None:
             return f"cannot check the worker image: {type(exc).__name__}: {exc}"
     elif shutil.which("bwrap") is None:
         return "bubblewrap is not installed (apt-get install bubblewrap)"
-    from runner.doctor import probe, problems
+    from pipcook_sandbox.runner.doctor import probe, problems
 
     issues = problems(name, probe(name))
     return "; ".join(issues) if issues else None

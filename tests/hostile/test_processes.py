@@ -237,7 +237,7 @@ def test_only_the_sandbox_own_processes_are_visible(tmp_path, isolation, host_ca
     assert len(report["pids"]) <= 4, report  # init (bwrap's or docker's) and the worker
     assert report["alive"] == report["tasks"], report  # kill() reaches threads by their ids too
     everything = json.dumps(report["cmdlines"])
-    for host_thing in (marker, "pytest", "runner.cli", "dockerd", "containerd", "sshd", str(os.getpid())):
+    for host_thing in (marker, "pytest", "pipcook_sandbox", "dockerd", "containerd", "sshd", str(os.getpid())):
         assert host_thing not in everything, host_thing
     assert canary.poll() is None
     assert not attack.leftovers()

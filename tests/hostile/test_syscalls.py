@@ -1,7 +1,7 @@
 """System calls a stage never needs are refused by the seccomp policy, in both
 backends. With Docker our profile REPLACES Docker's default one, so each call
 Docker's default refuses to a container without capabilities must be refused
-by ours too (sandbox/backends/seccomp.py).
+by ours too (runner/backends/seccomp.py).
 
 Each attack calls the kernel directly through ctypes (the numbers come from
 our own tables for this machine) and reports what came back. Several of
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from sandbox.backends.seccomp import SYSCALLS, host_arch
+from pipcook_sandbox.runner.backends.seccomp import SYSCALLS, host_arch
 
 from .attack import run_attack
 

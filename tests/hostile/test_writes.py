@@ -22,6 +22,11 @@ from conftest import REPO
 
 from .attack import run_attack, token
 
+import pipcook_sandbox.sandbox
+
+# The SDK a stage sees is the installed one (site-packages under a wheel install).
+SANDBOX_LIB = Path(pipcook_sandbox.sandbox.__file__).resolve().parent
+
 pytestmark = pytest.mark.hostile
 
 PROBE = r'''
@@ -108,7 +113,7 @@ def _tree_digest(root: Path) -> str:
 def test_writes_land_only_in_the_stage_own_directories(tmp_path, isolation):
     tok = token("pcsb-write")
     script = PROBE.replace("__TOKEN__", tok)
-    sdk_before = _tree_digest(REPO / "sandbox")
+    sdk_before = _tree_digest(SANDBOX_LIB)
     attack = run_attack(tmp_path, isolation, datasource=script, dataflow=[script], model=script)
     assert attack.returncode == 0, attack.describe()
     for stage, allowed in ALLOWED.items():
@@ -122,7 +127,7 @@ def test_writes_land_only_in_the_stage_own_directories(tmp_path, isolation):
         # /dev/null, and its own OOM score (a process may only make itself likelier to be killed)
         assert set(report["files"]) <= {"/dev/null", "/proc/self/oom_score_adj"}, (stage, report["files"])
     # From the host: the SDK, the workspace's scripts and the worker site are as they were.
-    assert _tree_digest(REPO / "sandbox") == sdk_before
+    assert _tree_digest(SANDBOX_LIB) == sdk_before
     scripts = attack.ws / "scripts"
     assert {p.read_text() for p in scripts.iterdir()} == {script}
     found = subprocess.run(["find", "/usr", "/etc", str(REPO), str(Path(sys.base_prefix)), "/tmp", "-xdev",

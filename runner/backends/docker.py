@@ -50,10 +50,7 @@ from typing import Any
 from . import base
 from .output import capture
 
-try:  # host side only: the runner's one-paragraph errors when it is there
-    from runner.errors import PipcookError as _ErrorBase
-except ImportError:  # pragma: no cover
-    _ErrorBase = RuntimeError  # type: ignore[misc,assignment]
+from pipcook_sandbox.runner.errors import PipcookError as _ErrorBase
 
 NAME = "docker"
 TRANSLATES_PATHS = True
@@ -108,7 +105,7 @@ def image_for(gpu: bool) -> str:
     override = os.environ.get(ENV_IMAGE)
     if override:
         return override
-    from runner.images import image_tag  # host side; the tag follows the runner's pins
+    from pipcook_sandbox.runner.images import image_tag  # host side; the tag follows the runner's pins
 
     return image_tag(cuda=gpu)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-BACKENDS = {"bwrap": "sandbox.backends.bwrap", "docker": "sandbox.backends.docker", "none": "sandbox.backends.none"}
+BACKENDS = {"bwrap": "pipcook_sandbox.runner.backends.bwrap", "docker": "pipcook_sandbox.runner.backends.docker",
+            "none": "pipcook_sandbox.runner.backends.none"}
 
 
 class UnknownBackend(ValueError):

@@ -1,0 +1,5 @@
+"""`python -m pipcook_sandbox ...` is the `pipcook-sandbox` command."""
+from pipcook_sandbox.runner.cli import main
+
+if __name__ == "__main__":
+    main()
