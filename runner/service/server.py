@@ -113,6 +113,8 @@ def serve(opts: ServerOptions) -> None:
                             timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the SIGINT/SIGTERM it stopped for; the stop below is the orderly end: exit 0
     finally:
         _say("pipcook-sandbox server: stopping (running runs are stopped and marked failed)")
         service.stop()

@@ -59,10 +59,6 @@ def _absolute(value: Any, field: str) -> None:
                             f"(no paths, file: URLs or relative references), got {json.dumps(value)[:200]}")
 
 
-def _framework_is_url(value: Any) -> bool:
-    return isinstance(value, str) and ("/" in value or ":" in value.split("@", 1)[0])
-
-
 def check_inline(raw: Any) -> dict[str, Any]:
     """RAW as a tenant may send it, or Rejected(422) saying what is wrong."""
     if not isinstance(raw, dict):
@@ -70,16 +66,15 @@ def check_inline(raw: Any) -> dict[str, Any]:
     if len(json.dumps(raw)) > MAX_PIPELINE:
         raise Rejected(422, f"the pipeline is larger than {human(MAX_PIPELINE)}")
     try:
-        spec.parse_pipeline(copy.deepcopy(raw), INLINE_SOURCE)
+        parsed = spec.parse_pipeline(copy.deepcopy(raw), INLINE_SOURCE)
     except PipcookError as exc:
         raise Rejected(422, str(exc).replace(INLINE_SOURCE, "pipeline")) from None
     _absolute(raw.get("datasource"), "datasource")
     for i, ref in enumerate(raw.get("dataflow") or []):
         _absolute(ref, f"dataflow[{i}]")
     _absolute(raw.get("model"), "model")
-    framework = (raw.get("options") or {}).get("framework")
-    if _framework_is_url(framework):
-        _absolute(framework, "options.framework")
+    if parsed.framework_ref is not None:  # a URL or path of an archive, not NAME@VERSION
+        _absolute((raw.get("options") or {}).get("framework"), "options.framework")
     from pipcook_sandbox.runner.artifacts import installed
 
     known = installed()
