@@ -55,7 +55,7 @@ def datasource(options, ctx):
     _try("list", lambda: os.listdir(target))
     _try("read", lambda: open(os.path.join(target, "pipeline.json"), "rb").read())
     _try("write", lambda: open(os.path.join(target, "planted.txt"), "w").write("from another tenant"))
-    _try("mkdir", lambda: os.makedirs(os.path.join(target, "model", "planted"), exist_ok=False))
+    _try("mkdir", lambda: os.mkdir(os.path.join(target, "model", "planted")))
     samples = [{"data": [float(i), 1.0, 0.0, 0.0], "label": i % 2} for i in range(40)]
     return sdk.from_lists(train=samples, test=samples[:8], meta={"type": "general", "categories": ["a", "b"]})
 '''

@@ -65,9 +65,9 @@ def register(main: click.Group, handle_errors: Callable[[Callable], Callable]) -
     @click.option("--isolation", type=click.Choice(["bwrap", "docker"]), default="bwrap", show_default=True,
                   help="Sandbox of every stage of every run.")
     @click.option("--capacity-cpus", type=float, metavar="N", help="CPUs all running runs may hold together "
-                  "(default: this host's). A run holds its per-stage CPUs times its stages.")
+                  "(default: this host's). A run holds its per-stage CPU limit once.")
     @click.option("--capacity-memory", metavar="SIZE", help="Memory all running runs may hold together "
-                  "(default: this host's).")
+                  "(default: this host's). A run holds its per-stage memory times its stages.")
     @click.option("--capacity-gpus", type=int, metavar="N", help="GPUs runs may hold (default: /dev/nvidia* count).")
     @click.option("--allow-private", "allow_private", multiple=True, metavar="HOST",
                   help="Let pipelines fetch from this loopback/private host (local mirrors, tests). Repeatable.")

@@ -7,8 +7,11 @@ runs go in submission order. So a tenant with 100 queued runs gets one
 start, then every other waiting tenant gets one, and so on: another
 tenant's single run waits at most one start per other tenant.
 
-Capacity: a run holds its per-stage CPUs and memory times its number of
-stages (all stages of a run run at once) and its GPUs, from start to end.
+Capacity: a run holds its per-stage memory times its number of stages (all
+stages of a run are started at once and each may use its limit), its
+per-stage CPUs once (the stages stream: a datasource or dataflow computes
+when the model pulls, so mostly one stage computes at a time; each stays
+capped by its own CPU limit), and its GPUs, from start to end.
 When the next tenant's run does not fit what is free, nothing else starts
 before it (no backfill): a big run is never starved by small ones. Runs that
 could never fit are refused at submission (422). An engine that queues by
@@ -57,7 +60,7 @@ class Needs:
 
     @classmethod
     def of(cls, run: dict[str, Any]) -> Needs:
-        return cls(run["cpus"] * run["stages"], float(run["memory"]) * run["stages"], float(run["gpus"]))
+        return cls(run["cpus"], float(run["memory"]) * run["stages"], float(run["gpus"]))
 
     def fits(self, free: dict[str, float]) -> bool:
         return (self.cpus <= free["cpus"] + 1e-9 and self.memory <= free["memory"]

@@ -134,7 +134,7 @@ def decide_limits(tenant: Tenant, asked: Asked, capacity: dict[str, float] | Non
         needs = Needs.of(limits)
         if not needs.fits(capacity):
             raise Rejected(422, f"the run needs {needs.cpus:g} CPUs, {human(needs.memory)} of memory and "
-                                f"{needs.gpus:g} GPU(s) at once ({stages} stages run together), more than this "
+                                f"{needs.gpus:g} GPU(s) at once (memory for each of its {stages} stages), more than this "
                                 f"server has ({capacity['cpus']:g} CPUs, {human(capacity['memory'])}, "
                                 f"{capacity['gpus']:g} GPUs); ask for less per stage")
     return limits
