@@ -125,7 +125,7 @@ def phase(name: str, args: argparse.Namespace, web: str, hostile: bool) -> dict[
               for i in range(args.tenants)}
     if hostile:
         bad = _cli("tenants", "add", "hostile", "--data", str(data / "d"), "--cpus", "0.5", "--memory", "256m",
-                   "--disk", "64m", "--max-running", "2", "--max-queued", "20")
+                   "--disk", "64m", "--timeout", "20", "--max-running", "2", "--max-queued", "20")
     server = subprocess.Popen([sys.executable, "-m", "pipcook_sandbox", "server", "--port", "0", "--data",
                                str(data / "d"), "--allow-private", "127.0.0.1", "--capacity-cpus",
                                str(args.capacity_cpus), "--isolation", args.isolation],

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import stat
+import threading
 import time
 import zipfile
 from collections.abc import AsyncIterator
@@ -35,6 +36,7 @@ from .scheduler import Scheduler, run_dir
 
 STAGE_RE = re.compile(r"^(datasource|model|dataflow-[0-9]{1,3}|runner)$")
 SSE_POLL = 0.2
+FETCHES_PER_TENANT = 2  # pipeline_url downloads a tenant may have in flight (each holds a worker thread)
 
 
 # --- models --------------------------------------------------------------------------
@@ -149,6 +151,21 @@ def create_app(service: Service) -> FastAPI:
                   description="Runs untrusted machine-learning pipelines for many tenants, each stage sandboxed.")
     app.state.service = service
     db = service.db
+    fetching: dict[str, int] = {}
+    fetching_lock = threading.Lock()
+
+    def fetch_for(tenant: tenants_mod.Tenant, url: str) -> dict[str, Any]:
+        """A slow server named by one tenant must not hold every worker thread: a few fetches each."""
+        with fetching_lock:
+            if fetching.get(tenant.name, 0) >= FETCHES_PER_TENANT:
+                raise submit_mod.Rejected(429, f"tenant {tenant.name!r} has {FETCHES_PER_TENANT} pipeline_url "
+                                               "downloads in flight already; wait for them to finish")
+            fetching[tenant.name] = fetching.get(tenant.name, 0) + 1
+        try:
+            return submit_mod.fetch_pipeline(url, service.allow_private)
+        finally:
+            with fetching_lock:
+                fetching[tenant.name] -= 1
 
     def own_run(run_id: str, tenant: tenants_mod.Tenant) -> dict[str, Any]:
         run = db.run(run_id, tenant.name) if len(run_id) <= 64 else None
@@ -197,7 +214,7 @@ def create_app(service: Service) -> FastAPI:
                 source = "inline"
             else:
                 assert body.pipeline_url is not None
-                pipeline = submit_mod.fetch_pipeline(body.pipeline_url, service.allow_private)
+                pipeline = fetch_for(tenant, body.pipeline_url)
                 source = body.pipeline_url
             limits = body.limits or Limits()
             try:
