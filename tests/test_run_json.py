@@ -6,9 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY, require_bwrap, run_cli, write_pipeline
-
 from pipcook_sandbox.runner import events
 
 pytestmark = pytest.mark.e2e

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import require_bwrap
 
 try:
@@ -18,7 +17,13 @@ try:
     from servicekit import ServerProcess, add_tenant, run_state, serve_tiny, wait_state
 except ImportError:
     from tests.httpserver import Server, start_server
-    from tests.servicekit import ServerProcess, add_tenant, run_state, serve_tiny, wait_state
+    from tests.servicekit import (
+        ServerProcess,
+        add_tenant,
+        run_state,
+        serve_tiny,
+        wait_state,
+    )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

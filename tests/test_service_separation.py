@@ -15,12 +15,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import require_bwrap, require_docker
 
 try:
     from httpserver import Server, start_server
-    from servicekit import PROBE, ServerProcess, add_tenant, pipeline, serve_script, serve_tiny, tenant_uid, wait_state
+    from servicekit import (
+        PROBE,
+        ServerProcess,
+        add_tenant,
+        pipeline,
+        serve_script,
+        serve_tiny,
+        tenant_uid,
+        wait_state,
+    )
 except ImportError:
     from tests.httpserver import Server, start_server
     from tests.servicekit import (

@@ -18,7 +18,7 @@ import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
@@ -44,19 +44,19 @@ FETCHES_PER_TENANT = 2  # pipeline_url downloads a tenant may have in flight (ea
 
 class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    cpus: float | None = Field(None, description="CPUs per stage (at most the tenant's quota)")
-    memory: int | str | None = Field(None, description="Memory per stage: bytes, or a size like 512m")
-    disk: int | str | None = Field(None, description="All a stage may write: bytes, or a size like 1g")
-    timeout: float | None = Field(None, description="Wall-clock seconds per stage")
-    pids: int | None = Field(None, description="Processes and threads per stage")
+    cpus: float | None = Field(default=None, description="CPUs per stage (at most the tenant's quota)")
+    memory: int | str | None = Field(default=None, description="Memory per stage: bytes, or a size like 512m")
+    disk: int | str | None = Field(default=None, description="All a stage may write: bytes, or a size like 1g")
+    timeout: float | None = Field(default=None, description="Wall-clock seconds per stage")
+    pids: int | None = Field(default=None, description="Processes and threads per stage")
 
 
 class RunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    pipeline: dict[str, Any] | None = Field(None, description="An inline pipeline (absolute http(s) references only)")
-    pipeline_url: str | None = Field(None, max_length=2000, description="An http(s) URL of a pipeline file")
+    pipeline: dict[str, Any] | None = Field(default=None, description="An inline pipeline (absolute http(s) references only)")
+    pipeline_url: str | None = Field(default=None, max_length=2000, description="An http(s) URL of a pipeline file")
     limits: Limits | None = None
-    gpu: bool | int = Field(False, description="GPUs for the model stage (true = 1)")
+    gpu: bool | int = Field(default=False, description="GPUs for the model stage (true = 1)")
 
     @model_validator(mode="after")
     def one_source(self) -> RunCreate:
@@ -67,7 +67,7 @@ class RunCreate(BaseModel):
 
 class RunAccepted(BaseModel):
     id: str
-    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    status: str = Field(description="queued, running, succeeded, failed or canceled")
 
 
 class Transition(BaseModel):
@@ -85,11 +85,11 @@ class RunInfo(BaseModel):
     started: float | None = None
     ended: float | None = None
     limits: dict[str, Any]
-    queue_position: int | None = Field(None, description="Runs of this tenant ahead of it in the queue")
+    queue_position: int | None = Field(default=None, description="Runs of this tenant ahead of it in the queue")
     stages: dict[str, str] = Field(default_factory=dict, description="Each stage's state, from the run's events")
     progress: float | None = None
     metrics: dict[str, Any] = Field(default_factory=dict, description="The latest value of each metric")
-    error: str | None = Field(None, description="Why it failed, in one paragraph")
+    error: str | None = Field(default=None, description="Why it failed, in one paragraph")
     exit_code: int | None = None
     artifacts: list[str] = Field(default_factory=list)
     transitions: list[Transition] = Field(default_factory=list)
