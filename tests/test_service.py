@@ -330,3 +330,24 @@ def test_tenant_commands_rotate_and_remove(svc: ServerProcess, web: Server) -> N
     with svc.client(new) as client:
         assert client.get("/v1/runs").status_code == 401
     assert "dave" not in cli("tenants", "list", "--data", str(svc.data)).stdout
+
+
+def test_events_resume_from_last_event_id(svc: ServerProcess, tokens: dict, web: Server) -> None:
+    url = serve_tiny(web)
+    with svc.client(tokens["alice"]) as client:
+        run_id = submit(client, {"pipeline_url": url})
+        wait_state(client, run_id, ("succeeded", "failed"))
+
+        def read(headers: dict) -> list[tuple[str, str]]:
+            seen, last_id = [], ""
+            with client.stream("GET", f"/v1/runs/{run_id}/events", headers=headers) as stream:
+                for line in stream.iter_lines():
+                    if line.startswith("id:"):
+                        last_id = line[3:].strip()
+                    elif line.startswith("event:"):
+                        seen.append((line[6:].strip(), last_id))
+            return seen
+
+        everything = read({})
+        resumed = read({"Last-Event-ID": everything[2][1]})
+    assert [kind for kind, _ in resumed] == [kind for kind, _ in everything[3:]]
