@@ -21,6 +21,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,6 +211,7 @@ def phase(name: str, args: argparse.Namespace, web: str, hostile: bool) -> dict[
     server.send_signal(signal.SIGTERM)
     server.wait(120)
     left = _leftovers(data / "d", server.pid)
+    shutil.rmtree(data, ignore_errors=True)
     result = {
         "phase": name, "tenants": args.tenants, "runs_each": args.runs, "elapsed_s": round(elapsed, 1),
         "succeeded": statuses.count("succeeded"), "failed": statuses.count("failed"),
@@ -257,6 +259,7 @@ def main() -> None:
             print(json.dumps(rough, indent=2), flush=True)
     finally:
         httpd.shutdown()
+        shutil.rmtree(site, ignore_errors=True)
     out = REPO_ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     (out / "service.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -351,3 +351,27 @@ def test_events_resume_from_last_event_id(svc: ServerProcess, tokens: dict, web:
         everything = read({})
         resumed = read({"Last-Event-ID": everything[2][1]})
     assert [kind for kind, _ in resumed] == [kind for kind, _ in everything[3:]]
+
+
+def test_removing_a_tenant_stops_its_running_and_queued_runs(svc: ServerProcess, web: Server) -> None:
+    import sqlite3
+
+    token = add_tenant(svc.data, "frank", "--cpus", "0.5", "--memory", "512m", "--max-running", "1")
+    serve_tiny(web)
+    slow = serve_script(web, "/slow/model.py", SLOW_MODEL)
+    body = {"pipeline": pipeline(web.url("/tiny/datasource.py"), slow)}
+    with svc.client(token) as client:
+        running = submit(client, body)
+        wait_for(lambda: run_state(client, running)["stages"].get("model") == "running", 120, "the model stage")
+        queued = submit(client, body)
+    assert cli("tenants", "remove", "frank", "--data", str(svc.data)).returncode == 0
+
+    def states() -> dict[str, str]:
+        db = sqlite3.connect(svc.data / "service.db")
+        try:
+            return dict(db.execute("SELECT id, state FROM runs WHERE tenant = 'frank'"))
+        finally:
+            db.close()
+
+    wait_for(lambda: states() == {running: "canceled", queued: "canceled"}, 120, "frank's runs to be canceled")
+    assert processes_mentioning(f"/runs/{running}/") == []
