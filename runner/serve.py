@@ -71,6 +71,7 @@ class ServeOptions:
     max_body: int = MAX_BODY
     isolation: str = "bwrap"
     gpu: bool = False
+    mirror: str | None = None  # -m: prebuilt frameworks from this mirror
     allow_private: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     debug: bool = False
@@ -442,7 +443,8 @@ def create_app(service: Service, info: dict) -> Any:
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.responses import FileResponse, JSONResponse
-    from starlette.routing import Mount as RouteMount, Route
+    from starlette.routing import Mount as RouteMount
+    from starlette.routing import Route
     from starlette.staticfiles import StaticFiles
 
     opts = service.opts
@@ -547,7 +549,7 @@ def serve_model(location: str, opts: ServeOptions) -> None:
         opts.warn(f"WARNING: serving on {opts.host}, not loopback: anyone who can reach this machine can send "
                   "inputs to the model. There is no authentication; put a proxy in front of it.")
     popts = predict.PredictOptions(isolation=opts.isolation, gpu=opts.gpu, allow_private=opts.allow_private,
-                                   limits=opts.limits, log=opts.log)
+                                   limits=opts.limits, log=opts.log, mirror=opts.mirror)
     with predict.open_model(location, opts.allow_private) as model_dir, \
             tempfile.TemporaryDirectory(prefix="pcsb-serve-ws-") as tmp:
         model = predict.load(model_dir)

@@ -134,6 +134,15 @@ def install_dir(produced: Path, target: Path) -> Path:
     return target
 
 
+# The options this processor reads besides `processor`; the runner checks a pipeline's artifact
+# entries against them before any stage starts (runner/validate.py), so a typo fails in a second.
+OPTIONS: dict[str, str] = {
+    "target": "the directory the TensorFlow.js model lands in, relative to the workspace (default artifacts/tfjs)",
+    "model": "the Keras file inside model/ to convert (default model.keras)",
+    "framework": "the TensorFlow framework NAME@VERSION that converts it (default: the pipeline's)",
+}
+
+
 def process(model_dir: Path, options: dict, workspace: Path, log: Callable[[str], None] = print) -> Path:
     target = target_path(Path(workspace), options.get("target"), "tfjs", log)
     with tempfile.TemporaryDirectory(prefix="pcsb-tfjs-") as tmp:

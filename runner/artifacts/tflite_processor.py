@@ -116,6 +116,15 @@ def inside_model(copy_dir: Path, source: Path) -> str:
     return "{model}/" + rel.replace("{", "{{").replace("}", "}}")
 
 
+# The options this processor reads besides `processor`; the runner checks a pipeline's artifact
+# entries against them before any stage starts (runner/validate.py), so a typo fails in a second.
+OPTIONS: dict[str, str] = {
+    "target": "where the .tflite file lands, relative to the workspace (default artifacts/model.tflite)",
+    "model": "the Keras file inside model/ to convert (default model.keras)",
+    "framework": "the TensorFlow framework NAME@VERSION that converts it (default: the pipeline's)",
+}
+
+
 def process(model_dir: Path, options: dict, workspace: Path, log: Callable[[str], None] = print) -> Path:
     target = target_path(Path(workspace), options.get("target"), "model.tflite", log)
     with tempfile.TemporaryDirectory(prefix="pcsb-tflite-") as tmp:
