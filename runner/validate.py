@@ -26,7 +26,7 @@ TASK_TYPES = (
     "TextGeneration",
 )
 # What the runner reads from `options`; the whole object still goes to the framework's initialize.
-OPTION_KEYS = ("framework", "train")
+OPTION_KEYS = ("framework", "train")  # the runner reads these; the rest is the framework's
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -43,6 +43,12 @@ def _unknown(key: str, known: Iterable[str], where: str = "") -> str:
     return f"unknown key '{where}{key}'{did_you_mean(key, known)}; allowed: {', '.join(known)}"
 
 
+def _named(err: SpecError, field: str) -> SpecError:
+    """The error with `field` set for callers, but not repeated in its text (which names it already)."""
+    err.field = field
+    return err
+
+
 def check_raw(raw: Any, source: str | None, top_level_keys: Iterable[str]) -> None:
     """Check the keys and the task type of a decoded pipeline, before its schema is applied.
 
@@ -53,7 +59,7 @@ def check_raw(raw: Any, source: str | None, top_level_keys: Iterable[str]) -> No
     known = list(top_level_keys)
     for key in raw:
         if key not in known:
-            raise SpecError(_unknown(str(key), known), source=source)
+            raise _named(SpecError(_unknown(str(key), known), source=source), str(key))
     kind = raw.get("type")
     if isinstance(kind, str) and kind not in TASK_TYPES:
         raise SpecError(f"unknown task type {kind!r}{did_you_mean(kind, TASK_TYPES)}; known types: "
@@ -61,8 +67,10 @@ def check_raw(raw: Any, source: str | None, top_level_keys: Iterable[str]) -> No
     options = raw.get("options")
     if isinstance(options, dict):
         for key in options:
-            if key not in OPTION_KEYS:
-                raise SpecError(_unknown(str(key), OPTION_KEYS, "options."), field="options", source=source)
+            # Other keys are the framework's (the whole object goes to its initialize), so only a
+            # near miss of a key the runner reads is an error: `trian` is a typo, `seed` is not.
+            if key not in OPTION_KEYS and did_you_mean(str(key), OPTION_KEYS):
+                raise _named(SpecError(_unknown(str(key), OPTION_KEYS, "options."), source=source), f"options.{key}")
 
 
 def check_artifacts(entries: list[dict], source: str | None = None) -> None:
