@@ -289,14 +289,16 @@ def predict(model: str, strings: tuple[str, ...], files: tuple[str, ...], mirror
               help="Give the worker a GPU (CUDA image). The model's own pipeline never turns one on here.")
 @click.option("--allow-private", "allow_private", multiple=True, metavar="HOST",
               help="Allow ctx.download from this loopback/private host. Repeatable.")
+@click.option("--access-log/--no-access-log", default=True, show_default=True,
+              help="One line per request on stderr: client, method, path, status, time.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and the worker's events.")
 @limit_options
 @handle_errors
 def serve(model: str, port: int, mirror: str | None, host: str, request_timeout: float, max_queue: int, isolation: str, gpu: bool,
-          allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout) -> None:
+          allow_private: tuple[str, ...], access_log: bool, debug: bool, memory, cpus, pids, disk, timeout) -> None:
     """Serve MODEL (a workspace, model dir or model zip) over HTTP, one sandboxed worker kept warm.
 
-    POST /predict, a demo page at /, GET /healthz.
+    POST /predict, a demo page at /, GET /healthz, /info, /report (the training report), /openapi.json, /docs.
     """
     if request_timeout <= 0:
         raise click.BadParameter("must be positive", param_hint="--request-timeout")
@@ -311,7 +313,8 @@ def serve(model: str, port: int, mirror: str | None, host: str, request_timeout:
     confined()
     serve_model(model, ServeOptions(host=host, port=port, request_timeout=request_timeout, max_queue=max_queue,
                                     isolation=isolation, gpu=gpu, allow_private=allow_private, limits=limits,
-                                    debug=debug, log=_say, warn=_warn, mirror=mirror))
+                                    debug=debug, log=_say, warn=_warn, mirror=mirror,
+                                    access_log=access_log))
 
 
 @main.command()
