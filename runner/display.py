@@ -25,6 +25,8 @@ from rich.text import Text
 
 from .control import shown
 
+MAX_SHOWN = 4  # metrics per stage in the live table (the summary and the report have them all)
+
 
 def fmt_value(value: Any) -> str:
     if isinstance(value, float):
@@ -59,6 +61,7 @@ class StageState:
     progress: float | None = None
     extra: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)  # latest value of each metric
+    recent: dict = field(default_factory=dict)  # the metrics of the latest log_metrics call: what the table shows
     # (time, value) of the first progress report above 0: the ETA is measured from there, not from the
     # stage's start, which includes importing the framework and building the model
     first_progress: tuple[float, float] | None = None
@@ -87,7 +90,8 @@ class StageState:
         if v1 <= v0 or v1 >= 100:
             return None
         rate = (v1 - v0) / max(t1 - t0, 1e-6)
-        return (100 - v1) / rate - (time.monotonic() - t1)
+        left = (100 - v1) / rate - (time.monotonic() - t1)
+        return left if left > 0 else None  # overdue: the rate no longer tells, so say nothing
 
     def details(self) -> str:
         """'epoch 3/10  loss=0.41 accuracy=0.88' from the latest progress extras and metrics."""
@@ -97,7 +101,7 @@ class StageState:
         if epoch is not None:
             parts.append(f"epoch {fmt_value(epoch)}" + (f"/{fmt_value(epochs)}" if epochs is not None else ""))
         parts += [f"{shown(k, 24)}={fmt_value(v)}" for k, v in extra.items()]
-        parts += [f"{shown(k, 24)}={fmt_value(v)}" for k, v in list(self.metrics.items())[:6] if v is not None]
+        parts += [f"{shown(k, 24)}={fmt_value(v)}" for k, v in list(self.recent.items())[:MAX_SHOWN] if v is not None]
         return "  ".join(parts)
 
 
@@ -139,8 +143,9 @@ class Tracker:
                 st.first_progress = (now, value)
             st.last_progress = (now, value)
         elif op == "metrics":
+            st.recent = {}
             for key, value in (data.get("metrics") or {}).items():
-                st.metrics[shown(str(key), 24)] = value
+                st.metrics[shown(str(key), 24)] = st.recent[shown(str(key), 24)] = value
 
     def final_metrics(self) -> dict:
         """The last value of every metric any stage logged (the model's, in practice)."""
@@ -210,18 +215,21 @@ class Display:
     # -- the live table
     def _table(self) -> Table:
         table = Table(box=box.SIMPLE_HEAD, expand=False, pad_edge=False)
-        for column in ("stage", "status", "time", "samples", "progress", "", "eta", "latest"):
-            table.add_column(column, no_wrap=True, justify="right" if column in ("time", "samples") else "left")
+        # fixed columns keep their width; only "latest" (metrics) is cut when the terminal is narrow
+        for column, width in (("stage", 10), ("status", 8), ("time", 6), ("samples", 7), ("progress", 17),
+                              ("eta", 6)):
+            table.add_column(column, no_wrap=True, min_width=width,
+                             justify="right" if column in ("time", "samples") else "left")
+        table.add_column("latest", no_wrap=True, overflow="ellipsis", ratio=1)
         for st in list(self.tracker.stages.values()):
             bar: Any = ""
-            percent = ""
-            if st.progress is not None:
-                bar = ProgressBar(total=100, completed=st.progress, width=20)
-                percent = f"{st.progress:3.0f}%"
+            if st.progress is not None:  # one cell: a bar and its percentage stay together at any width
+                bar = Table.grid(padding=(0, 1))
+                bar.add_row(ProgressBar(total=100, completed=st.progress, width=12), f"{st.progress:3.0f}%")
             eta = st.eta()
             style = {"done": "green", "running": "cyan", "serving": "blue"}.get(st.status, "red" if st.ended else "")
             table.add_row(Text(st.name), Text(st.status, style=style), fmt_seconds(st.wall),
-                          str(st.samples) if st.samples else "", bar, percent,
+                          str(st.samples) if st.samples else "", bar,
                           fmt_seconds(eta) if eta is not None else "", Text(st.details()))
         return table
 
