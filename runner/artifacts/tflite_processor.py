@@ -23,7 +23,7 @@ from typing import Callable
 
 from .. import frameworks
 from ..errors import PipcookError
-from . import ArtifactError, confinement, confined, target_path
+from . import ArtifactError, confinement, confined, exportmeta, target_path
 from .safefiles import regular_files
 
 DEFAULT_FRAMEWORK = "tensorflow@2.21"
@@ -140,4 +140,7 @@ def process(model_dir: Path, options: dict, workspace: Path, log: Callable[[str]
         produced = out / "model.tflite"
         if not produced.is_file() or produced.is_symlink():
             raise ArtifactError("artifact processor 'tflite': the conversion wrote no model")
-        return replace_file(produced, target)
+        replace_file(produced, target)
+        # labels and preprocessing for the mobile app: model.tflite.json beside it (exportmeta.py)
+        exportmeta.write(target.with_name(target.name + ".json"), exportmeta.describe(copy, "tflite", target.name))
+        return target
