@@ -225,6 +225,7 @@ def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror
         display.close()
         if workspaces:
             tracker.ended = time.monotonic()
+            written: Path | None
             try:
                 written = report.write(workspaces[0], tracker, failed=failed)
             except OSError as exc:
