@@ -210,7 +210,10 @@ def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror
 
     def trained(ws: Any) -> None:  # before the artifacts: model/ (and so its zip) carries the report
         tracker.ended = tracker.ended or time.monotonic()
-        report.write(ws, tracker)
+        try:
+            report.write(ws, tracker)
+        except OSError as exc:  # a report is never worth a failed run
+            display.log(f"warning: could not write the report: {exc}")
 
     display.start()
     failed = True

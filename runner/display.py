@@ -167,11 +167,18 @@ class Display:
         self.console = Console(file=self.stream, force_terminal=self.is_live or None, highlight=False,
                                soft_wrap=not self.is_live)
         self._live: Live | None = None
+        self._wanted = False
         self._last_line: dict[str, float] = {}
 
     # -- the hooks the runner calls
     def start(self) -> None:
-        if self.is_live:
+        """Draw the live table from the first stage event on: a pipeline refused before any stage
+        starts gets its error alone, without an empty table above it."""
+        self._wanted = self.is_live
+
+    def _ensure_live(self) -> None:
+        if self._wanted and self._live is None:
+            self._wanted = False
             self._live = Live(self._table(), console=self.console, refresh_per_second=4, transient=False,
                               get_renderable=self._table)
             self._live.start()
@@ -182,6 +189,7 @@ class Display:
 
     def record(self, name: str, op: str, data: dict) -> None:
         self.tracker.record(name, op, data)
+        self._ensure_live()
         if not self.is_live:
             self._plain(name, op)
 

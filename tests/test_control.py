@@ -41,6 +41,8 @@ GOOD = [
     {"op": "result", "data": [1, "two", {"three": 3}]},
     {"op": "result", "data": []},
     {"op": "sync", "id": 3},
+    {"op": "moved", "samples": 0},
+    {"op": "moved", "samples": 12510},
 ]
 
 

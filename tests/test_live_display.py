@@ -113,3 +113,23 @@ def test_stage_output_reaches_logs_while_it_runs_and_in_order(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+
+
+ESCAPES = "\x1b]52;c;cHduZWQ=\x07\x1b[2J\x1b[31mFAKE\x1b[0m\r\x9b1m\u202eevil[bold]"
+
+
+def test_the_live_table_shows_what_a_stage_chose_inert(tmp_path):
+    """Metric names and progress extras are the script's: terminal escapes in them (clipboard write,
+    screen clear, colours, bidi override) and rich markup must not reach the terminal as such."""
+    model = f'''
+def train(runtime, options, ctx):
+    runtime.notify_progress(50, **{{"epoch": 1, {ESCAPES!r}: {ESCAPES!r}}})
+    runtime.log_metrics(step=1, **{{{ESCAPES!r}: 1.0}})
+    runtime.notify_progress(100, note={ESCAPES!r})
+'''
+    pipeline = write_pipeline(tmp_path / "p", model=model)
+    code, raw = run_in_pty("run", str(pipeline), "-o", str(tmp_path / "ws"))
+    assert code == 0, raw[-3000:]
+    for bad in ("\x1b]52", "\x1b[2J", "\x1b[31mFAKE", "\x9b", "\u202e", "\x07"):
+        assert bad not in raw, (repr(bad), raw[-2000:])
+    assert "FAKE" in raw and "[bold]" in raw  # the text is kept, made harmless, markup not applied
