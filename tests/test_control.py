@@ -69,6 +69,11 @@ def test_validate_normalises_metrics_and_errors():
 
 
 BAD = [
+    {"op": "moved"},
+    {"op": "moved", "samples": -1},
+    {"op": "moved", "samples": "12"},
+    {"op": "moved", "samples": True},
+    {"op": "moved", "samples": 1.5},
     None,
     [],
     "progress",
