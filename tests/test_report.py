@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, require_bwrap, run_cli, write_pipeline
+from conftest import require_bwrap, run_cli, write_pipeline
 from test_demo_page import SHOTS, browser, page  # noqa: F401  (fixtures)
 from test_serve import serving
 
