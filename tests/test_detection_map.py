@@ -165,3 +165,82 @@ def test_the_synthetic_set_is_coco_and_deterministic(tmp_path):
         assert max(per_image.values()) > 1  # several objects per image
         for im in doc["images"]:
             assert f"train/{im['file_name']}" in zf.namelist()
+
+
+def _coco_dir(root: Path, split_dir: str, doc: dict, images: dict[str, tuple[int, int]]) -> None:
+    from PIL import Image
+
+    folder = root / split_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, size in images.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, (10, 20, 30)).save(folder / name)
+    (folder / "annotations.json").write_text(json.dumps(doc))
+
+
+def test_the_reader_maps_coco_ids_skips_crowds_and_clips_boxes(tmp_path):
+    datasource = _load("datasource")
+    cats = [{"id": 9, "name": "button"}, {"id": 5, "name": "icon"}]  # ids out of order, with gaps
+    _coco_dir(tmp_path, "ds/train", {"categories": cats, "images": [{"id": 7, "file_name": "a/1.png", "width": 50,
+                                                                     "height": 40}],
+                                     "annotations": [
+                                         {"id": 1, "image_id": 7, "category_id": 9, "bbox": [40, 30, 20, 20]},
+                                         {"id": 2, "image_id": 7, "category_id": 5, "bbox": [1, 2, 3, 4]},
+                                         {"id": 3, "image_id": 7, "category_id": 5, "bbox": [0, 0, 9, 9], "iscrowd": 1},
+                                         {"id": 4, "image_id": 99, "category_id": 5, "bbox": [0, 0, 9, 9]}]},
+              {"a/1.png": (50, 40)})
+    _coco_dir(tmp_path, "ds/val", {"categories": cats, "images": [{"id": 8, "file_name": "2.png"}],
+                                   "annotations": []}, {"2.png": (30, 30)})
+    splits, meta = datasource.read_archive_dir(str(tmp_path))
+    assert meta["categories"] == ["icon", "button"] and meta["coco_category_ids"] == [5, 9]
+    assert set(splits) == {"train", "valid"} and splits["valid"][0]["label"]["boxes"].shape == (0, 4)
+    (sample,) = splits["train"]
+    assert sample["id"] == 7 and sample["data"].endswith("a/1.png")
+    np.testing.assert_allclose(sample["label"]["boxes"], [[40, 30, 10, 10], [1, 2, 3, 4]])  # clipped to 50x40
+    assert sample["label"]["classes"].tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"file_name": "../outside.png"}, "missing or outside its folder"),
+    ({"file_name": "/etc/hostname"}, "missing or outside its folder"),
+    ({"file_name": "nope.png"}, "missing or outside its folder"),
+])
+def test_the_reader_refuses_images_outside_the_archive(tmp_path, bad, message):
+    datasource = _load("datasource")
+    (tmp_path / "outside.png").write_bytes(b"x")
+    _coco_dir(tmp_path, "data/train", {"categories": [{"id": 1, "name": "a"}],
+                                       "images": [{"id": 1, **bad}], "annotations": []}, {})
+    with pytest.raises(ValueError, match=message):
+        datasource.read_archive_dir(str(tmp_path / "data"))
+
+
+def test_the_reader_names_what_is_missing(tmp_path):
+    datasource = _load("datasource")
+    with pytest.raises(ValueError, match="no train/annotations.json"):
+        datasource.read_archive_dir(str(tmp_path))
+    _coco_dir(tmp_path, "x/train", {"categories": [{"id": 1, "name": "a"}], "images": [],
+                                    "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 1, 1]}]},
+              {})
+    with pytest.raises(ValueError, match="no train split with images"):
+        datasource.read_archive_dir(str(tmp_path))
+
+
+def test_the_dataflow_scales_and_flips_boxes_with_the_pixels():
+    from PIL import Image
+
+    dataflow = _load("dataflow")
+    img = Image.new("RGB", (200, 100), (0, 0, 0))
+    img.paste((255, 255, 255), (20, 10, 60, 50))  # box [20, 10, 40, 40]
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    sample = {"data": buf.getvalue(), "label": {"boxes": np.array([[20, 10, 40, 40]], np.float32),
+                                                "classes": np.array([2], np.int32)}}
+    plain = dataflow.prepare(sample, 64)
+    assert plain["size"] == [200, 100] and plain["data"].shape == (64, 64, 3)
+    np.testing.assert_allclose(plain["label"]["boxes"], [[6.4, 6.4, 12.8, 25.6]], atol=1e-4)
+    flipped = dataflow.prepare(sample, 64, flip=True)
+    np.testing.assert_allclose(flipped["label"]["boxes"], [[64 - 6.4 - 12.8, 6.4, 12.8, 25.6]], atol=1e-4)
+    np.testing.assert_array_equal(flipped["data"], plain["data"][:, ::-1])
+    bright = np.argwhere(flipped["data"][..., 0] > 0.5)  # the white square moved with its box
+    assert abs(bright[:, 1].min() - (64 - 6.4 - 12.8)) <= 1 and abs(bright[:, 1].max() + 1 - (64 - 6.4)) <= 1
+    assert flipped["label"]["classes"].tolist() == [2]

@@ -152,6 +152,12 @@ def draw_image(size, rng, nprng, max_objects=4):
     return img, [(cls, tuple(v / k for v in box)) for cls, box in objects]
 
 
+def _write(zf, name, data):
+    info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))  # fixed: the same seed gives the same bytes
+    info.external_attr = 0o644 << 16
+    zf.writestr(info, data)
+
+
 def generate_coco(path, counts, size=96, seed=7, max_objects=4):
     """Write a COCO-format zip at `path`: `<split>/annotations.json` and `<split>/images/*.png`."""
     rng = random.Random(seed)
@@ -168,7 +174,7 @@ def generate_coco(path, counts, size=96, seed=7, max_objects=4):
                 name = f"images/{split}-{image_id:06d}.png"
                 buf = io.BytesIO()
                 img.save(buf, format="PNG")
-                zf.writestr(f"{split}/{name}", buf.getvalue())
+                _write(zf, f"{split}/{name}", buf.getvalue())
                 images.append({"id": image_id, "file_name": name, "width": size, "height": size})
                 for cls, (x0, y0, x1, y1) in objects:
                     x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(size), x1), min(float(size), y1)
@@ -178,7 +184,7 @@ def generate_coco(path, counts, size=96, seed=7, max_objects=4):
                                         "area": round((x1 - x0) * (y1 - y0), 2), "iscrowd": 0})
             doc = {"info": {"description": "synthetic shapes", "seed": seed, "version": GENERATOR_VERSION},
                    "images": images, "annotations": annotations, "categories": categories}
-            zf.writestr(f"{split}/annotations.json", json.dumps(doc))
+            _write(zf, f"{split}/annotations.json", json.dumps(doc))
     os.replace(tmp, path)
     return path
 
