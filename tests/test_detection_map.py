@@ -244,3 +244,37 @@ def test_the_dataflow_scales_and_flips_boxes_with_the_pixels():
     bright = np.argwhere(flipped["data"][..., 0] > 0.5)  # the white square moved with its box
     assert abs(bright[:, 1].min() - (64 - 6.4 - 12.8)) <= 1 and abs(bright[:, 1].max() + 1 - (64 - 6.4)) <= 1
     assert flipped["label"]["classes"].tolist() == [2]
+
+
+def test_decode_js_decodes_as_model_py_does(tmp_path):
+    """decode.js (for the tfjs export) against model.py's decode, on random grids full of peaks,
+    overlaps and near-ties: the same detections in the same order."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("node"):
+        pytest.fail("node is not installed (apt-get install -y npm); .ci/run installs it")
+    rng = np.random.default_rng(11)
+    cases = []
+    for i in range(6):
+        out = np.concatenate([rng.random((16, 16, 4)) ** 3, rng.normal(0, 0.3, (16, 16, 2)) + 0.5,
+                              rng.normal(1.5, 0.6, (16, 16, 2))], axis=-1).astype(np.float32)
+        options = {"scaleX": 1.5 + i * 0.1, "scaleY": 0.8, "threshold": 0.2 + 0.05 * i, "nmsIou": 0.3 + 0.05 * i,
+                   "maxDetections": 30 + 10 * i, "width": 96, "height": 50}
+        cases.append((out, options))
+    (tmp_path / "cases.json").write_text(json.dumps([{"data": o.ravel().tolist(), "options": opt} for o, opt in cases]))
+    script = tmp_path / "run.js"
+    script.write_text(f"""
+        const {{ decode }} = require({json.dumps(str(EXAMPLE / "decode.js"))});
+        const cases = JSON.parse(require("fs").readFileSync({json.dumps(str(tmp_path / "cases.json"))}, "utf8"));
+        console.log(JSON.stringify(cases.map((c) => decode(Float32Array.from(c.data), 16, 16, 4, c.options))));
+    """)
+    proc = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    from_js = json.loads(proc.stdout)
+    for (out, o), js in zip(cases, from_js):
+        py = model.decode(out, 4, o["scaleX"], o["scaleY"], o["threshold"], o["maxDetections"], o["nmsIou"],
+                          width=o["width"], height=o["height"])
+        assert len(py) > 3
+        assert [(d["label"], round(d["score"], 5)) for d in js] == [(c, round(s, 5)) for c, s, _ in py]
+        np.testing.assert_allclose([d["box"] for d in js], [b for _, _, b in py], atol=1e-3)

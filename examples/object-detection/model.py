@@ -29,7 +29,7 @@ precision, greedy matching by score, at most 100 detections per image and
 class), logged as `test_map`, `test_map50`, `test_map75`.
 
 Options (pipeline `options.train`, query values win; strings accepted):
-epochs (40), batchSize (16), learningRate (0.004, cosine decay), seed (42);
+epochs (20), batchSize (16), learningRate (0.004, cosine decay), seed (42);
 for predict: threshold (0.3, minimum score), maxDetections (100), nmsIou (0.5).
 
 Writes `model.keras` and `detector.json` (categories, input size, stride).
@@ -328,7 +328,7 @@ def train(runtime, options, ctx):
     import keras
     import tensorflow as tf
 
-    epochs = _opt(options, "epochs", 40, int)
+    epochs = _opt(options, "epochs", 20, int)
     batch_size = _opt(options, "batchSize", 16, int)
     lr = _opt(options, "learningRate", 0.004, float)
     seed = _opt(options, "seed", 42, int)
