@@ -112,7 +112,7 @@ def load_schema() -> dict:
 
 
 def pipeline_types() -> list[str]:
-    """The values `type` may take (the schema's enum; README "Pipeline types" documents each)."""
+    """The values `type` may take (the schema's enum; docs/pipeline.md "Task types" documents each)."""
     return list(load_schema()["properties"]["type"]["enum"])
 
 

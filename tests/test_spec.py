@@ -136,11 +136,11 @@ def test_every_documented_type_is_accepted(kind: str) -> None:
 
 
 def test_the_documented_types_are_the_schemas() -> None:
-    """README's table of pipeline types lists exactly what the schema accepts."""
+    """docs/pipeline.md's table of task types lists exactly what the schema accepts."""
     from pipcook_sandbox.runner.spec import pipeline_types
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    table = readme.split("## Pipeline types", 1)[1].split("\n## ", 1)[0]
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "pipeline.md").read_text()
+    table = doc.split("## Task types", 1)[1].split("\n## ", 1)[0]
     documented = [line.split("`")[1] for line in table.splitlines() if line.startswith("| `")][1:]  # [0]: header
     assert documented == pipeline_types()
 
