@@ -25,7 +25,8 @@ from conftest import REPO, leftover_mounts, require_bwrap, require_docker, run_c
 from httpserver import http_server  # noqa: F401  (fixture)
 from test_artifacts import tfjs_node  # noqa: F401  (fixture)
 
-pytestmark = [pytest.mark.e2e, pytest.mark.tf]
+# Each test trains (or uses the module's trained workspace): a few minutes on 2 idle cores, more on a busy host.
+pytestmark = [pytest.mark.e2e, pytest.mark.tf, pytest.mark.timeout(1800)]
 
 EXAMPLE = REPO / "examples" / "object-detection"
 CI_PIPELINE = EXAMPLE / "pipeline-ci.json"
