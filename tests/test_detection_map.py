@@ -63,7 +63,9 @@ def _pycocotools(ground_truth, detections, num_classes: int) -> list[float]:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    images, annotations, results = [], [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
+    results: list[dict] = []
     for image_id, ((gt, gc), (db, dc, ds)) in enumerate(zip(ground_truth, detections), 1):
         images.append({"id": image_id, "width": 200, "height": 200})
         for box, cls in zip(gt, gc):
