@@ -252,6 +252,8 @@ def level_tiny(isolations: list[str], repeat: int, base: str | None) -> dict:
     runs: dict[str, list[dict]] = {}
     ws = Path(tempfile.mkdtemp(prefix="pcsb-tiny-ws-"))
     try:
+        for v in vers:
+            v.compile()
         for who, v in variants:
             tiny_once(who, v, ws)  # warm-up: page cache, worker site, framework-free cache
         for r in range(repeat):
