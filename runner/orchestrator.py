@@ -355,15 +355,13 @@ def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
             except Exception as exc:  # keep cleaning the rest
                 if opts.on_event:
                     opts.on_event(handle.name, f"cleanup problem: {exc}")
-        for name, (vol, mapping) in volumes.items():
-            try:
+        try:
+            for name, (vol, mapping) in volumes.items():
                 skipped = vol.copy_out({sub: dest for sub, dest in mapping.items()})
                 if skipped and opts.on_event:
                     opts.on_event(name, f"not copied (links and special files are never followed): {', '.join(skipped[:5])}")
-            finally:
-                vol.destroy()
-        for vol in socket_dirs.values():
-            vol.destroy()
+        finally:
+            quota.destroy_volumes([vol for vol, _ in volumes.values()] + list(socket_dirs.values()))  # together
         source_stop.set()
         if source_thread is not None:
             source_thread.join(timeout=2)

@@ -358,3 +358,14 @@ def test_one_volume_failing_leaves_none_of_the_others_behind(tmp_path: Path) -> 
         base = tmp_path / f"v{i}"
         assert base.is_dir()  # it was made, then destroyed
         assert not mounts_below(base) and not (base / "disk.img").exists() and not loops_of(base / "disk.img")
+
+
+@needs_root
+def test_volumes_destroyed_together_are_all_gone(tmp_path: Path) -> None:
+    vols = quota.create_volumes([(tmp_path / f"v{i}", 16 << 20, ["out"]) for i in range(3)])
+    vols.append(quota.create_volume(tmp_path / "w", 8 << 20, ["out"], kind="watch"))
+    quota.destroy_volumes(vols)
+    for v in vols[:3]:
+        assert not mounts_below(v.mountpoint) and not v.image.exists() and not loops_of(v.image)
+    assert not vols[3].mountpoint.exists()
+    quota.destroy_volumes(vols)  # idempotent, as destroy()

@@ -398,6 +398,23 @@ def create_volumes(wanted: list[tuple[Path, int, list[str]]]) -> list[Volume]:
     return [f.result() for f in futures]
 
 
+def destroy_volumes(vols: list[Volume]) -> None:
+    """`destroy()` every volume of `vols`, at the same time (umount and losetup, three processes per
+    loop volume, at the end of every run); then raise the first error, if any."""
+    if len(vols) <= 1:
+        for vol in vols:
+            vol.destroy()
+        return
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(vols), 4), thread_name_prefix="volume") as pool:
+        futures = [pool.submit(vol.destroy) for vol in vols]
+        concurrent.futures.wait(futures)
+    failed = next((f.exception() for f in futures if f.exception() is not None), None)
+    if failed is not None:
+        raise failed
+
+
 def _make_subdirs(root: Path, subdirs: list[str], uid: int, gid: int) -> None:
     for sub in subdirs:
         p = root / sub
