@@ -72,6 +72,8 @@ def limit_options(fn: Callable) -> Callable:
         click.option("--pids", type=int, metavar="N", help="Processes and threads per stage (default 256)."),
         click.option("--disk", metavar="SIZE", help="All a stage may write, e.g. 10g (default 10g)."),
         click.option("--timeout", type=float, metavar="SECONDS", help="Wall-clock limit per stage (default 3600)."),
+        click.option("--downloads", metavar="SIZE",
+                     help="All the bytes a run's ctx.download calls may fetch together (default: the --disk size)."),
     ]):
         fn = option(fn)
     return fn
@@ -164,11 +166,11 @@ def main() -> None:
 @limit_options
 @handle_errors
 def run(pipeline: str, output: Path | None, mirror: str | None, isolation: str, gpu: bool | None, nocache: bool,
-        allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout) -> None:
+        allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout, downloads) -> None:
     """Train: run PIPELINE (a path or an http(s) URL), every stage sandboxed."""
     from .limits import from_options
 
-    limits = from_options(memory, cpus, pids, disk, timeout)
+    limits = from_options(memory, cpus, pids, disk, timeout, downloads)
     confined = _isolation_check(isolation, debug)
     from .training import RunOptions, run_pipeline
 
@@ -198,14 +200,14 @@ def run(pipeline: str, output: Path | None, mirror: str | None, isolation: str, 
 @limit_options
 @handle_errors
 def predict(model: str, strings: tuple[str, ...], files: tuple[str, ...], isolation: str, gpu: bool,
-            allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout) -> None:
+            allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout, downloads) -> None:
     """Predict: run MODEL (a workspace, model dir, model zip or its http(s) URL) on -s/-u inputs.
 
     Prints {"success": true, "data": [one result per input]} as JSON on stdout.
     """
     from .limits import from_options
 
-    limits = from_options(memory, cpus, pids, disk, timeout)
+    limits = from_options(memory, cpus, pids, disk, timeout, downloads)
     confined = _isolation_check(isolation, debug)
     from .predict import PredictOptions, UsageError, render, run_predict, samples_from
 
@@ -239,7 +241,7 @@ def predict(model: str, strings: tuple[str, ...], files: tuple[str, ...], isolat
 @limit_options
 @handle_errors
 def serve(model: str, port: int, host: str, request_timeout: float, max_queue: int, isolation: str, gpu: bool,
-          allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout) -> None:
+          allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout, downloads) -> None:
     """Serve MODEL (a workspace, model dir or model zip) over HTTP, one sandboxed worker kept warm.
 
     POST /predict, a demo page at /, GET /healthz.
@@ -248,7 +250,7 @@ def serve(model: str, port: int, host: str, request_timeout: float, max_queue: i
 
     if request_timeout <= 0:
         raise click.BadParameter("must be positive", param_hint="--request-timeout")
-    limits = from_options(memory, cpus, pids, disk, timeout)
+    limits = from_options(memory, cpus, pids, disk, timeout, downloads)
     confined = _isolation_check(isolation, debug)
     from .serve import ServeOptions, serve_model
 
@@ -259,8 +261,9 @@ def serve(model: str, port: int, host: str, request_timeout: float, max_queue: i
 
 
 @main.command()
+@click.option("--cache", is_flag=True, help="Also empty the download cache (what ctx.download fetched).")
 @handle_errors
-def clean(debug: bool = False) -> None:
+def clean(cache: bool = False, debug: bool = False) -> None:
     """Remove what crashed runs left behind: sandboxes, mounts, cgroups, containers."""
     from .cleanup import clean_all
 
@@ -268,6 +271,12 @@ def clean(debug: bool = False) -> None:
     for item in removed:
         _say(f"removed {item}")
     _say(f"clean: {len(removed)} leftover(s) removed")
+    if cache:
+        from .downloads import cache_root, clear
+        from .limits import human
+
+        entries, size = clear()
+        _say(f"clean: download cache {cache_root()} emptied ({entries} file(s), {human(size)})")
 
 
 @main.command()

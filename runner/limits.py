@@ -36,7 +36,7 @@ def defaults() -> Limits:
 
 
 def from_options(memory: str | None, cpus: float | None, pids: int | None, disk: str | None,
-                 timeout: float | None) -> Limits:
+                 timeout: float | None, downloads: str | None = None) -> Limits:
     limits = defaults()
     changes: dict = {}
     if memory is not None:
@@ -55,6 +55,8 @@ def from_options(memory: str | None, cpus: float | None, pids: int | None, disk:
         if timeout <= 0:
             raise PipcookError("--timeout must be positive")
         changes["timeout"] = float(timeout)
+    if downloads is not None:
+        changes["downloads"] = parse_size(downloads, "--downloads")
     limits = limits.replace(**changes)
     # /tmp is memory-backed: never let it claim more than half the memory limit
     return limits.replace(tmp=min(limits.tmp, limits.memory // 2))

@@ -14,7 +14,6 @@ returns; the workspace is kept.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -35,11 +34,11 @@ from pipcook_sandbox.runner.backends.base import Limits, Mount, StageSpec
 
 from . import control as control_mod
 from . import fetch
+from .downloads import IN_DOWNLOADS, Downloads
 from .errors import PipcookError
 from .limits import human
 
 LIB_DIR = Path(sandbox.__file__).resolve().parent
-IN_DOWNLOADS = "/pipcook/downloads"
 STOP_GRACE = 5.0
 # A serving stage binds its pool socket in a directory it can write: that
 # directory sits on a quota of its own (the smallest volume, a few MiB), or it
@@ -143,47 +142,6 @@ def _tail(path: Path, lines: int = 3) -> str:
         return "(no log)"
 
 
-def _safe_name(url: str, index: int) -> str:
-    base_name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(url.split("?")[0].split("#")[0]))[:80]
-    return f"{index:03d}-{base_name or 'download'}"
-
-
-class _Downloads:
-    """`ctx.download` on behalf of sandboxed scripts, cached by URL across runs."""
-
-    def __init__(self, state: Path, opts: ExecOptions, translate: Callable[[Path, str], str]) -> None:
-        self.state, self.opts, self.translate = state, opts, translate
-        self.count = 0
-        self.lock = threading.Lock()
-
-    def dir_for(self, stage: str) -> Path:
-        d = self.state / f"dl-{stage}"
-        d.mkdir(exist_ok=True)
-        return d
-
-    def __call__(self, stage: str, url: str) -> str:
-        with self.lock:
-            self.count += 1
-            index = self.count
-        # Keyed by the URL and the policy it was fetched under: what a host allowed
-        # with --allow-private served is never handed to a run without that permission.
-        allowed = "\0".join(sorted(set(self.opts.allow_private)))
-        key = hashlib.sha256((f"{url}\0{allowed}" if allowed else url).encode()).hexdigest()
-        cached = fetch.cache_dir() / "downloads" / key
-        blob = cached / "blob"
-        if self.opts.nocache or not blob.is_file():
-            cached.mkdir(parents=True, exist_ok=True)
-            fetch.download(url, blob, allow_private=self.opts.allow_private, max_bytes=self.opts.limits.disk)
-        name = _safe_name(url, index)
-        target = self.dir_for(stage) / name
-        try:
-            os.link(blob, target)
-        except OSError:
-            shutil.copyfile(blob, target)
-        os.chmod(target, 0o644)  # the download is private (mkstemp); the stage's uid 65534 must read it
-        return self.translate(target, f"{IN_DOWNLOADS}/{name}")
-
-
 def runtime_mounts(opts: ExecOptions, inside: Callable[[Path, str], str]) -> tuple[list[Mount], list[str], dict | None]:
     """What every stage mounts to run at all: the SDK and worker, the framework, the worker's site.
 
@@ -220,7 +178,8 @@ def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
         return target if translating else str(source)
 
     limits = opts.limits
-    control = control_mod.ControlServer(_Downloads(state, opts, inside))
+    downloads = run_downloads(state, opts, inside)
+    control = control_mod.ControlServer(downloads)
     handles: dict[str, Any] = {}
     volumes: dict[str, Any] = {}
     socket_dirs: dict[str, Any] = {}
@@ -281,7 +240,7 @@ def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
             if upstream_dir is not None:
                 mounts.append(Mount(upstream_dir, f"{base.IN_IPC}/in"))
                 upstream = f"ipc://{inside(upstream_dir, base.IN_IPC + '/in')}/pool.sock"
-            dl_dir = control._downloader.dir_for(plan.name)
+            dl_dir = downloads.dir_for(plan.name)
             mounts.append(Mount(dl_dir, IN_DOWNLOADS))
             workspace = {"framework_dir": framework_cfg["dir"] if framework_cfg else None}
             writable_ds = plan.role == "datasource"
@@ -329,7 +288,7 @@ def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
                 opts.on_event(plan.name, "started")
             upstream_dir, upstream_name = out_dir, plan.name
 
-        _monitor(plans, handles, started, volumes, control, ws, opts, result)
+        _monitor(plans, handles, started, volumes, control, downloads, ws, opts, result)
         return result
     except KeyboardInterrupt:
         for handle in handles.values():
@@ -356,6 +315,7 @@ def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
                 vol.destroy()
         for vol in socket_dirs.values():
             vol.destroy()
+        downloads.cancel()
         source_stop.set()
         if source_thread is not None:
             source_thread.join(timeout=2)
@@ -365,8 +325,15 @@ def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
         shutil.rmtree(state, ignore_errors=True)
 
 
-def _monitor(plans: list[StagePlan], handles: dict, started: dict, volumes: dict, control: Any, ws: Any,
-             opts: ExecOptions, result: ExecResult) -> None:
+def run_downloads(state: Path, opts: ExecOptions, inside: Callable[[Path, str], str]) -> Downloads:
+    limits = opts.limits
+    return Downloads(state, allow_private=opts.allow_private, max_bytes=limits.disk,
+                     budget=limits.downloads if limits.downloads is not None else limits.disk,
+                     timeout=limits.timeout, nocache=opts.nocache, translate=inside)
+
+
+def _monitor(plans: list[StagePlan], handles: dict, started: dict, volumes: dict, control: Any, downloads: Downloads,
+             ws: Any, opts: ExecOptions, result: ExecResult) -> None:
     by_name = {p.name: p for p in plans}
     model = plans[-1].name
     errors: dict[str, dict] = {}
@@ -396,6 +363,7 @@ def _monitor(plans: list[StagePlan], handles: dict, started: dict, volumes: dict
                     code = handle.poll()
                     if code is not None:
                         exited[name] = code
+                        downloads.cancel(name)  # nobody is waiting for them any more
                         if opts.on_event:
                             opts.on_event(name, f"exited with code {code}")
                 # A stage that serves its pool waits on its consumers: its time is theirs, and the
@@ -434,7 +402,7 @@ def _on_event(event: Any, by_name: dict, errors: dict, violations: dict, done: s
                  for k, v in (data.get("extra") or {}).items()}
         opts.on_progress(data["value"], extra)
     elif op == "metrics" and name not in violations:
-        line = json.dumps({"time": round(time.time(), 3), "stage": name, "step": data.get("step"), **data["metrics"]})
+        line = json.dumps(metrics_record(name, data.get("step"), data["metrics"]))
         logged = result.metric_bytes[name] = result.metric_bytes.get(name, 0) + len(line) + 1
         if logged > opts.limits.output:  # metrics.jsonl is on the host's disk: capped like the stage's output
             violations[name] = f"logged more than {human(opts.limits.output)} of metrics, the cap on what a stage may record"
@@ -456,6 +424,21 @@ def _on_event(event: Any, by_name: dict, errors: dict, violations: dict, done: s
         done.add(name)
     elif op == "downloaded" and opts.on_event:
         opts.on_event(name, f"download {data['url']}: {'ok' if data['ok'] else data['message']}")
+
+
+# The fields of a metrics.jsonl line that the runner writes; a stage's metric
+# of the same name is kept under ESCAPE + name (as is any name that starts
+# with ESCAPE, so that the renaming can never collide).
+RUNNER_FIELDS = ("time", "stage", "step")
+METRIC_ESCAPE = "~"
+
+
+def metrics_record(stage: str, step: int | None, metrics: dict) -> dict:
+    """One metrics.jsonl line: the stage's metrics, then the runner's own fields, which no metric can set."""
+    record = {(METRIC_ESCAPE + k if k in RUNNER_FIELDS or k.startswith(METRIC_ESCAPE) else k): v
+              for k, v in metrics.items()}
+    record.update({"time": round(time.time(), 3), "stage": stage, "step": step})
+    return record
 
 
 def _fail(plans, handles, errors, violations, opts, ws, volumes, done) -> None:
@@ -485,11 +468,14 @@ def _fail(plans, handles, errors, violations, opts, ws, volumes, done) -> None:
     priority, index, error = candidates[0]
     named = {plans[i].name for _, i, _ in candidates}
     if priority == UPSTREAM and index > 0 and plans[index - 1].name not in named:
-        # The stage before it is fine by its own account, yet what it sent could not be read:
-        # it sent something outside the protocol (a malformed or hostile message). Name it.
+        # Only this stage says that the one before it sent something it could not read; the
+        # runner saw nothing wrong with that one (no error, no limit, a clean state). A stage's
+        # word never puts the blame on another: the failure stays with the stage that reported
+        # it, and the message says which stage it accuses.
         upstream = plans[index - 1]
-        raise StageError(f"sent data that stage '{plans[index].name}' could not read: {error.cause}",
-                         upstream.name, upstream.script.name, error.traceback)
+        raise StageError(f"reported that it could not read what stage '{upstream.name}' "
+                         f"({upstream.script.name}) sent: {error.cause}", plans[index].name,
+                         plans[index].script.name, error.traceback)
     raise error
 
 

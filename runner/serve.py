@@ -101,6 +101,7 @@ class WarmWorker:
         self.translating = getattr(self.backend, "TRANSLATES_PATHS", True)
         self.state: Path | None = None
         self.control: _Control | None = None
+        self.downloads: Any = None
         self.handle: Any = None
         self.zctx: Any = None
         self.req = 0
@@ -124,7 +125,7 @@ class WarmWorker:
         ctl_dir, in_dir = state / "ipc" / "control", state / "ipc" / "in"
         mounts.append(Mount(ctl_dir, f"{base.IN_IPC}/control"))
         mounts.append(Mount(in_dir, f"{base.IN_IPC}/in"))
-        mounts.append(Mount(self.control._downloader.dir_for(STAGE), orchestrator.IN_DOWNLOADS))
+        mounts.append(Mount(self.downloads.dir_for(STAGE), orchestrator.IN_DOWNLOADS))
         workspace = {"framework_dir": framework_cfg["dir"] if framework_cfg else None}
         for sub in ("data", "cache"):  # the throwaway workspace's, empty and read-only
             mounts.append(Mount(getattr(self.ws, sub), f"{base.IN_WORKSPACE}/{sub}"))
@@ -172,7 +173,8 @@ class WarmWorker:
         (self.state / "run.json").write_text(json.dumps({"runner_pid": os.getpid()}))
         for sub in ("control", "in"):
             (self.state / "ipc" / sub).mkdir(parents=True)
-        self.control = _Control(orchestrator._Downloads(self.state, self.exec_opts, self._inside))
+        self.downloads = orchestrator.run_downloads(self.state, self.exec_opts, self._inside)
+        self.control = _Control(self.downloads)
         self.control.add_stage(STAGE, f"ipc://{self.state}/ipc/control/control.sock")
         self.control.start()
         self.zctx = zmq.Context()
@@ -205,6 +207,9 @@ class WarmWorker:
                 except Exception as exc:  # keep cleaning the rest
                     self.opts.log(f"serve: worker cleanup problem: {exc}")
             self.handle = None
+        if self.downloads is not None:
+            self.downloads.cancel()
+            self.downloads = None
         if self.control is not None:
             self.control.close()
             self.control = None

@@ -53,6 +53,7 @@ class Limits:
     nofile: int = 4096
     output: int = 16 << 20  # captured stdout + stderr
     tmp: int = 1 << 30  # the private /tmp (memory-backed, counts against memory)
+    downloads: int | None = None  # all of a run's ctx.download bytes together; None: `disk`
 
     def replace(self, **changes) -> "Limits":
         return dataclasses.replace(self, **changes)
