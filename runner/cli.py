@@ -47,7 +47,7 @@ def handle_errors(fn: Callable) -> Callable:
             click.secho(f"error: {exc}", err=True, fg="red")
             if tb and not debug:
                 _say("(run with --debug for the script's traceback)")
-            from .orchestrator import Interrupted
+            from .errors import Interrupted
 
             sys.exit(130 if isinstance(exc, Interrupted) else 1)
         except click.ClickException:

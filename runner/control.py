@@ -111,6 +111,31 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _progress(msg: dict) -> dict:
+    if not _finite(msg.get("value")):
+        raise ProtocolError("progress value is not a finite number")
+    extra = msg.get("extra") or {}
+    if not isinstance(extra, dict) or len(extra) > 16:
+        raise ProtocolError("progress extra is not a small map")
+    return {"op": "progress", "value": min(100.0, max(0.0, float(msg["value"]))),
+            "extra": {str(k)[:64]: v[:PROGRESS_TEXT_MAX] if isinstance(v, str) else v
+                      for k, v in extra.items() if v is None or isinstance(v, (bool, int, float, str))}}
+
+
+def _metrics(msg: dict) -> dict:
+    metrics, step = msg.get("metrics"), msg.get("step")
+    if not isinstance(metrics, dict) or not 0 < len(metrics) <= 256:
+        raise ProtocolError("metrics is not a map of 1 to 256 entries")
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+        raise ProtocolError("metrics step is not an integer")
+    clean = {}
+    for k, v in metrics.items():
+        if not isinstance(k, str) or len(k) > 128 or not (_finite(v) or isinstance(v, float)):
+            raise ProtocolError("metrics must map short names to numbers")
+        clean[k] = float(v) if math.isfinite(v) else None
+    return {"op": "metrics", "step": step, "metrics": clean}
+
+
 def validate(msg: Any) -> dict:
     """The message if it is well-formed for its op, else ProtocolError."""
     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
@@ -119,26 +144,9 @@ def validate(msg: Any) -> dict:
     if op in ("hello", "done", "serving"):
         return msg
     if op == "progress":
-        if not _finite(msg.get("value")):
-            raise ProtocolError("progress value is not a finite number")
-        extra = msg.get("extra") or {}
-        if not isinstance(extra, dict) or len(extra) > 16:
-            raise ProtocolError("progress extra is not a small map")
-        return {"op": op, "value": min(100.0, max(0.0, float(msg["value"]))),
-                "extra": {str(k)[:64]: v[:PROGRESS_TEXT_MAX] if isinstance(v, str) else v
-                          for k, v in extra.items() if v is None or isinstance(v, (bool, int, float, str))}}
+        return _progress(msg)
     if op == "metrics":
-        metrics, step = msg.get("metrics"), msg.get("step")
-        if not isinstance(metrics, dict) or not 0 < len(metrics) <= 256:
-            raise ProtocolError("metrics is not a map of 1 to 256 entries")
-        if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
-            raise ProtocolError("metrics step is not an integer")
-        clean = {}
-        for k, v in metrics.items():
-            if not isinstance(k, str) or len(k) > 128 or not (_finite(v) or isinstance(v, float)):
-                raise ProtocolError("metrics must map short names to numbers")
-            clean[k] = float(v) if math.isfinite(v) else None
-        return {"op": op, "step": step, "metrics": clean}
+        return _metrics(msg)
     if op == "sync":
         if not isinstance(msg.get("id"), int) or isinstance(msg["id"], bool):
             raise ProtocolError("sync needs an integer id")

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,7 @@ from urllib.parse import urlsplit
 
 from pipcook_sandbox.runner.backends.base import Limits
 
-from . import fetch, orchestrator, spec, training, workspace
+from . import fetch, run, spec, statedir, training, workspace
 from .errors import PipcookError
 
 MAX_ZIP_BYTES = 4 << 30  # what a model zip may unpack to
@@ -121,20 +119,11 @@ def _model_root(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _scratch(prefix: str) -> Iterator[str]:
-    """A temporary dir that names its owner (run.json), like a run's state dir, so leftover checks
-    and `clean` can tell a live predict's scratch space from an abandoned one."""
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        (Path(tmp) / "run.json").write_text(json.dumps({"runner_pid": os.getpid()}))
-        yield tmp
-
-
-@contextlib.contextmanager
 def open_model(location: str, allow_private: tuple[str, ...] = ()) -> Iterator[Path]:
     """The model dir for WORKSPACE|MODEL_DIR|MODEL.zip|URL; temporary copies removed on exit."""
     scheme = urlsplit(location).scheme.lower()
     if scheme in ("http", "https"):
-        with _scratch("pcsb-model-") as tmp:
+        with statedir.state_dir("pcsb-model-") as tmp:
             archive = Path(tmp) / "model.zip"
             fetch.download(location, archive, allow_private=allow_private, max_bytes=MAX_DOWNLOAD_BYTES)
             _unzip(archive, Path(tmp) / "unpacked")
@@ -148,7 +137,7 @@ def open_model(location: str, allow_private: tuple[str, ...] = ()) -> Iterator[P
     if path.is_dir():
         yield _model_root(path)
         return
-    with _scratch("pcsb-model-") as tmp:
+    with statedir.state_dir("pcsb-model-") as tmp:
         _unzip(path, Path(tmp) / "unpacked")
         yield _model_root(Path(tmp) / "unpacked")
 
@@ -212,14 +201,14 @@ def prepare(model: Model, tmp: Path, opts: PredictOptions) -> tuple[workspace.Wo
 def run_predict(location: str, samples: list[dict], opts: PredictOptions) -> list:
     """The model's results, one per sample; every temporary dir removed however it ends."""
     with open_model(location, opts.allow_private) as model_dir, \
-            _scratch("pcsb-predict-") as tmp:
+            statedir.state_dir("pcsb-predict-") as tmp:
         model = load(model_dir)
         ws, copies, framework, worker_site = prepare(model, Path(tmp), opts)
         plans = training.plan(model.pipeline, copies, task_type="predict")
-        result = orchestrator.execute(plans, ws, orchestrator.ExecOptions(
+        result = run.execute(plans, ws, run.ExecOptions(
             isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu, nocache=True,
             allow_private=opts.allow_private, task_type="predict", framework=framework, worker_site=worker_site,
-            pipeline_options=dict(model.pipeline.options), source=orchestrator.input_pool(samples, model.meta),
+            pipeline_options=dict(model.pipeline.options), source=run.input_pool(samples, model.meta),
             model_dir=model.dir, on_event=opts.on_event))
         if result.results is None:
             raise PipcookError("predict() finished without returning results", stage="model",

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from pipcook_sandbox.runner.backends.base import Limits
 
-from . import artifacts, fetch, frameworks, orchestrator, spec, workspace
+from . import artifacts, fetch, frameworks, run, spec, workspace
 from .errors import PipcookError
 from .workerenv import ensure_worker_site
 
@@ -72,14 +72,14 @@ def fetch_scripts(pipeline: spec.Pipeline, ws: workspace.Workspace, opts: RunOpt
     return copies
 
 
-def plan(pipeline: spec.Pipeline, copies: dict[str, Path], task_type: str = "train") -> list[orchestrator.StagePlan]:
+def plan(pipeline: spec.Pipeline, copies: dict[str, Path], task_type: str = "train") -> list[run.StagePlan]:
     plans = []
     if task_type == "train":
-        plans.append(orchestrator.StagePlan("datasource", "datasource", copies[pipeline.datasource.uri],
+        plans.append(run.StagePlan("datasource", "datasource", copies[pipeline.datasource.uri],
                                             dict(pipeline.datasource.options)))
     for i, ref in enumerate(pipeline.dataflow, 1):
-        plans.append(orchestrator.StagePlan(f"dataflow-{i}", "dataflow", copies[ref.uri], dict(ref.options)))
-    plans.append(orchestrator.StagePlan("model", "model", copies[pipeline.model.uri], model_options(pipeline)))
+        plans.append(run.StagePlan(f"dataflow-{i}", "dataflow", copies[ref.uri], dict(ref.options)))
+    plans.append(run.StagePlan("model", "model", copies[pipeline.model.uri], model_options(pipeline)))
     return plans
 
 
@@ -121,9 +121,9 @@ def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
     pipeline = spec.load_pipeline(location, fetch_bytes=functools.partial(fetch.fetch_bytes, allow_private=opts.allow_private))
     opts = check_gpu(pipeline, opts)  # --gpu / --no-gpu, else options.train.gpu
     if opts.isolation == "docker":  # containers left by runners that crashed or were killed
-        from pipcook_sandbox.runner.backends import docker as docker_backend
+        from pipcook_sandbox.runner.backends import get_backend
 
-        for item in docker_backend.clean_leftovers():
+        for item in get_backend("docker").clean_leftovers():
             opts.log(f"removed {item}")
     ws = workspace.create(opts.output)
     workspace.write_json(ws.pipeline, spec.pipeline_to_json(pipeline))
@@ -134,7 +134,7 @@ def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
         workspace.write_json(ws.framework / "framework.json",
                              {"name": framework.name, "version": framework.version, "path": str(framework.dir)})
     plans = plan(pipeline, copies)
-    result = orchestrator.execute(plans, ws, orchestrator.ExecOptions(
+    result = run.execute(plans, ws, run.ExecOptions(
         isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu, nocache=opts.nocache,
         allow_private=opts.allow_private, task_type="train", framework=framework, worker_site=worker_site,
         pipeline_options=dict(pipeline.options), on_progress=opts.on_progress, on_event=opts.on_event))

@@ -34,6 +34,8 @@ import subprocess
 import threading
 from pathlib import Path
 
+from .base import SANDBOX_GID, SANDBOX_UID  # the owner of stage volumes
+
 log = logging.getLogger(__name__)
 
 # Below this much free space a volume counts as full. Not just "0": ext4
@@ -50,7 +52,6 @@ MAX_DEPTH = 128  # deeper trees are not copied out (and would exhaust fds)
 WATCH_PERIOD = 0.2
 
 
-SANDBOX_UID = SANDBOX_GID = 65534
 
 
 def sandbox_owner() -> tuple[int, int]:
