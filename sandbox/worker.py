@@ -200,7 +200,7 @@ def run_serve(cfg: StageConfig, control: Any, zctx: Any) -> None:
 
     ctx = Context(control, cfg)  # task_type "predict"
     _initialize_framework(cfg)
-    modules: dict[str, Any] = {}  # one module may export several entries (CONTRACT section 1)
+    modules: dict[str, Any] = {}  # one module may export several entries (docs/pipeline.md)
     model = cfg.model
     if model is None:
         raise StageFailure("the stage configuration of a serve worker names no model script", kind="worker")
