@@ -88,6 +88,8 @@ class ExecOptions:
     model_dir: Path | None = None  # read-only model for predict
     on_progress: Callable[[float, dict], None] | None = None
     on_event: Callable[[str, str], None] | None = None
+    # Called with every RunEvent of the run (a live display, a service's event stream).
+    observers: tuple[Callable[["RunEvent"], None], ...] = ()
 
 
 @dataclass
@@ -181,6 +183,7 @@ class Run:
         self._observers: list[Callable[[RunEvent], None]] = []
         if opts.on_progress or opts.on_event:
             self._observers.append(legacy_observer(opts.on_progress, opts.on_event))
+        self._observers.extend(opts.observers)
         self._stack = contextlib.ExitStack()
         self._prefix = prefix
         self.state = Path()
