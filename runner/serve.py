@@ -33,7 +33,7 @@ from pipcook_sandbox.runner.backends import base
 from pipcook_sandbox.runner.backends.base import Limits, Mount
 from pipcook_sandbox.sandbox.stageconfig import ScriptEntry
 
-from . import predict, training
+from . import models, stages
 from . import run as run_mod
 from .errors import PipcookError, StageError
 from .verdict import Observation
@@ -83,10 +83,10 @@ class WarmWorker:
     """One sandbox running the worker in its `serve` role, in a `Run` of its own. Not thread-safe:
     callers serialise."""
 
-    def __init__(self, model: predict.Model, ws: Any, copies: dict[str, Path], framework: Any,
+    def __init__(self, model: models.Model, ws: Any, copies: dict[str, Path], framework: Any,
                  worker_site: Path | None, opts: ServeOptions) -> None:
         self.model, self.ws, self.opts = model, ws, opts
-        self.plans = training.plan(model.pipeline, copies, task_type="predict")
+        self.plans = stages.plan(model.pipeline, copies, task_type="predict")
         self.exec_opts = run_mod.ExecOptions(
             isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu, allow_private=opts.allow_private,
             task_type="predict", framework=framework, worker_site=worker_site,
@@ -487,7 +487,7 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def model_info(model: predict.Model, opts: ServeOptions) -> dict:
+def model_info(model: models.Model, opts: ServeOptions) -> dict:
     """What the demo page needs to adapt itself to the model."""
     categories = model.meta.get("categories")
     return {"type": model.type, "categories": categories if isinstance(categories, list) else None,
@@ -500,12 +500,11 @@ def serve_model(location: str, opts: ServeOptions) -> None:
     if not is_loopback(opts.host):
         opts.warn(f"WARNING: serving on {opts.host}, not loopback: anyone who can reach this machine can send "
                   "inputs to the model. There is no authentication; put a proxy in front of it.")
-    popts = predict.PredictOptions(isolation=opts.isolation, gpu=opts.gpu, allow_private=opts.allow_private,
-                                   limits=opts.limits, log=opts.log)
-    with predict.open_model(location, opts.allow_private) as model_dir, \
+    with models.open_model(location, opts.allow_private) as model_dir, \
             tempfile.TemporaryDirectory(prefix="pcsb-serve-ws-") as tmp:
-        model = predict.load(model_dir)
-        ws, copies, framework, worker_site = predict.prepare(model, Path(tmp), popts)
+        model = models.load(model_dir)
+        ws, copies, framework, worker_site = models.prepare(model, Path(tmp), isolation=opts.isolation, gpu=opts.gpu,
+                                                            allow_private=opts.allow_private, log=opts.log)
         sock = _bind(opts.host, opts.port)
         worker = WarmWorker(model, ws, copies, framework, worker_site, opts)
         try:
