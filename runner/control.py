@@ -136,6 +136,13 @@ def _metrics(msg: dict) -> dict:
     return {"op": "metrics", "step": step, "metrics": clean}
 
 
+def _moved(msg: dict) -> dict:
+    samples = msg.get("samples")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+        raise ProtocolError("moved needs a non-negative integer count of samples")
+    return {"op": "moved", "samples": samples}
+
+
 def validate(msg: Any) -> dict:
     """The message if it is well-formed for its op, else ProtocolError."""
     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
@@ -147,6 +154,8 @@ def validate(msg: Any) -> dict:
         return _progress(msg)
     if op == "metrics":
         return _metrics(msg)
+    if op == "moved":  # how many samples a serving stage has sent so far (the live display)
+        return _moved(msg)
     if op == "sync":
         if not isinstance(msg.get("id"), int) or isinstance(msg["id"], bool):
             raise ProtocolError("sync needs an integer id")

@@ -72,3 +72,8 @@ class StageError(PipcookError):
 
 class Interrupted(PipcookError):
     """The run was stopped by Ctrl-C or SIGTERM; every stage was stopped."""
+
+
+class UsageError(PipcookError):
+    """A bad command-line value that is only found out after parsing (e.g. `--set dataflow.3.x` for a
+    pipeline with one dataflow): reported like click's usage errors, with exit status 2."""

@@ -144,10 +144,11 @@ def load(model_dir: Path) -> Model:
 
 
 def prepare(model: Model, tmp: Path, *, isolation: str, gpu: bool, allow_private: tuple[str, ...],
-            log: Callable[[str], None]) -> tuple[workspace.Workspace, dict[str, Path], Any, Path | None]:
+            log: Callable[[str], None], mirror: str | None = None,
+            ) -> tuple[workspace.Workspace, dict[str, Path], Any, Path | None]:
     """A throwaway workspace with the verified scripts, plus the framework and worker site."""
     ws = workspace.create(tmp / "ws")
     copies = stages.fetch_scripts(model.pipeline, ws, nocache=True, allow_private=allow_private)  # pins checked here
     framework, worker_site = stages.prepare_runtime(model.pipeline, isolation=isolation, gpu=gpu, nocache=True,
-                                                    allow_private=allow_private, log=log)
+                                                    allow_private=allow_private, log=log, mirror=mirror)
     return ws, copies, framework, worker_site

@@ -32,6 +32,7 @@ class UsageError(PipcookError):
 class PredictOptions:
     isolation: str = "bwrap"
     gpu: bool = False
+    mirror: str | None = None  # -m: prebuilt frameworks from this mirror
     allow_private: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     log: Callable[[str], None] = print
@@ -70,7 +71,7 @@ def run_predict(location: str, samples: list[dict], opts: PredictOptions) -> lis
             statedir.state_dir("pcsb-predict-") as tmp:
         model = load(model_dir)
         ws, copies, framework, worker_site = prepare(model, Path(tmp), isolation=opts.isolation, gpu=opts.gpu,
-                                                     allow_private=opts.allow_private, log=opts.log)
+                                                     allow_private=opts.allow_private, log=opts.log, mirror=opts.mirror)
         plans = stages.plan(model.pipeline, copies, task_type="predict")
         result = run.execute(plans, ws, run.ExecOptions(
             isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu, nocache=True,

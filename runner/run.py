@@ -90,6 +90,8 @@ class ExecOptions:
     on_event: Callable[[str, str], None] | None = None
     # Called with every RunEvent of the run (a live display, a service's event stream).
     observers: tuple[Callable[["RunEvent"], None], ...] = ()
+    # every stage event as data (op: started, exited, progress, metrics, moved, ...) for the live display
+    on_record: Callable[[str, str, dict], None] | None = None
 
 
 @dataclass
@@ -195,6 +197,11 @@ class Run:
     def subscribe(self, observer: Callable[[RunEvent], None]) -> None:
         """Call `observer(event)` for every RunEvent of this run (in the runner's main thread)."""
         self._observers.append(observer)
+
+    def record(self, stage: str, op: str, data: dict) -> None:
+        """A stage event as data for ExecOptions.on_record (the live display)."""
+        if self.opts.on_record:
+            self.opts.on_record(stage, op, data)
 
     def emit(self, stage: str, kind: str, **data: Any) -> None:
         event = RunEvent(stage, kind, data)
@@ -317,6 +324,7 @@ class Run:
         handle = self.backend.start(spec)
         self.handles[config.stage] = handle
         self.started[config.stage] = time.monotonic()
+        self.record(config.stage, "started", {})
         self.emit(config.stage, "started")
         return handle
 
@@ -476,6 +484,8 @@ class _Monitor:
 
     def _take(self, event: Any) -> None:
         name, op, data = event.stage, event.op, event.data
+        if name not in self.violations:
+            self.run.record(name, op, data)
         if op == "progress":  # shown on the operator's terminal: short and inert
             extra = {control_mod.shown(k, 64): control_mod.shown(v, 200) if isinstance(v, str) else v
                      for k, v in (data.get("extra") or {}).items()}
@@ -520,6 +530,7 @@ class _Monitor:
             if code is not None:
                 self.exited[name] = code
                 run.downloads.cancel(name)  # nobody is waiting for them any more
+                run.record(name, "exited", {"code": code})
                 run.emit(name, "exited", code=code)
                 continue
             # A stage that serves its pool waits on its consumers: its time is theirs, and the
@@ -564,3 +575,18 @@ class _Monitor:
         deadline = time.monotonic() + STOP_GRACE
         while time.monotonic() < deadline and any(self.run.handles[n].poll() is None for n in serving):
             time.sleep(0.05)
+        if self.run.opts.on_record:  # the serving stages' last counts and their ends, for the display
+            self._record_last(serving)
+
+    def _record_last(self, serving: list[str]) -> None:
+        while True:
+            try:
+                event = self.run.control.events.get_nowait()
+            except queue.Empty:
+                break
+            if event.op == "moved" and event.stage not in self.violations:
+                self.run.record(event.stage, event.op, event.data)
+        for name in serving:
+            code = self.run.handles[name].poll()
+            if name not in self.exited and code is not None:
+                self.run.record(name, "exited", {"code": code})

@@ -8,6 +8,7 @@ names the offending field.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 import posixpath
@@ -24,6 +25,7 @@ from urllib.request import url2pathname
 import jsonschema
 from jsonschema import Draft202012Validator
 
+from pipcook_sandbox.runner import validate
 from pipcook_sandbox.runner.errors import SpecError
 
 SCHEMA_RESOURCE = "pipeline-2.0.schema.json"
@@ -110,6 +112,11 @@ def load_schema() -> dict:
     return json.loads(text)
 
 
+def pipeline_types() -> list[str]:
+    """The values `type` may take (the schema's enum; docs/pipeline.md "Task types" documents each)."""
+    return list(load_schema()["properties"]["type"]["enum"])
+
+
 @lru_cache(maxsize=1)
 def _validator() -> Draft202012Validator:
     return Draft202012Validator(load_schema())
@@ -168,6 +175,13 @@ def _schema_error(err: jsonschema.ValidationError, source: str) -> SpecError:
         if not where:
             return SpecError(f"the pipeline {cause}", source=source)
         return SpecError(cause, field=where, source=source)
+    if kind == "enum":
+        shown = json.dumps(err.instance)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        close = difflib.get_close_matches(str(err.instance), [str(v) for v in err.validator_value], n=1)
+        hint = f" (did you mean {json.dumps(close[0])}?)" if close else ""
+        return SpecError(f"must be one of {', '.join(map(str, err.validator_value))}; got {shown}{hint}",
+                         field=where or None, source=source)
     if kind == "minLength":
         return SpecError("must not be empty", field=where or None, source=source)
     return SpecError(err.message, field=where or None, source=source)
@@ -367,6 +381,8 @@ def parse_pipeline(data: bytes | str | dict, source: str) -> Pipeline:
     """
     source, base, is_remote = _source_base(source)
     raw = _decode(data, source)
+    # typos first, with a suggestion: "datasorce" is not reported as "datasource is required"
+    validate.check_raw(raw, source, load_schema()["properties"])
     error = jsonschema.exceptions.best_match(_validator().iter_errors(raw))
     if error is not None:
         raise _schema_error(error, source)
