@@ -29,11 +29,8 @@ def clean_all(only: Iterable[str] | None = None) -> list[str]:
             backend = get_backend(name)
         except ImportError:
             continue
-        clean = getattr(backend, "clean_leftovers", None)
-        if clean is None:
-            continue
         try:
-            removed.extend(clean())
+            removed.extend(backend.clean_leftovers())
         except Exception as exc:  # one backend's trouble must not stop the others
             removed.append(f"({name}: could not finish cleaning: {exc})")
     return removed

@@ -57,7 +57,7 @@ def handle_errors(fn: Callable) -> Callable:
         except UsageError as exc:  # a bad value found after parsing: a usage error like click's
             raise click.UsageError(str(exc)) from None
         except PipcookError as exc:
-            from .orchestrator import Interrupted
+            from .errors import Interrupted
 
             if isinstance(exc, Interrupted) or _terminated:
                 _stopped(exc.cause if isinstance(exc, Interrupted) else "")
@@ -94,11 +94,12 @@ def _stopped(cause: str) -> None:
     sys.exit(EXIT_INTERRUPTED)
 
 
-def _limits(memory: str | None, cpus: float | None, pids: int | None, disk: str | None, timeout: float | None) -> Any:
+def _limits(memory: str | None, cpus: float | None, pids: int | None, disk: str | None, timeout: float | None,
+            downloads: str | None = None) -> Any:
     from .limits import from_options
 
     try:
-        return from_options(memory, cpus, pids, disk, timeout, warn=_warn)
+        return from_options(memory, cpus, pids, disk, timeout, warn=_warn, downloads=downloads)
     except UsageError as exc:  # exit 2 with click's usage line, like any other bad value
         raise click.UsageError(str(exc)) from None
 
@@ -110,6 +111,8 @@ def limit_options(fn: Callable) -> Callable:
         click.option("--pids", type=int, metavar="N", help="Processes and threads per stage (default 256)."),
         click.option("--disk", metavar="SIZE", help="All a stage may write, e.g. 10g (default 10g)."),
         click.option("--timeout", type=float, metavar="SECONDS", help="Wall-clock limit per stage (default 3600)."),
+        click.option("--downloads", metavar="SIZE",
+                     help="All the bytes a run's ctx.download calls may fetch together (default: the --disk size)."),
     ]):
         fn = option(fn)
     return fn
@@ -229,7 +232,7 @@ def _parse_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
 @handle_errors
 def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror: str | None, as_json: bool,
         stage_uid: str | None, isolation: str, gpu: bool | None, nocache: bool, allow_private: tuple[str, ...],
-        debug: bool, memory, cpus, pids, disk, timeout) -> None:
+        debug: bool, memory, cpus, pids, disk, timeout, downloads) -> None:
     """Train: run PIPELINE (a path or an http(s) URL), every stage sandboxed.
 
     On a terminal a live table shows every stage (samples sent, epoch, latest metrics, ETA); otherwise one
@@ -244,7 +247,7 @@ def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror
         emitter = Emitter(sys.stdout)
     try:
         _run(pipeline, output, force, overrides, mirror, emitter, ids, isolation, gpu, nocache, allow_private,
-             debug, memory, cpus, pids, disk, timeout)
+             debug, memory, cpus, pids, disk, timeout, downloads)
     except BaseException as exc:
         if emitter is not None:
             emitter.verdict(_exit_code(exc), exc if isinstance(exc, PipcookError) else _plain(exc))
@@ -255,8 +258,8 @@ def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror
 
 def _run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror: str | None, emitter: Any,
          ids: tuple[int, int] | None, isolation: str, gpu: bool | None, nocache: bool,
-         allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout) -> None:
-    limits = _limits(memory, cpus, pids, disk, timeout)
+         allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout, downloads) -> None:
+    limits = _limits(memory, cpus, pids, disk, timeout, downloads)
     if ids is not None:
         output = _private_workspace(output, ids)
     confined = _isolation_check(isolation, debug)
@@ -299,7 +302,7 @@ def _run(pipeline: str, output: Path | None, force: bool, overrides: list, mirro
             output=output, isolation=isolation, gpu=gpu, nocache=nocache, allow_private=allow_private,
             limits=limits, mirror=mirror, log=log, on_event=on_event, on_record=display.record,
             on_progress=emitter.progress if emitter is not None else None,
-            on_metrics=emitter.metrics if emitter is not None else None,
+            observers=(emitter.observe,) if emitter is not None else (),
             force=force, overrides=overrides, on_workspace=made, on_trained=trained,
             on_artifact=tracker.artifacts.append))
         failed = False
@@ -319,7 +322,7 @@ def _run(pipeline: str, output: Path | None, force: bool, overrides: list, mirro
 
 def _exit_code(exc: BaseException) -> int:
     """The exit status handle_errors gives EXC (the verdict event says the same)."""
-    from .orchestrator import Interrupted
+    from .errors import Interrupted
 
     if isinstance(exc, (KeyboardInterrupt, Interrupted)):
         return EXIT_TERMINATED if _terminated else EXIT_INTERRUPTED
@@ -358,12 +361,13 @@ def _plain(exc: BaseException) -> BaseException | None:
 @limit_options
 @handle_errors
 def predict(model: str, strings: tuple[str, ...], files: tuple[str, ...], mirror: str | None, isolation: str,
-            gpu: bool, allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout) -> None:
+            gpu: bool, allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout,
+            downloads) -> None:
     """Predict: run MODEL (a workspace, model dir, model zip or its http(s) URL) on -s/-u inputs.
 
     Prints {"success": true, "data": [one result per input]} as JSON on stdout.
     """
-    limits = _limits(memory, cpus, pids, disk, timeout)
+    limits = _limits(memory, cpus, pids, disk, timeout, downloads)
     if gpu:  # before anything is built: the CUDA framework is gigabytes
         from .training import require_gpu_host
 
@@ -404,14 +408,15 @@ def predict(model: str, strings: tuple[str, ...], files: tuple[str, ...], mirror
 @limit_options
 @handle_errors
 def serve(model: str, port: int, mirror: str | None, host: str, request_timeout: float, max_queue: int, isolation: str, gpu: bool,
-          allow_private: tuple[str, ...], access_log: bool, debug: bool, memory, cpus, pids, disk, timeout) -> None:
+          allow_private: tuple[str, ...], access_log: bool, debug: bool, memory, cpus, pids, disk, timeout,
+          downloads) -> None:
     """Serve MODEL (a workspace, model dir or model zip) over HTTP, one sandboxed worker kept warm.
 
     POST /predict, a demo page at /, GET /healthz, /info, /report (the training report), /openapi.json, /docs.
     """
     if request_timeout <= 0:
         raise click.BadParameter("must be positive", param_hint="--request-timeout")
-    limits = _limits(memory, cpus, pids, disk, timeout)
+    limits = _limits(memory, cpus, pids, disk, timeout, downloads)
     if gpu:  # before anything is built: the CUDA framework is gigabytes
         from .training import require_gpu_host
 

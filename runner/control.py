@@ -8,12 +8,13 @@ recorded (and failed by the orchestrator); the runner itself never raises on
 what a stage sends.
 
 Events go to the orchestrator through a queue; downloads (`ctx.download`) run
-in a small thread pool and their replies are sent from the polling thread,
-the only thread that touches the sockets.
+in a few daemon threads and their replies are sent from the polling thread,
+the only thread that touches the sockets. Daemon threads, because a download
+stuck on a hostile server must never keep the runner's process alive after
+its verdict (the downloader's own deadline and cancellation end it sooner).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import math
 import queue
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import zmq
+
 from pipcook_sandbox.sandbox.protocol import CONTROL_CAPS, ProtocolError, pack, unpack
 
 MAX_VIOLATIONS_LOGGED = 5
@@ -40,6 +42,11 @@ MAX_CONNECTIONS = 4
 # a flood never outpaces a main thread that falls behind: at most this many
 # messages of up to 2 MiB are held in the runner.
 MAX_PENDING_EVENTS = 32
+# Downloads run at once per run; more wait their turn.
+DOWNLOAD_THREADS = 4
+# How long `close` waits for downloads to notice they were cancelled (and
+# remove their partial files) before leaving them to die with the process.
+DOWNLOAD_JOIN = 2.0
 # Progress notes are only ever shown, cut to a line; nothing longer is kept.
 PROGRESS_TEXT_MAX = 1000
 
@@ -104,6 +111,38 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _progress(msg: dict) -> dict:
+    if not _finite(msg.get("value")):
+        raise ProtocolError("progress value is not a finite number")
+    extra = msg.get("extra") or {}
+    if not isinstance(extra, dict) or len(extra) > 16:
+        raise ProtocolError("progress extra is not a small map")
+    return {"op": "progress", "value": min(100.0, max(0.0, float(msg["value"]))),
+            "extra": {str(k)[:64]: v[:PROGRESS_TEXT_MAX] if isinstance(v, str) else v
+                      for k, v in extra.items() if v is None or isinstance(v, (bool, int, float, str))}}
+
+
+def _metrics(msg: dict) -> dict:
+    metrics, step = msg.get("metrics"), msg.get("step")
+    if not isinstance(metrics, dict) or not 0 < len(metrics) <= 256:
+        raise ProtocolError("metrics is not a map of 1 to 256 entries")
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+        raise ProtocolError("metrics step is not an integer")
+    clean = {}
+    for k, v in metrics.items():
+        if not isinstance(k, str) or len(k) > 128 or not (_finite(v) or isinstance(v, float)):
+            raise ProtocolError("metrics must map short names to numbers")
+        clean[k] = float(v) if math.isfinite(v) else None
+    return {"op": "metrics", "step": step, "metrics": clean}
+
+
+def _moved(msg: dict) -> dict:
+    samples = msg.get("samples")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+        raise ProtocolError("moved needs a non-negative integer count of samples")
+    return {"op": "moved", "samples": samples}
+
+
 def validate(msg: Any) -> dict:
     """The message if it is well-formed for its op, else ProtocolError."""
     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
@@ -112,31 +151,11 @@ def validate(msg: Any) -> dict:
     if op in ("hello", "done", "serving"):
         return msg
     if op == "progress":
-        if not _finite(msg.get("value")):
-            raise ProtocolError("progress value is not a finite number")
-        extra = msg.get("extra") or {}
-        if not isinstance(extra, dict) or len(extra) > 16:
-            raise ProtocolError("progress extra is not a small map")
-        return {"op": op, "value": min(100.0, max(0.0, float(msg["value"]))),
-                "extra": {str(k)[:64]: v[:PROGRESS_TEXT_MAX] if isinstance(v, str) else v
-                          for k, v in extra.items() if v is None or isinstance(v, (bool, int, float, str))}}
+        return _progress(msg)
     if op == "metrics":
-        metrics, step = msg.get("metrics"), msg.get("step")
-        if not isinstance(metrics, dict) or not 0 < len(metrics) <= 256:
-            raise ProtocolError("metrics is not a map of 1 to 256 entries")
-        if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
-            raise ProtocolError("metrics step is not an integer")
-        clean = {}
-        for k, v in metrics.items():
-            if not isinstance(k, str) or len(k) > 128 or not (_finite(v) or isinstance(v, float)):
-                raise ProtocolError("metrics must map short names to numbers")
-            clean[k] = float(v) if math.isfinite(v) else None
-        return {"op": op, "step": step, "metrics": clean}
+        return _metrics(msg)
     if op == "moved":  # how many samples a serving stage has sent so far (the live display)
-        samples = msg.get("samples")
-        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
-            raise ProtocolError("moved needs a non-negative integer count of samples")
-        return {"op": op, "samples": samples}
+        return _moved(msg)
     if op == "sync":
         if not isinstance(msg.get("id"), int) or isinstance(msg["id"], bool):
             raise ProtocolError("sync needs an integer id")
@@ -180,7 +199,8 @@ class ControlServer:
         self._downloader = downloader
         self.events: "queue.Queue[Event]" = queue.Queue()
         self._replies: "queue.Queue[tuple[str, bytes, dict]]" = queue.Queue()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="download")
+        self._jobs: "queue.Queue[tuple[str, bytes, dict] | None]" = queue.Queue()
+        self._workers: list[threading.Thread] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.violations: dict[str, list[str]] = {}
@@ -201,7 +221,18 @@ class ControlServer:
         self._thread.start()
 
     def send_stop(self, stage: str) -> None:
-        self._replies.put((stage, b"*", {"op": "stop"}))
+        self.send(stage, {"op": "stop"})
+
+    def send(self, stage: str, msg: dict) -> None:
+        """Send `msg` to every peer of `stage` (from the polling thread, the only one on the sockets)."""
+        self._replies.put((stage, b"*", msg))
+
+    def _download_worker(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None or self._stop.is_set():
+                return
+            self._download(*job)
 
     def _loop(self) -> None:
         poller = zmq.Poller()
@@ -237,7 +268,7 @@ class ControlServer:
                         continue
                     peers[stage].add(peer)
                     if msg["op"] == "download":
-                        self._pool.submit(self._download, stage, peer, msg)
+                        self._submit(stage, peer, msg)
                     elif msg["op"] == "sync":
                         # Everything this peer sent before is in `events` now: the stage may exit
                         # knowing its last reports (done, error) were not lost in its socket.
@@ -290,6 +321,13 @@ class ControlServer:
         if len(seen) == 1:
             self.events.put(Event(stage, "violation", {"message": why}))
 
+    def _submit(self, stage: str, peer: bytes, msg: dict) -> None:
+        if len(self._workers) < DOWNLOAD_THREADS:
+            worker = threading.Thread(target=self._download_worker, name="download", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+        self._jobs.put((stage, peer, msg))
+
     def _download(self, stage: str, peer: bytes, msg: dict) -> None:
         try:
             path = self._downloader(stage, msg["url"])
@@ -304,5 +342,9 @@ class ControlServer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for _ in self._workers:
+            self._jobs.put(None)
+        deadline = time.monotonic() + DOWNLOAD_JOIN
+        for worker in self._workers:
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
         self._zctx.term()

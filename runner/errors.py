@@ -62,6 +62,18 @@ class IntegrityError(FetchError):
     """A download's sha256 digest differs from the pin in the pipeline."""
 
 
+class StageError(PipcookError):
+    """A stage failed; `traceback` holds the script's traceback for --debug."""
+
+    def __init__(self, cause: str, stage: str | None = None, script: str | None = None, traceback: str = "") -> None:
+        super().__init__(cause, stage=stage, script=script)
+        self.traceback = traceback
+
+
+class Interrupted(PipcookError):
+    """The run was stopped by Ctrl-C or SIGTERM; every stage was stopped."""
+
+
 class UsageError(PipcookError):
     """A bad command-line value that is only found out after parsing (e.g. `--set dataflow.3.x` for a
     pipeline with one dataflow): reported like click's usage errors, with exit status 2."""

@@ -78,6 +78,15 @@ class Emitter:
     def metrics(self, stage: str, step: Any, metrics: dict) -> None:
         self.emit("metrics", stage=stage, step=step, metrics=metrics)
 
+    def observe(self, event: Any) -> None:
+        """A run.RunEvent observer: each metrics.jsonl record as a `metrics` event, less the runner's fields."""
+        if event.kind == "metrics":
+            record = dict(event.data["record"])
+            step = record.pop("step", None)
+            record.pop("time", None)
+            record.pop("stage", None)
+            self.metrics(event.stage, step, record)
+
     def stage_event(self, stage: str, what: str) -> None:
         """The orchestrator's on_event(stage, what): starts and exits become `stage`, the rest `log`."""
         if what == "started":

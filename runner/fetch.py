@@ -13,6 +13,7 @@ import json
 import os
 import ssl
 import tempfile
+import time
 from collections.abc import Callable, Collection
 from datetime import datetime, timezone
 from pathlib import Path
@@ -85,7 +86,8 @@ def _host_header(url: httpx.URL) -> str:
 
 
 def _send_pinned(
-    client: httpx.Client, url: httpx.URL, allow_private: Collection[str], timeout: float
+    client: httpx.Client, url: httpx.URL, allow_private: Collection[str], timeout: float,
+    deadline: float | None = None,
 ) -> httpx.Response:
     """Send one GET to a vetted address of ``url``'s host; the caller closes it."""
     import httpx
@@ -104,7 +106,7 @@ def _send_pinned(
             url.copy_with(host=ip),
             headers={"Host": _host_header(url), "Accept-Encoding": "identity"},
             extensions=extensions,
-            timeout=httpx.Timeout(timeout),
+            timeout=httpx.Timeout(_remaining(timeout, deadline)),
         )
         try:
             return client.send(request, stream=True)
@@ -115,6 +117,13 @@ def _send_pinned(
     raise last_error
 
 
+def _remaining(timeout: float, deadline: float | None) -> float:
+    """The per-operation timeout, never past the download's total deadline."""
+    if deadline is None:
+        return timeout
+    return max(0.05, min(timeout, deadline - time.monotonic()))
+
+
 def _stream(
     url: str,
     sink: Callable[[bytes], None],
@@ -122,8 +131,12 @@ def _stream(
     allow_private: Collection[str],
     max_bytes: int,
     timeout: float,
+    deadline: float | None = None,
 ) -> str:
-    """GET ``url`` into ``sink`` following redirects by hand; return the sha256."""
+    """GET ``url`` into ``sink`` following redirects by hand; return the sha256.
+
+    ``deadline`` (time.monotonic()) bounds the whole download, not each read:
+    a server that trickles a byte at a time cannot hold it past that time."""
     import httpx
 
     stats["downloads"] += 1
@@ -133,7 +146,8 @@ def _stream(
             try:
                 check_url(current, allow_private)
                 target = httpx.URL(current)
-                response = _send_pinned(client, target, allow_private, timeout)
+                _check_deadline(url, deadline)
+                response = _send_pinned(client, target, allow_private, timeout, deadline)
             except PolicyError as exc:
                 if hop:
                     # Say where the redirect came from, or the refusal of an
@@ -164,7 +178,7 @@ def _stream(
                         f"{current} answered HTTP {response.status_code} "
                         f"{response.reason_phrase or ''}".rstrip()
                     )
-                return _read_body(response, current, sink, max_bytes, timeout)
+                return _read_body(response, current, sink, max_bytes, timeout, deadline)
             finally:
                 response.close()
         raise FetchError(f"too many redirects (more than {MAX_REDIRECTS}) fetching {url}")
@@ -176,6 +190,7 @@ def _read_body(
     sink: Callable[[bytes], None],
     max_bytes: int,
     timeout: float,
+    deadline: float | None = None,
 ) -> str:
     import httpx
 
@@ -185,7 +200,10 @@ def _read_body(
     digest = hashlib.sha256()
     total = 0
     try:
-        for chunk in response.iter_bytes(_CHUNK):
+        # No chunk size: each network read is seen as it arrives, so the
+        # deadline is checked even when a server sends one byte at a time.
+        for chunk in response.iter_bytes():
+            _check_deadline(url, deadline)
             total += len(chunk)
             if total > max_bytes:
                 raise _too_big(url, max_bytes)
@@ -196,6 +214,11 @@ def _read_body(
     except httpx.HTTPError as exc:
         raise FetchError(f"download of {url} failed: {exc}") from None
     return digest.hexdigest()
+
+
+def _check_deadline(url: str, deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise FetchError(f"download of {url} stopped: it ran past its deadline")
 
 
 def fetch_bytes(
@@ -218,19 +241,31 @@ def download(
     allow_private: Collection[str] = (),
     max_bytes: int,
     timeout: float = 30.0,
+    deadline: float | None = None,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> str:
     """Download ``url`` (http/https only) to ``dest``; return its sha256 hex.
 
     The file appears at ``dest`` only once complete: a failed or refused
-    download leaves nothing behind.
+    download leaves nothing behind. ``deadline`` (a time.monotonic() value)
+    bounds the whole download; ``on_chunk(n)`` is told each chunk's size
+    before it is written and may raise to stop the download (a byte budget,
+    a cancelled stage).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
     try:
         with os.fdopen(fd, "wb") as out:
+
+            def sink(chunk: bytes) -> None:
+                if on_chunk is not None:
+                    on_chunk(len(chunk))
+                out.write(chunk)
+
             digest = _stream(
-                url, out.write, allow_private=allow_private, max_bytes=max_bytes, timeout=timeout
+                url, sink, allow_private=allow_private, max_bytes=max_bytes, timeout=timeout,
+                deadline=deadline,
             )
         os.replace(tmp_name, dest)
     except BaseException:

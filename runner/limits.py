@@ -41,7 +41,8 @@ def defaults() -> Limits:
 
 
 def from_options(memory: str | None, cpus: float | None, pids: int | None, disk: str | None,
-                 timeout: float | None, warn: Callable[[str], None] | None = None) -> Limits:
+                 timeout: float | None, warn: Callable[[str], None] | None = None,
+                 downloads: str | None = None) -> Limits:
     """Limits from the command-line values; a bad one is a UsageError (exit 2). `--cpus` above the
     host's cores is capped to them, with a warning through `warn`."""
     limits = defaults()
@@ -73,6 +74,8 @@ def from_options(memory: str | None, cpus: float | None, pids: int | None, disk:
         if timeout <= 0:
             raise UsageError("--timeout must be positive")
         changes["timeout"] = float(timeout)
+    if downloads is not None:
+        changes["downloads"] = parse_size(downloads, "--downloads")
     limits = limits.replace(**changes)
     # /tmp is memory-backed: never let it claim more than half the memory limit
     return limits.replace(tmp=min(limits.tmp, limits.memory // 2))

@@ -20,7 +20,6 @@ import ipaddress
 import json
 import os
 import queue
-import shutil
 import socket
 import stat
 import tempfile
@@ -31,12 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipcook_sandbox.runner.backends import base, get_backend
-from pipcook_sandbox.runner.backends.base import Limits, Mount, StageSpec
+from pipcook_sandbox.runner.backends import base
+from pipcook_sandbox.runner.backends.base import Limits, Mount
+from pipcook_sandbox.sandbox.stageconfig import ScriptEntry
 
-from . import control as control_mod
-from . import orchestrator, predict, report, training
-from .errors import PipcookError
+from . import models, report, stages
+from . import run as run_mod
+from .errors import PipcookError, StageError
+from .verdict import Observation
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STAGE = "serve"
@@ -81,29 +82,20 @@ class ServeOptions:
     warn: Callable[[str], None] = print
 
 
-class _Control(control_mod.ControlServer):
-    """The runner's end of the worker's control socket, plus requests to the worker."""
-
-    def send(self, stage: str, msg: dict) -> None:
-        # The polling thread is the only one that touches the sockets; it sends what is queued here.
-        self._replies.put((stage, b"*", msg))
-
-
 class WarmWorker:
-    """One sandbox running the worker in its `serve` role. Not thread-safe: callers serialise."""
+    """One sandbox running the worker in its `serve` role, in a `Run` of its own. Not thread-safe:
+    callers serialise."""
 
-    def __init__(self, model: predict.Model, ws: Any, copies: dict[str, Path], framework: Any,
+    def __init__(self, model: models.Model, ws: Any, copies: dict[str, Path], framework: Any,
                  worker_site: Path | None, opts: ServeOptions) -> None:
         self.model, self.ws, self.opts = model, ws, opts
-        self.plans = training.plan(model.pipeline, copies, task_type="predict")
-        self.exec_opts = orchestrator.ExecOptions(
+        self.plans = stages.plan(model.pipeline, copies, task_type="predict")
+        self.exec_opts = run_mod.ExecOptions(
             isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu, allow_private=opts.allow_private,
             task_type="predict", framework=framework, worker_site=worker_site,
-            pipeline_options=dict(model.pipeline.options), model_dir=model.dir)
-        self.backend = get_backend(opts.isolation)
-        self.translating = getattr(self.backend, "TRANSLATES_PATHS", True)
-        self.state: Path | None = None
-        self.control: _Control | None = None
+            pipeline_options=dict(model.pipeline.options), model_dir=model.dir,
+            on_event=(lambda stage, what: opts.log(f"[{stage}] {what}")) if opts.debug else None)
+        self.run: run_mod.Run | None = None
         self.handle: Any = None
         self.zctx: Any = None
         self.req = 0
@@ -112,56 +104,32 @@ class WarmWorker:
 
     # -------------------------------------------------------------- lifecycle
 
-    def _inside(self, source: Path, target: str) -> str:
-        return target if self.translating else str(source)
+    @property
+    def log_path(self) -> Path:
+        return self.ws.logs / "serve.log"
 
-    def _spec(self, state: Path) -> StageSpec:
-        inside = self._inside
-        mounts, site_dirs, framework_cfg = orchestrator.runtime_mounts(self.exec_opts, inside)
+    def _start_sandbox(self, run: run_mod.Run) -> Any:
+        inside = run.inside
+        mounts: list[Mount] = []
         scripts = []
         for plan in self.plans:
             target = f"{base.IN_SCRIPTS}/{plan.script.name}"
             if Mount(plan.script, target) not in mounts:  # one file may serve several stages
                 mounts.append(Mount(plan.script, target))
-            scripts.append({"stage": plan.name, "script": inside(plan.script, target), "options": plan.options})
-        ctl_dir, in_dir = state / "ipc" / "control", state / "ipc" / "in"
-        mounts.append(Mount(ctl_dir, f"{base.IN_IPC}/control"))
+            scripts.append(ScriptEntry(plan.name, inside(plan.script, target), plan.options))
+        in_dir = run.state / "ipc" / "in"
+        in_dir.mkdir(parents=True)
         mounts.append(Mount(in_dir, f"{base.IN_IPC}/in"))
-        mounts.append(Mount(self.control._downloader.dir_for(STAGE), orchestrator.IN_DOWNLOADS))
-        workspace = {"framework_dir": framework_cfg["dir"] if framework_cfg else None}
+        workspace = {}
         for sub in ("data", "cache"):  # the throwaway workspace's, empty and read-only
             mounts.append(Mount(getattr(self.ws, sub), f"{base.IN_WORKSPACE}/{sub}"))
             workspace[f"{sub}_dir"] = inside(getattr(self.ws, sub), f"{base.IN_WORKSPACE}/{sub}")
         mounts.append(Mount(self.model.dir, f"{base.IN_WORKSPACE}/model"))
         workspace["model_dir"] = inside(self.model.dir, f"{base.IN_WORKSPACE}/model")
-        limits = self.opts.limits
-        config = {
-            "protocol": 1,
-            "stage": STAGE,
-            "role": "serve",
-            "task_type": "predict",
-            "script": scripts[-1]["script"],
-            "dataflows": scripts[:-1],
-            "model": scripts[-1],
-            "options": {},
-            "pipeline_options": self.exec_opts.pipeline_options,
-            "framework": framework_cfg,
-            "site_dirs": site_dirs,
-            "control": f"ipc://{inside(ctl_dir, base.IN_IPC + '/control')}/control.sock",
-            "workspace": workspace,
-            "extract": {"max_bytes": limits.disk, "max_files": 100_000},
-            "hints": {"cpus": limits.cpus, "gpu": "1" if self.opts.gpu else "0"},
-        }
-        cfg_path = state / "stage-serve.json"
-        cfg_path.write_text(json.dumps(config, default=str))
-        mounts.append(Mount(cfg_path, base.IN_STAGE_CONFIG))
-        run_id = f"{os.getpid()}-{os.urandom(3).hex()}"
-        return StageSpec(run_id=run_id, name=STAGE, mounts=mounts, limits=limits, log_path=self.log_path,
-                         gpu=self.opts.gpu, labels={"state_dir": str(state), "run_id": run_id, "stage": STAGE})
-
-    @property
-    def log_path(self) -> Path:
-        return self.ws.logs / "serve.log"
+        config = run.base_config(STAGE, "serve", scripts[-1].script, run.control_dir(STAGE), mounts,
+                                 dataflows=scripts[:-1], model=scripts[-1], workspace=workspace)
+        run.control.start()
+        return run.start_stage(config, mounts, self.log_path)
 
     def start(self) -> None:
         """Start the sandbox and wait until it has imported every script; WorkerError if it cannot."""
@@ -170,17 +138,11 @@ class WarmWorker:
         self.stop()
         self.status = "starting"
         self.starts += 1
-        # Short path: ipc:// endpoints must stay under 107 characters.
-        self.state = Path(tempfile.mkdtemp(prefix="pcsb-serve-", dir="/tmp" if os.path.isdir("/tmp") else None))
-        (self.state / "run.json").write_text(json.dumps({"runner_pid": os.getpid()}))
-        for sub in ("control", "in"):
-            (self.state / "ipc" / sub).mkdir(parents=True)
-        self.control = _Control(orchestrator._Downloads(self.state, self.exec_opts, self._inside))
-        self.control.add_stage(STAGE, f"ipc://{self.state}/ipc/control/control.sock")
-        self.control.start()
-        self.zctx = zmq.Context()
+        self.run = run_mod.Run(self.ws, self.exec_opts, prefix="pcsb-serve-")
         try:
-            self.handle = self.backend.start(self._spec(self.state))
+            self.run.open()
+            self.zctx = zmq.Context()
+            self.handle = self._start_sandbox(self.run)
             deadline = time.monotonic() + self.opts.startup_timeout
             while True:
                 event = self._next_event(deadline, "starting")
@@ -196,27 +158,18 @@ class WarmWorker:
     def stop(self) -> None:
         """Stop the sandbox and remove everything it held. Idempotent."""
         self.status = "down"
-        if self.handle is not None:
-            if self.control is not None and self.handle.poll() is None:
-                self.control.send(STAGE, {"op": "stop"})
+        if self.run is not None:
+            if self.handle is not None and self.handle.poll() is None:
+                self.run.control.send(STAGE, {"op": "stop"})
                 deadline = time.monotonic() + STOP_GRACE
                 while time.monotonic() < deadline and self.handle.poll() is None:
                     time.sleep(0.05)
-            for step in (lambda: self.handle.terminate(base.REASON_CANCELLED), self.handle.cleanup):
-                try:
-                    step()
-                except Exception as exc:  # keep cleaning the rest
-                    self.opts.log(f"serve: worker cleanup problem: {exc}")
-            self.handle = None
-        if self.control is not None:
-            self.control.close()
-            self.control = None
+            self.run.close()  # stops the sandbox, the control channel, the downloads; removes the state dir
+            self.run = None
+        self.handle = None
         if self.zctx is not None:
             self.zctx.destroy(linger=0)
             self.zctx = None
-        if self.state is not None:
-            shutil.rmtree(self.state, ignore_errors=True)
-            self.state = None
 
     def alive(self) -> bool:
         return self.status == "ready" and self.handle is not None and self.handle.poll() is None
@@ -230,27 +183,27 @@ class WarmWorker:
         if violation is not None and self.handle is not None:
             self.handle.terminate(base.REASON_PROTOCOL)
         outcome = self.handle.outcome() if self.handle is not None else base.Outcome(None)
-        found = orchestrator._stage_failure(STAGE, self.plans[-1], outcome, error, violation,
-                                            self.opts.limits, self.log_path)
-        err = found[1] if found else orchestrator.StageError("the worker stopped", STAGE, self.plans[-1].script.name)
-        return WorkerError(str(err))
+        script = self.plans[-1].script.name
+        err = self.run.failure(STAGE, script, Observation(outcome, error, violation)) if self.run else None
+        return WorkerError(str(err or StageError("the worker stopped", STAGE, script)))
 
     def _next_event(self, deadline: float, doing: str) -> Any:
         """The next event from the worker, None on a quiet 0.1 s; raise if it died or time ran out."""
         try:
-            event = self.control.events.get(timeout=0.1)
+            event = self.run.control.events.get(timeout=0.1)
         except queue.Empty:
             event = None
         if event is not None:
             if event.op == "violation":
                 raise self._failure(None, event.data["message"])
-            if event.op == "downloaded" and self.opts.debug:
-                self.opts.log(f"[serve] download {event.data['url']}: {'ok' if event.data['ok'] else event.data['message']}")
+            if event.op == "downloaded":
+                self.run.emit(STAGE, "download", url=event.data["url"], ok=event.data["ok"],
+                              message=event.data["message"])
             return event
         if self.handle.poll() is not None:
             time.sleep(0.2)  # its last report may still be on the way
             try:
-                event = self.control.events.get_nowait()
+                event = self.run.control.events.get_nowait()
             except queue.Empty:
                 event = None
             raise self._failure(event.data if event is not None and event.op == "error" else None)
@@ -283,8 +236,8 @@ class WarmWorker:
 
         self.req += 1
         req = self.req
-        sock = self.state / "ipc" / "in" / f"r{req}.sock"
-        server = PoolServer(self.zctx, f"ipc://{sock}", orchestrator.input_pool(samples, self.model.meta))
+        sock = self.run.state / "ipc" / "in" / f"r{req}.sock"
+        server = PoolServer(self.zctx, f"ipc://{sock}", run_mod.input_pool(samples, self.model.meta))
         # bound after the sandbox started, so the backend could not open it up: the stage may run as
         # another uid (bwrap's mapped mode); the directory is private to this worker
         os.chmod(sock, 0o666)
@@ -292,8 +245,8 @@ class WarmWorker:
         thread = threading.Thread(target=serve_until, args=(server, done.is_set), daemon=True)
         thread.start()
         try:
-            where = self._inside(sock.parent, f"{base.IN_IPC}/in")
-            self.control.send(STAGE, {"op": "predict", "req": req, "input": f"ipc://{where}/{sock.name}"})
+            where = self.run.inside(sock.parent, f"{base.IN_IPC}/in")
+            self.run.control.send(STAGE, {"op": "predict", "req": req, "input": f"ipc://{where}/{sock.name}"})
             deadline = time.monotonic() + self.opts.request_timeout
             while True:
                 event = self._next_event(deadline, "predicting")
@@ -628,7 +581,7 @@ def input_columns(meta: dict) -> list[str] | None:
     return list(found)
 
 
-def model_info(model: predict.Model, opts: ServeOptions) -> dict:
+def model_info(model: models.Model, opts: ServeOptions) -> dict:
     """What the demo page needs to adapt itself to the model."""
     categories = model.meta.get("categories")
     return {"type": model.type, "categories": categories if isinstance(categories, list) else None,
@@ -643,12 +596,12 @@ def serve_model(location: str, opts: ServeOptions) -> None:
     if not is_loopback(opts.host):
         opts.warn(f"WARNING: serving on {opts.host}, not loopback: anyone who can reach this machine can send "
                   "inputs to the model. There is no authentication; put a proxy in front of it.")
-    popts = predict.PredictOptions(isolation=opts.isolation, gpu=opts.gpu, allow_private=opts.allow_private,
-                                   limits=opts.limits, log=opts.log, mirror=opts.mirror)
-    with predict.open_model(location, opts.allow_private) as model_dir, \
+    with models.open_model(location, opts.allow_private) as model_dir, \
             tempfile.TemporaryDirectory(prefix="pcsb-serve-ws-") as tmp:
-        model = predict.load(model_dir)
-        ws, copies, framework, worker_site = predict.prepare(model, Path(tmp), popts)
+        model = models.load(model_dir)
+        ws, copies, framework, worker_site = models.prepare(model, Path(tmp), isolation=opts.isolation, gpu=opts.gpu,
+                                                            allow_private=opts.allow_private, log=opts.log,
+                                                            mirror=opts.mirror)
         sock = _bind(opts.host, opts.port)
         worker = WarmWorker(model, ws, copies, framework, worker_site, opts)
         try:

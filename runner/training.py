@@ -21,9 +21,8 @@ from typing import Any, Callable
 
 from pipcook_sandbox.runner.backends.base import Limits
 
-from . import artifacts, cleanup, fetch, frameworks, orchestrator, overrides, spec, validate, workspace
+from . import artifacts, cleanup, fetch, overrides, run, spec, stages, validate, workspace
 from .errors import PipcookError
-from .workerenv import ensure_worker_site
 
 
 @dataclass
@@ -38,7 +37,7 @@ class RunOptions:
     log: Callable[[str], None] = print
     on_progress: Callable[[float, dict], None] | None = None
     on_event: Callable[[str, str], None] | None = None
-    on_metrics: Callable[[str, Any, dict], None] | None = None
+    observers: tuple[Callable[[Any], None], ...] = ()  # each gets every run.RunEvent
     on_record: Callable[[str, str, dict], None] | None = None  # every stage event as data (runner/display.py)
     force: bool = False  # replace an -o directory this runner created (workspace.created_by_us)
     overrides: list = field(default_factory=list)  # overrides.Override, from --set
@@ -46,56 +45,6 @@ class RunOptions:
     on_trained: Callable[[workspace.Workspace], None] | None = None  # model/ is complete, artifacts next
     on_artifact: Callable[[Path], None] | None = None
 
-
-def model_options(pipeline: spec.Pipeline) -> dict:
-    """options.train merged under the model script's query options (query values win)."""
-    merged = dict(pipeline.train_options or {})
-    merged.update(pipeline.model.options)
-    return merged
-
-
-def fetch_scripts(pipeline: spec.Pipeline, ws: workspace.Workspace, opts: RunOptions) -> dict[str, Path]:
-    """Every distinct script URI fetched once and copied into ws/scripts; uri -> copy."""
-    copies: dict[str, Path] = {}
-    refs = [("datasource", pipeline.datasource)]
-    refs += [(f"dataflow-{i}", ref) for i, ref in enumerate(pipeline.dataflow, 1)]
-    refs.append(("model", pipeline.model))
-    used: set[str] = set()
-    for stage, ref in refs:
-        if ref.uri in copies:
-            continue
-        try:
-            cached = fetch.fetch_script(ref, nocache=opts.nocache, allow_private=opts.allow_private)
-        except PipcookError as exc:
-            exc.stage = exc.stage or stage
-            exc.script = exc.script or ref.name
-            raise
-        name = ref.name if ref.name.endswith(".py") else f"{ref.name}.py"
-        while name in used:  # two URIs, one file name
-            name = f"{Path(name).stem}-{hashlib.sha256(ref.uri.encode()).hexdigest()[:6]}.py"
-        used.add(name)
-        copies[ref.uri] = ws.scripts / name
-        shutil.copyfile(cached, copies[ref.uri])
-    return copies
-
-
-def plan(pipeline: spec.Pipeline, copies: dict[str, Path], task_type: str = "train") -> list[orchestrator.StagePlan]:
-    plans = []
-    if task_type == "train":
-        plans.append(orchestrator.StagePlan("datasource", "datasource", copies[pipeline.datasource.uri],
-                                            dict(pipeline.datasource.options)))
-    for i, ref in enumerate(pipeline.dataflow, 1):
-        plans.append(orchestrator.StagePlan(f"dataflow-{i}", "dataflow", copies[ref.uri], dict(ref.options)))
-    plans.append(orchestrator.StagePlan("model", "model", copies[pipeline.model.uri], model_options(pipeline)))
-    return plans
-
-
-def prepare_runtime(pipeline: spec.Pipeline, opts: RunOptions) -> tuple[Any, Path | None]:
-    framework = frameworks.resolve(pipeline.framework, cuda=opts.gpu, log=opts.log, mirror=opts.mirror,
-                                   url_ref=pipeline.framework_ref, nocache=opts.nocache,
-                                   allow_private=opts.allow_private)
-    worker_site = ensure_worker_site(log=opts.log) if opts.isolation in ("bwrap", "none") else None
-    return framework, worker_site
 
 
 def require_gpu_host(who: str, isolation: str, fix: str = "run without --gpu") -> None:
@@ -144,17 +93,19 @@ def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
     opts.log(f"workspace: {ws.root}")
     if opts.on_workspace:
         opts.on_workspace(ws)
-    copies = fetch_scripts(pipeline, ws, opts)
-    framework, worker_site = prepare_runtime(pipeline, opts)
+    copies = stages.fetch_scripts(pipeline, ws, nocache=opts.nocache, allow_private=opts.allow_private)
+    framework, worker_site = stages.prepare_runtime(
+        pipeline, isolation=opts.isolation, gpu=opts.gpu, nocache=opts.nocache, allow_private=opts.allow_private,
+        log=opts.log, mirror=opts.mirror)
     if framework is not None:
         workspace.write_json(ws.framework / "framework.json",
                              {"name": framework.name, "version": framework.version, "path": str(framework.dir)})
-    plans = plan(pipeline, copies)
-    result = orchestrator.execute(plans, ws, orchestrator.ExecOptions(
+    plans = stages.plan(pipeline, copies)
+    result = run.execute(plans, ws, run.ExecOptions(
         isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu, nocache=opts.nocache,
         allow_private=opts.allow_private, task_type="train", framework=framework, worker_site=worker_site,
         pipeline_options=dict(pipeline.options), on_progress=opts.on_progress, on_event=opts.on_event,
-        on_record=opts.on_record, on_metrics=opts.on_metrics))
+        on_record=opts.on_record, observers=opts.observers))
     finish_model_dir(ws, pipeline, copies, result.meta)
     if opts.on_trained:
         opts.on_trained(ws)

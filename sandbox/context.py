@@ -16,6 +16,7 @@ import zmq
 
 from . import extract as _extract
 from .protocol import CONTROL_CAPS, BoundaryTypeError, ProtocolError, pack, unpack
+from .stageconfig import StageConfig
 
 
 class DownloadError(RuntimeError):
@@ -95,18 +96,18 @@ class ControlClient:
 class Context:
     """`ctx`: the workspace, the task type, downloads through the runner, extraction."""
 
-    def __init__(self, control: ControlClient, config: dict) -> None:
+    def __init__(self, control: ControlClient, config: StageConfig) -> None:
         self._control = control
-        ws = config.get("workspace", {})
+        ws = config.workspace
         self.workspace = SimpleNamespace(
             data_dir=ws.get("data_dir"),
             cache_dir=ws.get("cache_dir"),
             model_dir=ws.get("model_dir"),
             framework_dir=ws.get("framework_dir"),
         )
-        self.task_type = config.get("task_type", "train")
-        self.stage = config.get("stage")
-        self._extract_limits = config.get("extract", {})
+        self.task_type = config.task_type
+        self.stage = config.stage
+        self._extract_limits = config.extract
 
     def download(self, url: str) -> str:
         """Have the runner fetch `url` (http/https only, public hosts only unless

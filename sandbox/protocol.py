@@ -232,11 +232,78 @@ def _array_meta(dtype: Any, shape: Any) -> tuple[np.dtype, list, int]:
     return dt, shape, math.prod(shape) * dt.itemsize
 
 
-def unpack(frames: list[Any], caps: Caps = DATA_CAPS, ring: Any = None) -> Any:
-    """Decode frames received from an untrusted peer, or raise ProtocolError.
+_EXT_META = dict(max_array_len=64, max_map_len=0, max_str_len=64, max_bin_len=0)
 
-    `ring` (a shmring.Reader) is the sender's shared-memory ring this side
-    mapped; without it a ring reference is a ProtocolError."""
+
+class _Decoder:
+    """The hooks msgpack calls while decoding one untrusted header: counting containers and
+    building arrays from the three extension codes, every reference checked."""
+
+    def __init__(self, bufs: list[memoryview], total: int, caps: Caps, ring: Any) -> None:
+        self.bufs, self.total, self.caps, self.ring = bufs, total, caps, ring
+        self.used: set[int] = set()
+        self.containers = 0
+        self.ring_total = 0
+
+    def count(self, obj: Any) -> Any:  # a byte per empty list would cost ~70 bytes of memory
+        self.containers += 1
+        if self.containers > self.caps.max_containers:
+            raise ProtocolError(f"header holds more than {self.caps.max_containers} lists and maps")
+        return obj
+
+    def ext_hook(self, code: int, data: bytes) -> Any:
+        if code == EXT_ARRAY_INLINE:
+            return self._inline(data)
+        if code == EXT_ARRAY_FRAME:
+            return self._frame(data)
+        if code == EXT_ARRAY_RING:
+            return self._ring(data)
+        raise ProtocolError(f"unknown msgpack extension type {code}")
+
+    def _inline(self, data: bytes) -> Any:
+        if len(data) < 4:
+            raise ProtocolError("truncated inline array")
+        (n,) = struct.unpack_from("<I", data)
+        if n > len(data) - 4:
+            raise ProtocolError("truncated inline array")
+        meta = msgpack.unpackb(data[4 : 4 + n], **_EXT_META)
+        if not isinstance(meta, list) or len(meta) != 2:
+            raise ProtocolError("bad inline array header")
+        return _array(meta[0], meta[1], data[4 + n :], self.caps)
+
+    def _frame(self, data: bytes) -> Any:
+        meta = msgpack.unpackb(data, **_EXT_META)
+        if not isinstance(meta, list) or len(meta) != 3 or type(meta[2]) is not int:
+            raise ProtocolError("bad array frame reference")
+        index = meta[2]
+        if not 1 <= index < len(self.bufs) or index in self.used:
+            raise ProtocolError(f"array frame reference {index} is out of range or reused")
+        self.used.add(index)
+        if self.bufs[index].nbytes > self.caps.max_frame:
+            raise ProtocolError(f"array frame of {self.bufs[index].nbytes} bytes (cap {self.caps.max_frame})")
+        return _array(meta[0], meta[1], self.bufs[index], self.caps)
+
+    def _ring(self, data: bytes) -> Any:
+        meta = msgpack.unpackb(data, **_EXT_META)
+        if not isinstance(meta, list) or len(meta) != 3 or type(meta[2]) is not int:
+            raise ProtocolError("bad array ring reference")
+        ring = self.ring
+        if ring is None:
+            raise ProtocolError("array ring reference, but no ring is mapped")
+        dt, shape, nbytes = _array_meta(meta[0], meta[1])
+        offset = meta[2]
+        if not (0 <= offset and offset + nbytes <= ring.size):
+            raise ProtocolError(f"array ring reference [{offset}, +{nbytes}) is outside the {ring.size}-byte ring")
+        if nbytes > self.caps.max_frame:
+            raise ProtocolError(f"array of {nbytes} bytes in the ring (cap {self.caps.max_frame})")
+        self.ring_total += nbytes
+        if self.total + self.ring_total > self.caps.max_total:
+            raise ProtocolError(f"message of {self.total + self.ring_total} bytes with its ring arrays "
+                                f"(cap {self.caps.max_total})")
+        return ring.copy_out(offset, nbytes).view(dt).reshape(shape)
+
+
+def _check_frames(frames: list[Any], caps: Caps) -> tuple[list[memoryview], int]:
     if not frames:
         raise ProtocolError("empty message")
     if len(frames) > caps.max_frames:
@@ -245,67 +312,27 @@ def unpack(frames: list[Any], caps: Caps = DATA_CAPS, ring: Any = None) -> Any:
     total = sum(b.nbytes for b in bufs)
     if total > caps.max_total:
         raise ProtocolError(f"message of {total} bytes (cap {caps.max_total})")
-    header = bufs[0]
-    if header.nbytes > caps.max_header:
-        raise ProtocolError(f"header of {header.nbytes} bytes (cap {caps.max_header})")
-    used: set[int] = set()
-    containers = [0]
-    ring_total = [0]
+    if bufs[0].nbytes > caps.max_header:
+        raise ProtocolError(f"header of {bufs[0].nbytes} bytes (cap {caps.max_header})")
+    return bufs, total
 
-    def count(obj: Any) -> Any:  # a byte per empty list would cost ~70 bytes of memory
-        containers[0] += 1
-        if containers[0] > caps.max_containers:
-            raise ProtocolError(f"header holds more than {caps.max_containers} lists and maps")
-        return obj
 
-    def ext_hook(code: int, data: bytes) -> Any:
-        if code == EXT_ARRAY_INLINE:
-            if len(data) < 4:
-                raise ProtocolError("truncated inline array")
-            (n,) = struct.unpack_from("<I", data)
-            if n > len(data) - 4:
-                raise ProtocolError("truncated inline array")
-            meta = msgpack.unpackb(data[4 : 4 + n], max_array_len=64, max_map_len=0, max_str_len=64, max_bin_len=0)
-            if not isinstance(meta, list) or len(meta) != 2:
-                raise ProtocolError("bad inline array header")
-            return _array(meta[0], meta[1], data[4 + n :], caps)
-        if code == EXT_ARRAY_FRAME:
-            meta = msgpack.unpackb(data, max_array_len=64, max_map_len=0, max_str_len=64, max_bin_len=0)
-            if not isinstance(meta, list) or len(meta) != 3 or type(meta[2]) is not int:
-                raise ProtocolError("bad array frame reference")
-            index = meta[2]
-            if not 1 <= index < len(bufs) or index in used:
-                raise ProtocolError(f"array frame reference {index} is out of range or reused")
-            used.add(index)
-            if bufs[index].nbytes > caps.max_frame:
-                raise ProtocolError(f"array frame of {bufs[index].nbytes} bytes (cap {caps.max_frame})")
-            return _array(meta[0], meta[1], bufs[index], caps)
-        if code == EXT_ARRAY_RING:
-            meta = msgpack.unpackb(data, max_array_len=64, max_map_len=0, max_str_len=64, max_bin_len=0)
-            if not isinstance(meta, list) or len(meta) != 3 or type(meta[2]) is not int:
-                raise ProtocolError("bad array ring reference")
-            if ring is None:
-                raise ProtocolError("array ring reference, but no ring is mapped")
-            dt, shape, nbytes = _array_meta(meta[0], meta[1])
-            offset = meta[2]
-            if not (0 <= offset and offset + nbytes <= ring.size):
-                raise ProtocolError(f"array ring reference [{offset}, +{nbytes}) is outside the {ring.size}-byte ring")
-            if nbytes > caps.max_frame:
-                raise ProtocolError(f"array of {nbytes} bytes in the ring (cap {caps.max_frame})")
-            ring_total[0] += nbytes
-            if total + ring_total[0] > caps.max_total:
-                raise ProtocolError(f"message of {total + ring_total[0]} bytes with its ring arrays (cap {caps.max_total})")
-            return ring.copy_out(offset, nbytes).view(dt).reshape(shape)
-        raise ProtocolError(f"unknown msgpack extension type {code}")
+def unpack(frames: list[Any], caps: Caps = DATA_CAPS, ring: Any = None) -> Any:
+    """Decode frames received from an untrusted peer, or raise ProtocolError.
 
+    `ring` (a shmring.Reader) is the sender's shared-memory ring this side
+    mapped; without it a ring reference is a ProtocolError."""
+    bufs, total = _check_frames(frames, caps)
+    decoder = _Decoder(bufs, total, caps, ring)
     # Every list or map takes at least one byte of the header, so a header no longer than the cap
     # cannot hold more than the cap: then the count (a Python call per container, a third of the
     # decoding time of a batch of small samples) proves nothing and is skipped.
-    hooks = {"list_hook": count, "object_hook": count} if header.nbytes > caps.max_containers else {}
+    hooks = ({"list_hook": decoder.count, "object_hook": decoder.count}
+             if bufs[0].nbytes > caps.max_containers else {})
     try:
         obj = msgpack.unpackb(
-            header,
-            ext_hook=ext_hook,
+            bufs[0],
+            ext_hook=decoder.ext_hook,
             **hooks,
             raw=False,
             strict_map_key=False,
@@ -327,7 +354,7 @@ def unpack(frames: list[Any], caps: Caps = DATA_CAPS, ring: Any = None) -> Any:
             raise ProtocolError("a dict key that is a list, tuple or dict: only str, int and bytes keys "
                                 "cross a boundary") from None
         raise ProtocolError(f"undecodable header ({type(exc).__name__}: {exc})") from None
-    if len(used) != len(bufs) - 1:
+    if len(decoder.used) != len(bufs) - 1:
         raise ProtocolError("message carries frames its header does not reference")
     return obj
 

@@ -20,6 +20,8 @@ import sys
 import traceback
 from typing import Any
 
+from .stageconfig import StageConfig
+
 # How long a finished stage waits for the runner to confirm it has read the stage's last reports.
 # The runner answers at once unless it is gone or starved; the stage's own deadline still applies.
 SYNC_TIMEOUT = 30.0
@@ -79,8 +81,8 @@ def _entry(module: Any, script: str, name: str) -> Any:
     return fn
 
 
-def _initialize_framework(cfg: dict) -> None:
-    fw = cfg.get("framework")
+def _initialize_framework(cfg: StageConfig) -> None:
+    fw = cfg.framework
     if not fw or not fw.get("initialize"):
         return
     path = os.path.join(fw["dir"], fw["initialize"])
@@ -88,7 +90,7 @@ def _initialize_framework(cfg: dict) -> None:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-        module.initialize(dict(cfg.get("pipeline_options") or {}))
+        module.initialize(dict(cfg.pipeline_options))
     except BaseException as exc:
         raise StageFailure(
             f"framework {fw.get('name', '?')} failed to initialize: {type(exc).__name__}: {exc}",
@@ -106,27 +108,29 @@ def _check_pool(pool: Any, script: str, entry: str) -> Any:
     return pool
 
 
-def run_stage(cfg: dict, control: Any, zctx: Any) -> None:
+def run_stage(cfg: StageConfig, control: Any, zctx: Any) -> None:
     from . import boundary
     from .context import Context, Runtime, check_results
 
-    if cfg["role"] == "serve":
+    if cfg.role == "serve":
         return run_serve(cfg, control, zctx)
-    role, script = cfg["role"], cfg["script"]
+    role, script = cfg.role, cfg.script
     ctx = Context(control, cfg)
-    options = dict(cfg.get("options") or {})
+    options = dict(cfg.options)
     _initialize_framework(cfg)
     module = _load_script(script)
 
     upstream = None
-    if cfg.get("upstream"):
-        upstream = boundary.RemotePool(zctx, cfg["upstream"], cfg.get("upstream_stage", "upstream"))
+    if cfg.upstream:
+        upstream = boundary.RemotePool(zctx, cfg.upstream, cfg.upstream_stage)
 
     if role in ("datasource", "dataflow"):
         fn = _entry(module, script, ENTRIES[role])
         args = (options, ctx) if role == "datasource" else (upstream, options, ctx)
         pool = _check_pool(_call(fn, script, *args), script, ENTRIES[role])
-        server = boundary.PoolServer(zctx, cfg["serve"], pool)
+        if cfg.serve is None:
+            raise StageFailure("the stage configuration names no socket to serve the pool on", kind="worker")
+        server = boundary.PoolServer(zctx, cfg.serve, pool)
         control.send({"op": "serving"})
         reported = [0]
 
@@ -151,9 +155,9 @@ def run_stage(cfg: dict, control: Any, zctx: Any) -> None:
         return
 
     # model stage
-    entry = "predict" if cfg.get("task_type") == "predict" else "train"
+    entry = "predict" if cfg.task_type == "predict" else "train"
     fn = _entry(module, script, entry)
-    runtime = Runtime(control, upstream, cfg.get("workspace", {}).get("model_dir"))
+    runtime = Runtime(control, upstream, cfg.workspace.get("model_dir"))
     if upstream is not None and entry == "train":
         try:
             control.send({"op": "meta", "meta": dict(upstream.meta)})
@@ -198,36 +202,38 @@ def _next_request(control: Any) -> dict | None:
     return None
 
 
-def run_serve(cfg: dict, control: Any, zctx: Any) -> None:
+def run_serve(cfg: StageConfig, control: Any, zctx: Any) -> None:
     from . import boundary
     from .context import Context, Runtime, check_results
 
     ctx = Context(control, cfg)  # task_type "predict"
     _initialize_framework(cfg)
     modules: dict[str, Any] = {}  # one module may export several entries (docs/pipeline.md)
-    for entry in [*cfg["dataflows"], cfg["model"]]:
-        if entry["script"] not in modules:
-            modules[entry["script"]] = _load_script(entry["script"])
-    flows = [(d["stage"], d["script"], _entry(modules[d["script"]], d["script"], "dataflow"), dict(d.get("options") or {}))
-             for d in cfg["dataflows"]]
-    model = cfg["model"]
-    predict = _entry(modules[model["script"]], model["script"], "predict")
-    model_dir = cfg.get("workspace", {}).get("model_dir")
+    model = cfg.model
+    if model is None:
+        raise StageFailure("the stage configuration of a serve worker names no model script", kind="worker")
+    for entry in [*cfg.dataflows, model]:
+        if entry.script not in modules:
+            modules[entry.script] = _load_script(entry.script)
+    flows = [(d.stage, d.script, _entry(modules[d.script], d.script, "dataflow"), dict(d.options))
+             for d in cfg.dataflows]
+    predict = _entry(modules[model.script], model.script, "predict")
+    model_dir = cfg.workspace.get("model_dir")
     control.send({"op": "serving"})
     while True:
         msg = _next_request(control)
         if msg is None:
             return
-        where, pool = model["stage"], None
+        where, pool = model.stage, None
         try:
             pool = boundary.RemotePool(zctx, msg["input"], "input")
             current: Any = pool
             for stage, script, fn, options in flows:
                 where = stage
                 current = _check_pool(_call(fn, script, current, dict(options), ctx), script, "dataflow")
-            where = model["stage"]
+            where = model.stage
             # samples are read lazily: a dataflow's transform fails inside predict(), so name any script's line
-            result = _call(predict, model["script"], Runtime(control, current, model_dir), dict(model.get("options") or {}),
+            result = _call(predict, model.script, Runtime(control, current, model_dir), dict(model.options),
                            ctx, frames_in=tuple(modules))
             control.send({"op": "result", "req": msg["req"], "data": check_results(result)})
         except StageFailure as exc:
@@ -291,13 +297,17 @@ def main(config_path: str) -> int:
         except (AttributeError, ValueError):
             pass
     with open(config_path, encoding="utf-8") as f:
-        cfg = json.load(f)
+        try:
+            cfg = StageConfig.parse(json.load(f))
+        except ValueError as exc:  # ConfigError included; the runner wrote it: a mismatch is a bug, said plainly
+            print(f"pipcook-sandbox worker: {exc}", file=sys.stderr)
+            return 2
     # Framework first: its numpy (say) must win over the worker's own copy.
-    for path in cfg.get("site_dirs", []):
-        if os.path.isdir(path):
+    for path in cfg.site_dirs:
+        if isinstance(path, str) and os.path.isdir(path):
             site.addsitedir(path)
     # What initialize() may need to know about its sandbox, as plain variables.
-    for key, value in (cfg.get("hints") or {}).items():
+    for key, value in cfg.hints.items():
         os.environ[f"PIPCOOK_{key.upper()}"] = str(value)
     _size_thread_pools(os.environ.get("PIPCOOK_CPUS"))
     import zmq
@@ -305,7 +315,7 @@ def main(config_path: str) -> int:
     from .context import ControlClient
 
     zctx = zmq.Context()
-    control = ControlClient(zctx, cfg["control"])
+    control = ControlClient(zctx, cfg.control)
     code = 0
     try:
         control.send({"op": "hello", "pid": os.getpid(), "python": sys.version.split()[0]})

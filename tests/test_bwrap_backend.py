@@ -15,12 +15,20 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import require_bwrap
 from pipcook_sandbox.runner.backends import bwrap, cgroups
 from pipcook_sandbox.runner.backends.base import (
-    REASON_CANCELLED, REASON_DISK, REASON_MEMORY, REASON_OUTPUT, REASON_PIDS, REASON_TIMEOUT, Limits, Mount,
-    StageSpec)
+    REASON_CANCELLED,
+    REASON_DISK,
+    REASON_MEMORY,
+    REASON_OUTPUT,
+    REASON_PIDS,
+    REASON_TIMEOUT,
+    Limits,
+    Mount,
+    StageOptions,
+    StageSpec,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MAPPED = bwrap.uid_mode() == "mapped"
@@ -536,7 +544,7 @@ def test_watched_quota_stops_the_stage(tmp_path: Path) -> None:
             time.sleep(0.02)
         print("wrote everything")
     """, limits=SMALL.replace(disk=16 << 20), writable={"/workspace/data": tmp_path / "data"},
-        labels={"disk_quota": "watch"})
+        options=StageOptions(disk_quota="watch"))
     assert h.volume.kind == "watch" and any("weaker" in d for d in h.degraded)
     assert "wrote everything" not in text
     assert out.reason == REASON_DISK and out.detail == "disk quota 16 MiB", out
@@ -555,7 +563,7 @@ def test_plain_mode_as_root_is_flagged_and_still_walled(tmp_path: Path) -> None:
             core = errno.errorcode[e.errno]
         print(json.dumps({"uid": os.getuid(), "core_pattern": core,
                           "caps": [l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff")][0]}))
-    """, labels={"uid_mode": "plain"})
+    """, options=StageOptions(uid_mode="plain"))
     got = result(text)
     assert any("host uid 0" in d for d in h.degraded)
     assert got["uid"] == 65534 and int(got["caps"], 16) == 0

@@ -18,7 +18,6 @@ subprocess, as everything else is then.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipcook_sandbox.runner.backends import base, get_backend
+from pipcook_sandbox.runner.statedir import new_state_dir
 
 from . import ArtifactError
 
@@ -117,8 +117,7 @@ def _run_confined(job: Job, isolation: str, limits: base.Limits) -> str:
     run_id = f"{os.getpid()}-{os.urandom(3).hex()}"
     stage = f"artifact-{job.processor}"
     # A state dir like a run's (run.json names its owner) so `clean` and leftover checks know it.
-    state = Path(tempfile.mkdtemp(prefix="pcsb-", dir="/tmp" if os.path.isdir("/tmp") else None))
-    (state / "run.json").write_text(json.dumps({"runner_pid": os.getpid(), "run_id": run_id}))
+    state = new_state_dir("pcsb-", run_id)
     volume = handle = None
     try:
         script_dir = state / "script"
@@ -140,7 +139,7 @@ def _run_confined(job: Job, isolation: str, limits: base.Limits) -> str:
         spec = base.StageSpec(
             run_id=run_id, name=stage, mounts=mounts, limits=limits.replace(timeout=job.timeout), log_path=log_path,
             env=_env("/tmp", "/tmp"), argv=["-I", "-S", "-c", _boot(f"{IN}/script/convert.py", sites), *_args(job, paths)],
-            labels={"state_dir": str(state), "run_id": run_id, "stage": stage})
+            labels={"run_id": run_id, "stage": stage}, options=base.StageOptions(state_dir=state))
         handle = backend.start(spec)
         started = time.monotonic()
         while handle.poll() is None:

@@ -23,7 +23,7 @@ from typing import Callable
 
 from .. import frameworks
 from ..errors import PipcookError
-from . import ArtifactError, confinement, confined, exportmeta, target_path
+from . import ArtifactError, confined, confinement, exportmeta, target_path
 from .safefiles import regular_files
 
 DEFAULT_FRAMEWORK = "tensorflow@2.21"

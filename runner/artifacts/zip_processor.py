@@ -9,7 +9,6 @@ from typing import Callable
 from . import target_path
 from .safefiles import regular_files
 
-
 # The options this processor reads besides `processor`; the runner checks a pipeline's artifact
 # entries against them before any stage starts (runner/validate.py), so a typo fails in a second.
 OPTIONS: dict[str, str] = {"target": "where the zip lands, relative to the workspace (default artifacts/model.zip)"}

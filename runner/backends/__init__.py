@@ -1,24 +1,37 @@
-"""Isolation backends: one module each, all behind `base.Backend`.
+"""Isolation backends: each a subclass of `base.Backend`, registered here by name.
 
-A backend module has `NAME`, `start(spec) -> StageHandle` and `probe() -> dict`
-(what confinement it gives on this host, for `doctor`). Adding one (a
-Kubernetes Job, say) is a new module plus a line in BACKENDS.
+`get_backend(name)` imports the backend's module only when it is asked for
+(Docker's client library is not loaded for a bwrap run). Adding one (a
+Kubernetes Job, say) is a new module with a `Backend` subclass plus a line in
+BACKENDS.
 """
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from functools import cache
 
-BACKENDS = {"bwrap": "pipcook_sandbox.runner.backends.bwrap", "docker": "pipcook_sandbox.runner.backends.docker",
-            "none": "pipcook_sandbox.runner.backends.none"}
+from pipcook_sandbox.runner.errors import PipcookError
+
+from .base import Backend
+
+# name -> "module:class"
+BACKENDS = {
+    "bwrap": "pipcook_sandbox.runner.backends.bwrap:BwrapBackend",
+    "docker": "pipcook_sandbox.runner.backends.docker:DockerBackend",
+    "none": "pipcook_sandbox.runner.backends.none:NoneBackend",
+}
 
 
-class UnknownBackend(ValueError):
-    pass
+class UnknownBackend(PipcookError):
+    """--isolation names no registered backend."""
 
 
-def get_backend(name: str) -> ModuleType:
+@cache
+def get_backend(name: str) -> Backend:
     try:
-        return importlib.import_module(BACKENDS[name])
+        module, cls = BACKENDS[name].split(":")
     except KeyError:
         raise UnknownBackend(f"unknown isolation {name!r} (choose from {', '.join(BACKENDS)})") from None
+    backend = getattr(importlib.import_module(module), cls)()
+    assert isinstance(backend, Backend)
+    return backend

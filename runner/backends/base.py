@@ -1,9 +1,12 @@
 """The one small interface every isolation backend implements.
 
-A backend takes a `StageSpec` (what to run, what to mount, which limits) and
-returns a `StageHandle`. The orchestrator knows nothing else about it, so a new
-backend (a Kubernetes Job, a per-tenant uid) is a new module with a `start`
-function, not a rewrite. Host-side code: never mounted into a sandbox.
+A backend takes a `StageSpec` (what to run, what to mount, which limits, its
+typed `StageOptions`) and returns a `StageHandle`. Every backend is a subclass
+of the abstract `Backend` below, registered by name in `backends/__init__.py`;
+what differs between them is said by typed class attributes
+(`translates_paths`, `image_has_site`), never probed. A new backend (a
+Kubernetes Job, a per-tenant uid) is a new subclass, not a rewrite. Host-side
+code: never mounted into a sandbox.
 
 Paths inside every sandbox are the same whatever the backend:
 
@@ -18,10 +21,14 @@ Paths inside every sandbox are the same whatever the backend:
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
+
+# The one uid/gid every stage runs as on the host (nobody), whatever the backend.
+SANDBOX_UID = SANDBOX_GID = 65534
 
 IN_LIB = "/pipcook/lib"
 IN_SITE = "/pipcook/site"
@@ -53,6 +60,7 @@ class Limits:
     nofile: int = 4096
     output: int = 16 << 20  # captured stdout + stderr
     tmp: int = 1 << 30  # the private /tmp (memory-backed, counts against memory)
+    downloads: int | None = None  # all of a run's ctx.download bytes together; None: `disk`
 
     def replace(self, **changes) -> "Limits":
         return dataclasses.replace(self, **changes)
@@ -63,6 +71,22 @@ class Mount:
     source: Path
     target: str
     writable: bool = False
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """How a backend confines a stage, where there is a choice. None: the best this host offers."""
+
+    # Where the backend keeps its per-stage state (records, volumes); None: a directory of its own.
+    # The runner passes the run's state dir, so that one `rm` and one leftover scan cover a run.
+    state_dir: Path | None = None
+    uid_mode: str | None = None  # bwrap: "mapped" (root only) | "plain"
+    disk_quota: str | None = None  # the writable dirs' quota: "loop" | "watch" (weaker)
+    runtime: str | None = None  # docker: the OCI runtime ("runsc": gVisor); None: $PIPCOOK_DOCKER_RUNTIME
+
+
+UID_MODES = ("mapped", "plain")
+DISK_QUOTAS = ("loop", "watch")
 
 
 @dataclass
@@ -77,7 +101,9 @@ class StageSpec:
     writable: dict[str, Path] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     gpu: bool = False
+    # Names for the operator (container labels, records): run_id, stage. Never options.
     labels: dict[str, str] = field(default_factory=dict)
+    options: StageOptions = field(default_factory=StageOptions)
     # Arguments for the sandbox's python instead of WORKER_ARGS (None: run the
     # worker). For tests and probes that run a worker-free program.
     argv: list[str] | None = None
@@ -119,7 +145,24 @@ class StageHandle(Protocol):
         Idempotent; safe after a crash of the stage."""
 
 
-class Backend(Protocol):
-    name: str
+class Backend(abc.ABC):
+    """An isolation backend: starts stages, says what it confines here, removes what crashed runs left."""
 
-    def start(self, spec: StageSpec) -> StageHandle: ...
+    name: ClassVar[str]
+    # Paths inside the stage are the IN_* paths above (False: the stage sees the host's own paths,
+    # so the runner writes host paths into stage.json).
+    translates_paths: ClassVar[bool] = True
+    # The worker's own dependencies come with the sandbox (the Docker image) at IN_SITE.
+    image_has_site: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def start(self, spec: StageSpec) -> StageHandle:
+        """Start the stage; on failure, release whatever was made and raise a PipcookError."""
+
+    @abc.abstractmethod
+    def probe(self) -> dict:
+        """What confinement this backend gives on this host (for `doctor`)."""
+
+    @abc.abstractmethod
+    def clean_leftovers(self) -> list[str]:
+        """Remove what runs whose runner is gone left behind; a line per thing removed."""

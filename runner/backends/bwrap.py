@@ -102,7 +102,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from . import cgroups, output, owner, quota, seccomp
+from pipcook_sandbox.runner.errors import PipcookError
+
+from . import base, cgroups, output, owner, quota, seccomp
 from .base import (
     REASON_CANCELLED,
     REASON_DISK,
@@ -120,8 +122,7 @@ from .base import (
 NAME = "bwrap"
 log = logging.getLogger(__name__)
 
-SANDBOX_UID = 65534
-SANDBOX_GID = 65534
+SANDBOX_UID, SANDBOX_GID = base.SANDBOX_UID, base.SANDBOX_GID
 STATE_PREFIX = "pcsb-"
 RECORD_PREFIX = "bwrap-"
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
@@ -233,7 +234,8 @@ def interpreter() -> Interpreter:
     candidates += [prefix / "bin" / f"python{ver}", prefix / "bin" / "python3"]
     exe = next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
     if exe is None:
-        raise RuntimeError(f"no python{ver} binary under {prefix}")
+        raise PipcookError(f"the bwrap backend found no python{ver} binary under {prefix} to run stages with; "
+                           "install that Python, or use --isolation docker")
     hidden = [prefix / "lib" / f"python{ver}" / "site-packages"]
     if prefix == Path("/usr"):  # distribution Pythons keep packages elsewhere too
         hidden += [Path("/usr/lib/python3/dist-packages"), Path(f"/usr/local/lib/python{ver}/dist-packages"),
@@ -385,7 +387,7 @@ def _etc_files(etc: Path) -> dict[str, Path]:
     return out
 
 
-def build_args(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd: int,
+def build_args(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd: int,  # noqa: C901 (25; being reworked with the --args FD change)
                writable: dict[str, Path], info_fd: int | None = None, block_fd: int | None = None,
                feats: Features | None = None, interp: Interpreter | None = None) -> list[str]:
     """The bwrap argument list (without the bwrap binary itself).
@@ -477,11 +479,15 @@ class BwrapStage:
         self.name = spec.name
         self.spec = spec
         self.limits: Limits = spec.limits
-        # Labels "uid_mode" ("mapped"/"plain") and "disk_quota" ("loop"/"watch")
+        # Options uid_mode ("mapped"/"plain") and disk_quota ("loop"/"watch")
         # force the weaker variants, for tests and for hosts that need them.
-        self.mode = spec.labels.get("uid_mode") or uid_mode()
+        self.mode = spec.options.uid_mode or uid_mode()
+        if self.mode not in base.UID_MODES:
+            raise PipcookError(f"stage '{spec.name}': unknown uid mode {self.mode!r} "
+                               f"(choose from {', '.join(base.UID_MODES)})")
         if self.mode == "mapped" and os.geteuid() != 0:
-            raise ValueError("uid_mode 'mapped' needs a root runner")
+            raise PipcookError(f"stage '{spec.name}': uid mode 'mapped' needs a runner started as root; "
+                               "run as root or choose the 'plain' mode")
         self.degraded: list[str] = []  # limits or walls that do not hold here
         self.skipped: list[str] = []  # what copy-out refused
         self.proc: subprocess.Popen | None = None
@@ -496,11 +502,11 @@ class BwrapStage:
         self._cleaned = False
         self._threads: list[threading.Thread] = []
         self._pipe_r: int | None = None
-        self._own_state = "state_dir" not in spec.labels
-        if self._own_state:
+        self._own_state = spec.options.state_dir is None
+        if spec.options.state_dir is None:
             self.state_dir = Path(tempfile.mkdtemp(prefix=STATE_PREFIX))
         else:
-            self.state_dir = Path(spec.labels["state_dir"])
+            self.state_dir = Path(spec.options.state_dir)
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = f"{_safe(spec.name)}-{secrets.token_hex(3)}"
         self.stage_dir = self.state_dir / key
@@ -686,7 +692,8 @@ class BwrapStage:
         spec, lim = self.spec, self.limits
         feats = features()
         if feats.bwrap is None:
-            raise RuntimeError("bubblewrap (bwrap) is not installed")
+            raise PipcookError("bubblewrap (bwrap) is not installed, so stages cannot be confined with "
+                               "--isolation bwrap: install it (apt-get install bubblewrap) or use --isolation docker")
         if not feats.size:
             self.degraded.append(f"bwrap {feats.version} has no --size: /tmp is capped only by memory")
         owner = sandbox_owner(self.mode)
@@ -698,7 +705,7 @@ class BwrapStage:
         if spec.writable:
             subs = [f"w{i}" for i in range(len(spec.writable))]
             self.volume = quota.create_volume(self.stage_dir / "vol", lim.disk, subs, owner=owner,
-                                              kind=spec.labels.get("disk_quota"))
+                                              kind=spec.options.disk_quota)
             if self.volume.kind != "loop":
                 self.degraded.append(f"disk quota is a watched directory (weaker): {self.volume.note}")
             writable = {t: self.volume.path(s) for t, s in zip(spec.writable, subs)}
@@ -775,7 +782,8 @@ class BwrapStage:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.terminate(REASON_CANCELLED)
-                raise RuntimeError("bwrap did not report its sandbox pid in time")
+                raise PipcookError(f"stage '{self.name}': bwrap did not report its sandbox pid within "
+                                   f"{START_TIMEOUT:g} s; the host may be overloaded (see `pipcook-sandbox doctor`)")
             ready, _, _ = select.select([info_r], [], [], min(left, 0.5))
             if not ready:
                 continue
@@ -828,13 +836,19 @@ def enforce_deadline(handle, timeout: float, poll_interval: float = 0.05) -> Out
     return handle.outcome()
 
 
-class Backend:
-    """base.Backend for this module."""
+class BwrapBackend(base.Backend):
+    """Bubblewrap: namespaces, seccomp, cgroups and quota volumes, no daemon."""
 
     name = NAME
 
     def start(self, spec: StageSpec) -> BwrapStage:
         return start(spec)
+
+    def probe(self) -> dict:
+        return probe()
+
+    def clean_leftovers(self) -> list[str]:
+        return clean_leftovers()
 
 
 # --- doctor and clean ------------------------------------------------------------

@@ -47,19 +47,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from . import base, owner
-from .output import capture
-
 from pipcook_sandbox.runner.errors import PipcookError as _ErrorBase
 
-NAME = "docker"
-TRANSLATES_PATHS = True
-# The image carries the worker's dependencies at base.IN_SITE: the
-# orchestrator mounts no worker site but still lists the path for the worker.
-IMAGE_HAS_SITE = True
+from . import base, owner, quota
+from .output import capture
 
-SANDBOX_USER = "65534:65534"
-SANDBOX_UID = SANDBOX_GID = 65534
+NAME = "docker"
+
+SANDBOX_UID, SANDBOX_GID = base.SANDBOX_UID, base.SANDBOX_GID
+SANDBOX_USER = f"{SANDBOX_UID}:{SANDBOX_GID}"
 
 
 def stage_user() -> str:
@@ -104,7 +100,7 @@ def _info() -> dict:
 
 
 def runtime_for(spec: base.StageSpec | None = None) -> str | None:
-    return (spec.labels.get("runtime") if spec else None) or os.environ.get(ENV_RUNTIME) or None
+    return (spec.options.runtime if spec else None) or os.environ.get(ENV_RUNTIME) or None
 
 
 def image_for(gpu: bool) -> str:
@@ -310,10 +306,12 @@ def _pids_refused(events: Path | None) -> bool:
 
 
 class DockerStage:
-    def __init__(self, spec: base.StageSpec, container: Any) -> None:
+    def __init__(self, spec: base.StageSpec, container: Any, volume: "_Writable | None" = None) -> None:
         self.name = spec.name
         self.spec = spec
         self.container = container
+        self.volume = volume
+        self.skipped: list[str] = []  # what copy-out refused
         self._lock = threading.Lock()
         self._code: int | None = None
         self._reason: str | None = None
@@ -376,6 +374,11 @@ class DockerStage:
 
     def poll(self) -> int | None:
         code = self._code
+        if code is None and self.volume is not None and self.volume.exceeded():
+            try:
+                self.terminate(base.REASON_DISK)
+            except Exception:
+                pass  # poll() never raises
         if code is None and self._pids_file is not None:
             now = time.monotonic()
             if now - self._pids_checked >= PIDS_CHECK_PERIOD:
@@ -421,6 +424,8 @@ class DockerStage:
         self._waiter.join(timeout=15)
         self._log.join(timeout=5)
         remove(self.container)
+        if self.volume is not None:
+            self.skipped = self.volume.close()
         self._cleaned = True
 
 
@@ -448,22 +453,91 @@ def start(spec: base.StageSpec) -> DockerStage:
     if runtime and runtime not in (_info().get("Runtimes") or {}):
         raise DockerError(f"the Docker runtime {runtime!r} (${ENV_RUNTIME}) is not registered with the engine "
                           f"(known: {', '.join(sorted(_info().get('Runtimes') or {}))})")
+    volume = _Writable(spec) if spec.writable else None
+    try:
+        container = _create(engine, spec, volume)
+    except BaseException:
+        if volume is not None:
+            volume.close(copy=False)
+        raise
+    try:
+        container.start()
+        return DockerStage(spec, container, volume)
+    except BaseException as exc:  # Ctrl-C or a refused start: never leave the container behind
+        remove(container)
+        if volume is not None:
+            volume.close(copy=False)
+        if isinstance(exc, docker.errors.APIError):
+            raise DockerError(f"Docker could not start stage {spec.name}: {exc.explanation or exc}") from None
+        raise
+
+
+def _create(engine: Any, spec: base.StageSpec, volume: "_Writable | None") -> Any:
+    import dataclasses
+
+    import docker
+
+    if volume is not None:  # the writable targets: bind mounts of the volume's subdirectories
+        spec = dataclasses.replace(spec, mounts=[*spec.mounts, *volume.mounts()])
     grant_access(spec)
     config = container_config(spec)
     try:
-        container = engine.containers.create(**config)
+        return engine.containers.create(**config)
     except docker.errors.ImageNotFound:
         raise DockerError(f"the Docker image {config['image']} is not built for this runner; run "
                           f"`pipcook-sandbox images build{' --cuda' if spec.gpu else ''}` "
                           "(add --offline where no registry is reachable)") from None
-    try:
-        container.start()
-        return DockerStage(spec, container)
-    except BaseException as exc:  # Ctrl-C or a refused start: never leave the container behind
-        remove(container)
-        if isinstance(exc, docker.errors.APIError):
-            raise DockerError(f"Docker could not start stage {spec.name}: {exc.explanation or exc}") from None
-        raise
+
+
+class _Writable:
+    """spec.writable on a quota volume of --disk, copied out to the host dirs when the stage is cleaned up."""
+
+    def __init__(self, spec: base.StageSpec) -> None:
+        import tempfile
+
+        self.spec = spec
+        self.own_dir = spec.options.state_dir is None
+        parent = spec.options.state_dir or Path(tempfile.mkdtemp(prefix="pcsb-"))
+        self.dir = Path(tempfile.mkdtemp(prefix=f"dw-{spec.name[:40]}-", dir=parent))
+        self.subs = {target: f"w{i}" for i, target in enumerate(spec.writable)}
+        self.volume = quota.create_volume(self.dir / "vol", spec.limits.disk, list(self.subs.values()),
+                                          owner=(SANDBOX_UID, SANDBOX_GID), kind=spec.options.disk_quota)
+        self._closed = False
+
+    def mounts(self) -> list[base.Mount]:
+        return [base.Mount(self.volume.path(sub), target, writable=True) for target, sub in self.subs.items()]
+
+    def exceeded(self) -> bool:
+        return not self._closed and self.volume.exceeded()
+
+    def close(self, copy: bool = True) -> list[str]:
+        """Copy the writable dirs out (links never followed), then remove the volume. Idempotent."""
+        if self._closed:
+            return []
+        self._closed = True
+        try:
+            return self.volume.copy_out({self.subs[t]: host for t, host in self.spec.writable.items()}) if copy else []
+        finally:
+            self.volume.destroy()
+            shutil.rmtree(self.dir.parent if self.own_dir else self.dir, ignore_errors=True)
+
+
+class DockerBackend(base.Backend):
+    """A hardened container per stage (no network, read-only root, no capabilities, seccomp)."""
+
+    name = NAME
+    # The image carries the worker's dependencies at base.IN_SITE: the
+    # runner mounts no worker site but still lists the path for the worker.
+    image_has_site = True
+
+    def start(self, spec: base.StageSpec) -> DockerStage:
+        return start(spec)
+
+    def probe(self) -> dict:
+        return probe()
+
+    def clean_leftovers(self) -> list[str]:
+        return clean_leftovers()
 
 
 # --- doctor and clean -----------------------------------------------------------------

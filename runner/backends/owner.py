@@ -10,7 +10,9 @@ before any stage starts.
 """
 from __future__ import annotations
 
-DEFAULT_UID = DEFAULT_GID = 65534
+from .base import SANDBOX_GID as DEFAULT_GID
+from .base import SANDBOX_UID as DEFAULT_UID
+
 _chosen: tuple[int, int] | None = None
 
 

@@ -50,7 +50,6 @@ MAX_DEPTH = 128  # deeper trees are not copied out (and would exhaust fds)
 WATCH_PERIOD = 0.2
 
 
-SANDBOX_UID = SANDBOX_GID = 65534
 
 
 def sandbox_owner() -> tuple[int, int]:

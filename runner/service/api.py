@@ -22,10 +22,11 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from pipcook_sandbox.runner.engines import Engine
 from pipcook_sandbox.runner.errors import PipcookError
 from pipcook_sandbox.runner.limits import parse_size
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import submit as submit_mod
 from . import tenants as tenants_mod
@@ -150,48 +151,63 @@ def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="pipcook-sandbox service", version="1",
                   description="Runs untrusted machine-learning pipelines for many tenants, each stage sandboxed.")
     app.state.service = service
-    db = service.db
-    fetching: dict[str, int] = {}
-    fetching_lock = threading.Lock()
+    tenancy = _Tenancy(service)
+    _add_body_cap(app)
+    _add_run_routes(app, service, tenancy)
+    _add_output_routes(app, service, tenancy)
+    _add_operator_routes(app, service)
+    return app
 
-    def fetch_for(tenant: tenants_mod.Tenant, url: str) -> dict[str, Any]:
+
+class _Tenancy:
+    """What every route needs: the tenant's own runs only, their directories, their public view."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.db = service.db
+        self.fetching: dict[str, int] = {}
+        self.fetching_lock = threading.Lock()
+
+    def fetch_for(self, tenant: tenants_mod.Tenant, url: str) -> dict[str, Any]:
         """A slow server named by one tenant must not hold every worker thread: a few fetches each."""
-        with fetching_lock:
-            if fetching.get(tenant.name, 0) >= FETCHES_PER_TENANT:
+        with self.fetching_lock:
+            if self.fetching.get(tenant.name, 0) >= FETCHES_PER_TENANT:
                 raise submit_mod.Rejected(429, f"tenant {tenant.name!r} has {FETCHES_PER_TENANT} pipeline_url "
                                                "downloads in flight already; wait for them to finish")
-            fetching[tenant.name] = fetching.get(tenant.name, 0) + 1
+            self.fetching[tenant.name] = self.fetching.get(tenant.name, 0) + 1
         try:
-            return submit_mod.fetch_pipeline(url, service.allow_private)
+            return submit_mod.fetch_pipeline(url, self.service.allow_private)
         finally:
-            with fetching_lock:
-                fetching[tenant.name] -= 1
+            with self.fetching_lock:
+                self.fetching[tenant.name] -= 1
 
-    def own_run(run_id: str, tenant: tenants_mod.Tenant) -> dict[str, Any]:
-        run = db.run(run_id, tenant.name) if len(run_id) <= 64 else None
+    def own_run(self, run_id: str, tenant: tenants_mod.Tenant) -> dict[str, Any]:
+        run = self.db.run(run_id, tenant.name) if len(run_id) <= 64 else None
         if run is None:
             raise HTTPException(404, f"no run {run_id[:64]!r} among this tenant's runs")
         return run
 
-    def workspace(run: dict[str, Any]) -> Path:
-        return run_dir(service.data, run["tenant"], run["id"]) / "workspace"
+    def workspace(self, run: dict[str, Any]) -> Path:
+        return run_dir(self.service.data, run["tenant"], run["id"]) / "workspace"
 
-    def info(run: dict[str, Any], detail: bool = True) -> RunInfo:
-        directory = run_dir(service.data, run["tenant"], run["id"])
-        summary = service.summaries.get(run["id"], directory / "events.jsonl")
+    def info(self, run: dict[str, Any], detail: bool = True) -> RunInfo:
+        directory = run_dir(self.service.data, run["tenant"], run["id"])
+        summary = self.service.summaries.get(run["id"], directory / "events.jsonl")
         position = None
         if run["state"] == QUEUED:
-            row = db.one("SELECT count(*) AS n FROM runs WHERE tenant = ? AND state = ? AND seq < ?",
-                         (run["tenant"], QUEUED, run["seq"]))
+            row = self.db.one("SELECT count(*) AS n FROM runs WHERE tenant = ? AND state = ? AND seq < ?",
+                              (run["tenant"], QUEUED, run["seq"]))
             position = int(row["n"]) if row else None
         return RunInfo(
             id=run["id"], status=run["state"], tenant=run["tenant"], source=run["source"], created=run["created"],
             started=run["started"], ended=run["ended"], queue_position=position,
             limits={k: run[k] for k in ("cpus", "memory", "disk", "timeout", "pids", "gpus")},
             stages=summary.stages, progress=summary.progress, metrics=summary.metrics, error=run["error"],
-            exit_code=run["exit_code"], artifacts=list_artifacts(workspace(run)) if detail else [],
-            transitions=[Transition(**t) for t in db.transitions(run["id"])] if detail else [])
+            exit_code=run["exit_code"], artifacts=list_artifacts(self.workspace(run)) if detail else [],
+            transitions=[Transition(**t) for t in self.db.transitions(run["id"])] if detail else [])
 
+
+def _add_body_cap(app: FastAPI) -> None:
     @app.middleware("http")
     async def cap_body(request: Request, call_next: Any) -> Any:
         length = request.headers.get("content-length")
@@ -204,6 +220,10 @@ def create_app(service: Service) -> FastAPI:
                                      status_code=411, media_type="application/json")
         return await call_next(request)
 
+
+def _add_run_routes(app: FastAPI, service: Service, h: _Tenancy) -> None:
+    db = service.db
+
     @app.post("/v1/runs", status_code=202, response_model=RunAccepted,
               responses={401: {}, 413: {}, 422: {}, 429: {}})
     def create_run(body: RunCreate, tenant: TenantDep) -> RunAccepted:
@@ -214,7 +234,7 @@ def create_app(service: Service) -> FastAPI:
                 source = "inline"
             else:
                 assert body.pipeline_url is not None
-                pipeline = fetch_for(tenant, body.pipeline_url)
+                pipeline = h.fetch_for(tenant, body.pipeline_url)
                 source = body.pipeline_url
             limits = body.limits or Limits()
             try:
@@ -237,17 +257,17 @@ def create_app(service: Service) -> FastAPI:
     def list_runs(tenant: TenantDep, status: str | None = None, limit: int = 100) -> RunList:
         """This tenant's runs, newest first."""
         rows = db.runs(tenant.name, max(1, min(limit, 1000)), status)
-        return RunList(runs=[info(r, detail=False) for r in rows])
+        return RunList(runs=[h.info(r, detail=False) for r in rows])
 
     @app.get("/v1/runs/{run_id}", response_model=RunInfo)
     def get_run(run_id: str, tenant: TenantDep) -> RunInfo:
         """State, stage progress, latest metrics and the error paragraph of one run."""
-        return info(own_run(run_id, tenant))
+        return h.info(h.own_run(run_id, tenant))
 
     @app.post("/v1/runs/{run_id}/cancel", status_code=202, response_model=RunAccepted)
     def cancel_run(run_id: str, tenant: TenantDep) -> RunAccepted:
         """Cancel a run in any state: a queued one at once, a running one as soon as its sandboxes are down."""
-        run = own_run(run_id, tenant)
+        run = h.own_run(run_id, tenant)
         if db.transition(run_id, CANCELED, expect=(QUEUED,), note="canceled while queued",
                          error="canceled by the tenant before it started"):
             return RunAccepted(id=run_id, status=CANCELED)
@@ -261,7 +281,7 @@ def create_app(service: Service) -> FastAPI:
     @app.delete("/v1/runs/{run_id}", status_code=204, responses={409: {}})
     def delete_run(run_id: str, tenant: TenantDep) -> Response:
         """Forget a finished run and delete its workspace (cancel a queued or running one first)."""
-        run = own_run(run_id, tenant)
+        run = h.own_run(run_id, tenant)
         if run["state"] in ACTIVE:
             raise HTTPException(409, f"run {run_id} is {run['state']}: cancel it first, then delete it")
         import shutil
@@ -271,11 +291,15 @@ def create_app(service: Service) -> FastAPI:
         service.summaries.forget(run_id)
         return Response(status_code=204)
 
+
+def _add_output_routes(app: FastAPI, service: Service, h: _Tenancy) -> None:
+    db = service.db
+
     @app.get("/v1/runs/{run_id}/logs/{stage}", response_class=PlainTextResponse)
     def stage_log(run_id: str, stage: str, tenant: TenantDep) -> Response:
         """What a stage wrote to stdout/stderr (`runner` for the runner's own log). Stage output is
         hostile text: escape it before showing it on a terminal."""
-        run = own_run(run_id, tenant)
+        run = h.own_run(run_id, tenant)
         if not STAGE_RE.match(stage):
             raise HTTPException(404, f"no stage {stage[:64]!r}: stages are datasource, dataflow-N, model, runner")
         directory = run_dir(service.data, run["tenant"], run_id)
@@ -288,7 +312,7 @@ def create_app(service: Service) -> FastAPI:
     async def run_events(run_id: str, request: Request, tenant: TenantDep) -> StreamingResponse:
         """The run's events as server-sent events (`event:` the kind, `data:` the JSON object,
         `id:` a byte offset to resume from with Last-Event-ID), until it ends; then one `state` event."""
-        run = own_run(run_id, tenant)
+        run = h.own_run(run_id, tenant)
         start = request.headers.get("last-event-id", "0")
         offset = int(start) if start.isdigit() else 0
         path = run_dir(service.data, run["tenant"], run_id) / "events.jsonl"
@@ -317,10 +341,10 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/v1/runs/{run_id}/model.zip", response_class=FileResponse)
     def model_zip(run_id: str, tenant: TenantDep) -> Response:
         """The trained model: the pipeline's zip artifact if it made one, else model/ zipped."""
-        run = own_run(run_id, tenant)
+        run = h.own_run(run_id, tenant)
         if run["state"] != "succeeded":
             raise HTTPException(409, f"run {run_id} is {run['state']}: a model exists only after it succeeded")
-        ws = workspace(run)
+        ws = h.workspace(run)
         made = ws / "model.zip"
         if not _regular(made):
             made = run_dir(service.data, run["tenant"], run_id) / "model.zip"
@@ -331,16 +355,18 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/v1/runs/{run_id}/artifacts", response_model=list[str])
     def artifacts(run_id: str, tenant: TenantDep) -> list[str]:
         """The files the pipeline's artifact processors wrote."""
-        return list_artifacts(workspace(own_run(run_id, tenant)))
+        return list_artifacts(h.workspace(h.own_run(run_id, tenant)))
 
     @app.get("/v1/runs/{run_id}/artifacts/{name}", response_class=FileResponse)
     def artifact(run_id: str, name: str, tenant: TenantDep) -> Response:
-        ws = workspace(own_run(run_id, tenant))
+        ws = h.workspace(h.own_run(run_id, tenant))
         if name not in list_artifacts(ws):
             raise HTTPException(404, f"no artifact {name[:100]!r} in run {run_id}")
         path = ws / "artifacts" / name if _regular(ws / "artifacts" / name) else ws / name
         return FileResponse(path, filename=name)
 
+
+def _add_operator_routes(app: FastAPI, service: Service) -> None:
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> Response:
         """Prometheus metrics: runs by state, queue depth and running per tenant, wait and run durations."""
@@ -352,8 +378,6 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/healthz", response_class=PlainTextResponse)
     def healthz() -> str:
         return "ok"
-
-    return app
 
 
 WORKSPACE_FILES = {"pipeline.json", "metrics.jsonl"}

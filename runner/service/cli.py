@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from pipcook_sandbox.runner.errors import PipcookError
 
 DATA_ENV = "PIPCOOK_SANDBOX_DATA"
@@ -51,8 +52,13 @@ def _size(value: str | None, what: str) -> int | None:
 
 def register(main: click.Group, handle_errors: Callable[[Callable], Callable]) -> None:
     """Add the service's commands to the `pipcook-sandbox` group."""
+    _register_server(main, handle_errors)
+    _register_tenants(main, handle_errors)
+    _register_client(main, handle_errors)
 
-    # --- operator: server ---------------------------------------------------------------
+
+def _register_server(main: click.Group, handle_errors: Callable[[Callable], Callable]) -> None:
+    """The operator's `server` command."""
 
     @main.command()
     @click.option("--host", default="127.0.0.1", show_default=True,
@@ -87,7 +93,9 @@ def register(main: click.Group, handle_errors: Callable[[Callable], Callable]) -
                             capacity_memory=_size(capacity_memory, "--capacity-memory"), capacity_gpus=capacity_gpus,
                             allow_private=allow_private, slurm_partition=slurm_partition, debug=debug))
 
-    # --- operator: tenants --------------------------------------------------------------
+
+def _register_tenants(main: click.Group, handle_errors: Callable[[Callable], Callable]) -> None:
+    """The operator's `tenants add|list|token|remove`."""
 
     @main.group()
     def tenants() -> None:
@@ -167,7 +175,9 @@ def register(main: click.Group, handle_errors: Callable[[Callable], Callable]) -
         canceled = tenants_mod.remove(db, root, name)
         click.echo(f"tenant {name} removed ({canceled} queued run(s) canceled)", err=True)
 
-    # --- tenant: client -----------------------------------------------------------------
+
+def _register_client(main: click.Group, handle_errors: Callable[[Callable], Callable]) -> None:
+    """A tenant's `submit`, `runs`, `status`, `logs`, `cancel`, `download`."""
 
     def client_options(fn: Callable) -> Callable:
         fn = click.option("--server", envvar="PIPCOOK_SANDBOX_SERVER", required=True, metavar="URL",

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from pipcook_sandbox.runner.errors import PipcookError
 
 TOKEN_ENV = "PIPCOOK_SANDBOX_TOKEN"

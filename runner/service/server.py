@@ -78,6 +78,7 @@ def _engine_options(opts: ServerOptions) -> dict[str, object]:
 
 def serve(opts: ServerOptions) -> None:
     import uvicorn
+
     from pipcook_sandbox.runner.doctor import require_backend
     from pipcook_sandbox.runner.engines import get_engine
 
