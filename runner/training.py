@@ -108,6 +108,13 @@ def check_gpu(pipeline: spec.Pipeline, opts: RunOptions) -> RunOptions:
     if opts.gpu is None and not from_file:
         return dataclasses.replace(opts, gpu=False)
     who = "--gpu" if opts.gpu else "the pipeline file (options.train.gpu, not the command line)"
+    if opts.isolation == "docker":
+        from pipcook_sandbox.runner.backends import docker as docker_backend
+
+        refused = docker_backend.gpu_refusal()  # gVisor: no GPU, whatever the host has
+        if refused:
+            raise PipcookError(f"a GPU was requested by {who}, but {refused}"
+                               + ("" if opts.gpu else "; or pass --no-gpu to train on the CPU"))
     if opts.isolation != "none" and not any(Path("/dev").glob("nvidia[0-9]*")):
         raise PipcookError(f"a GPU was requested by {who}, but this host has no NVIDIA GPU (no /dev/nvidia0); "
                            + ("run without --gpu" if opts.gpu else "pass --no-gpu to train on the CPU")
