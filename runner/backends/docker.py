@@ -47,10 +47,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from pipcook_sandbox.runner.errors import PipcookError as _ErrorBase
+
 from . import base, gvisor
 from .output import capture
-
-from pipcook_sandbox.runner.errors import PipcookError as _ErrorBase
 
 NAME = "docker"
 TRANSLATES_PATHS = True
@@ -67,6 +67,7 @@ ENV_RUNTIME = "PIPCOOK_DOCKER_RUNTIME"
 ENV_IMAGE = "PIPCOOK_DOCKER_IMAGE"  # operator override: run this image instead of the built one
 SHM_MIN, SHM_MAX = 64 << 20, 256 << 20
 PIDS_CHECK_PERIOD = 0.25
+OOM_EVENT_GRACE = 3.0  # how long an unexplained SIGKILL waits for the engine's OOM event
 API_TIMEOUT = 60
 
 
@@ -141,7 +142,9 @@ def image_for(gpu: bool) -> str:
     override = os.environ.get(ENV_IMAGE)
     if override:
         return override
-    from pipcook_sandbox.runner.images import image_tag  # host side; the tag follows the runner's pins
+    from pipcook_sandbox.runner.images import (
+        image_tag,  # host side; the tag follows the runner's pins
+    )
 
     return image_tag(cuda=gpu)
 
@@ -405,6 +408,8 @@ class DockerStage:
         # init (tini) reports a child killed by signal N as 128+N, as a shell would
         if 128 < code <= 128 + 64:
             code = -(code - 128)
+        if code == -int(signal.SIGKILL) and not state.get("OOMKilled") and self._reason is None:
+            state = self._late_oom(state)
         with self._lock:
             if self._reason is None:
                 if state.get("OOMKilled"):
@@ -414,6 +419,23 @@ class DockerStage:
                     self._reason = base.REASON_DISK
                     self._detail = "a file grew past the quota (SIGXFSZ)"
             self._code = code
+
+    def _late_oom(self, state: dict) -> dict:
+        """The state once the engine has had OOM_EVENT_GRACE to mark an unexplained SIGKILL as an OOM.
+
+        Under gVisor the OOM killer kills the Sentry, and the engine may learn of the exit before it
+        learns of the OOM (measured: the first inspect said OOMKilled false, a later one true)."""
+        deadline = time.monotonic() + OOM_EVENT_GRACE
+        while time.monotonic() < deadline and self._reason is None:
+            time.sleep(0.1)
+            try:
+                self.container.reload()
+            except Exception:
+                break  # removed: nothing more to learn
+            state = self.container.attrs.get("State") or state
+            if state.get("OOMKilled"):
+                break
+        return state
 
     def poll(self) -> int | None:
         code = self._code

@@ -14,7 +14,6 @@ import pytest
 
 from .attack import BACKENDS, backend_cli
 
-
 _usable: set[str] = set()
 
 
