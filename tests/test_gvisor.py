@@ -206,4 +206,4 @@ def test_tiny_example_pipeline_predicts_under_gvisor(gvisor_engine, tmp_path):
     out = run_cli("predict", str(ws / "model"), "--isolation", "docker", "-s", "1,2,3,4", env=RUNSC)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
-    assert result and result[0]["label"] in ("neg", "pos"), out.stdout
+    assert result["success"] is True and result["data"][0]["label"] in ("neg", "pos"), out.stdout

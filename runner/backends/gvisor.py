@@ -42,8 +42,9 @@ GVISOR_SPELLING = {"pselect6": "pselect"}
 # What `doctor` says gVisor adds and costs (the figures: bench/RESULTS.md).
 ADDS = ("a user-space kernel (gVisor's Sentry) between the script and the host kernel: the script's "
         "system calls never reach the host's; the Sentry reaches it through a small filtered set")
-COSTS = ("slower system calls and start-up (ptrace platform): see bench/RESULTS.md; no GPU "
-         "(this runsc has no nvproxy)")
+COSTS = ("measured against runc (bench/RESULTS.md, python -m bench.gvisor): stage start-up ~1.5-1.7x "
+         "(+0.5 s), compute ~1.0x, tensors between stages ~0.13x (no shared-memory ring across gVisor "
+         "sandboxes); no GPU (this runsc has no nvproxy)")
 
 
 def host_pids(pids: int) -> int:
