@@ -171,6 +171,14 @@ def test_gpu_under_gvisor_is_refused_before_anything_runs(gvisor_engine, tmp_pat
     assert not (tmp_path / "ws").exists()
 
 
+@pytest.mark.parametrize("command", ["predict", "serve"])
+def test_predict_and_serve_gpu_under_gvisor_are_refused_first(gvisor_engine, tmp_path, command):
+    proc = run_cli(command, str(tmp_path / "no-model"), "--isolation", "docker", "--gpu", env=RUNSC, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")][-1]
+    assert "gVisor" in error and "--gpu" in error and "PIPCOOK_DOCKER_RUNTIME" in error, error
+
+
 def test_gpu_stage_under_gvisor_is_refused_by_the_backend(gvisor_engine, tmp_path):
     """predict/serve reach the backend directly: start() refuses a GPU stage under gVisor itself."""
     from pipcook_sandbox.runner.backends.base import Limits, StageSpec

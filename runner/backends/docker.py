@@ -133,8 +133,8 @@ def gpu_refusal(runtime: str | None = None) -> str | None:
     """Why a GPU cannot be given under the chosen runtime, or None."""
     runtime = runtime or runtime_for()
     if uses_gvisor(runtime):
-        return (f"the Docker runtime {runtime!r} is gVisor, which cannot give a stage a GPU here (this runsc has "
-                f"no nvproxy); run without --gpu, or unset ${ENV_RUNTIME} to train on the GPU under runc")
+        return (f"the Docker runtime {runtime!r} (${ENV_RUNTIME}) is gVisor, which cannot give a stage a GPU "
+                "here (this runsc has no nvproxy)")
     return None
 
 
