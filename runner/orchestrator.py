@@ -21,6 +21,7 @@ import queue
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -84,6 +85,7 @@ class ExecOptions:
     model_dir: Path | None = None  # read-only model for predict
     on_progress: Callable[[float, dict], None] | None = None
     on_event: Callable[[str, str], None] | None = None
+    on_metrics: Callable[[str, Any, dict], None] | None = None  # (stage, step, metrics) as recorded
     # every stage event as data (op: started, exited, progress, metrics, moved, ...) for the live display
     on_record: Callable[[str, str, dict], None] | None = None
 
@@ -171,7 +173,7 @@ class _Downloads:
         # with --allow-private served is never handed to a run without that permission.
         allowed = "\0".join(sorted(set(self.opts.allow_private)))
         key = hashlib.sha256((f"{url}\0{allowed}" if allowed else url).encode()).hexdigest()
-        cached = fetch.cache_dir() / "downloads" / key
+        cached = fetch.download_cache_dir() / "downloads" / key
         blob = cached / "blob"
         if self.opts.nocache or not blob.is_file():
             cached.mkdir(parents=True, exist_ok=True)
@@ -251,18 +253,25 @@ def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
             upstream_dir, upstream_name = src_dir, "input"
 
         # --- volumes: the writable dirs, each on a quota that holds
+        # (made at the same time: quota.create_volumes)
         data_dirs: dict[str, Path] = {}
+        wanted: list[tuple[str, str, Path, int, list[str]]] = []
         for plan in plans:
             if plan.role == "datasource":
-                vol = quota.create_volume(state / f"vol-{plan.name}", limits.disk, ["data", "cache"])
-                volumes[plan.name] = (vol, {"data": ws.data, "cache": ws.cache})
-                data_dirs = {"data": vol.path("data"), "cache": vol.path("cache")}
+                wanted.append(("vol", plan.name, state / f"vol-{plan.name}", limits.disk, ["data", "cache"]))
             elif plan.role == "model" and opts.task_type == "train":
-                vol = quota.create_volume(state / f"vol-{plan.name}", limits.disk, ["model"])
-                volumes[plan.name] = (vol, {"model": ws.model})
-        for plan in plans:
+                wanted.append(("vol", plan.name, state / f"vol-{plan.name}", limits.disk, ["model"]))
             if plan.role != "model":
-                socket_dirs[plan.name] = quota.create_volume(state / f"ipc-{plan.name}", SOCKET_DIR_QUOTA, ["out"])
+                wanted.append(("ipc", plan.name, state / f"ipc-{plan.name}", SOCKET_DIR_QUOTA, ["out"]))
+        made = quota.create_volumes([(path, size, subs) for _, _, path, size, subs in wanted])
+        for (kind, name, *_), vol in zip(wanted, made):
+            if kind == "ipc":
+                socket_dirs[name] = vol
+            elif "data" in vol.subdirs:
+                volumes[name] = (vol, {"data": ws.data, "cache": ws.cache})
+                data_dirs = {"data": vol.path("data"), "cache": vol.path("cache")}
+            else:
+                volumes[name] = (vol, {"model": ws.model})
         if not data_dirs:  # predict: no datasource ran; show the training data read-only
             data_dirs = {"data": ws.data, "cache": ws.cache}
 
@@ -350,15 +359,13 @@ def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
             except Exception as exc:  # keep cleaning the rest
                 if opts.on_event:
                     opts.on_event(handle.name, f"cleanup problem: {exc}")
-        for name, (vol, mapping) in volumes.items():
-            try:
+        try:
+            for name, (vol, mapping) in volumes.items():
                 skipped = vol.copy_out({sub: dest for sub, dest in mapping.items()})
                 if skipped and opts.on_event:
                     opts.on_event(name, f"not copied (links and special files are never followed): {', '.join(skipped[:5])}")
-            finally:
-                vol.destroy()
-        for vol in socket_dirs.values():
-            vol.destroy()
+        finally:
+            quota.destroy_volumes([vol for vol, _ in volumes.values()] + list(socket_dirs.values()))  # together
         source_stop.set()
         if source_thread is not None:
             source_thread.join(timeout=2)
@@ -462,6 +469,8 @@ def _on_event(event: Any, by_name: dict, errors: dict, violations: dict, done: s
         metrics_file.write(line + "\n")
         metrics_file.flush()
         result.metrics += 1
+        if opts.on_metrics:
+            opts.on_metrics(name, data.get("step"), data["metrics"])
     elif op == "meta" and by_name[name].role == "model":
         result.meta = _jsonable(data["meta"])
     elif op == "result" and by_name[name].role == "model":
@@ -513,13 +522,13 @@ def _fail(plans, handles, errors, violations, opts, ws, volumes, done) -> None:
 
 
 def _jsonable(obj: Any) -> Any:
-    import numpy as np
+    np = sys.modules.get("numpy")  # not imported: no value can be an array (the runner need not load numpy)
 
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
+    if np is not None and isinstance(obj, np.ndarray):
         return obj.tolist()
     if isinstance(obj, bytes):
         return None
