@@ -49,7 +49,15 @@ class RunOptions:
 
 def require_gpu_host(who: str, isolation: str, fix: str = "run without --gpu") -> None:
     """Refuse a GPU request on a host without an NVIDIA device, before anything is built or started
-    (`run`, `predict` and `serve` say it the same way)."""
+    (`run`, `predict` and `serve` say it the same way). Under gVisor (the docker backend with
+    PIPCOOK_DOCKER_RUNTIME=runsc) no GPU can be given, whatever the host has."""
+    if isolation == "docker":
+        from pipcook_sandbox.runner.backends import docker as docker_backend
+
+        refused = docker_backend.gpu_refusal()
+        if refused:
+            raise PipcookError(f"a GPU was requested by {who}, but {refused}: {fix}, or unset "
+                               f"{docker_backend.ENV_RUNTIME} to use the GPU under runc")
     if isolation != "none" and not any(Path("/dev").glob("nvidia[0-9]*")):
         raise PipcookError(f"a GPU was requested by {who}, but this host has no NVIDIA GPU (no /dev/nvidia0); "
                            f"{fix}, or run on a host with a GPU and its driver")

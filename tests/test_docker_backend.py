@@ -196,7 +196,7 @@ def test_stage_is_confined(backend, tmp_path, monkeypatch):
 def test_no_network_even_without_our_seccomp_profile(backend, tmp_path, monkeypatch):
     """The seccomp deny list refuses non-unix sockets (EAFNOSUPPORT); under it the
     network namespace alone must hold: a socket can be made, but nothing is reachable."""
-    monkeypatch.setattr(backend, "seccomp_profile", lambda: (None, "docker default"))
+    monkeypatch.setattr(backend, "seccomp_profile", lambda runtime=None: (None, "docker default"))
     code = """
         import errno, socket
         for host in ("127.0.0.1", "172.17.0.1", "169.254.169.254", "1.1.1.1"):

@@ -968,7 +968,7 @@ def _records(state_dir: Path) -> list[tuple[Path, dict]]:
 def clean_leftovers(roots: list[Path] | None = None) -> list[str]:
     """Remove what runs of dead runners left: their stages' processes and
     cgroups, mounts (quota volumes), loop images and state dirs. Looks at
-    `<tmp>/pcsb-*` and at `roots` (state dirs passed in spec.labels). A
+    `<tmp>/pcsb-*` and at `roots` (state dirs passed in spec.options). A
     state dir is touched only when every runner pid recorded in it is dead;
     one without any record is left alone. Returns what was removed."""
     removed: list[str] = []

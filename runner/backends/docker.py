@@ -19,7 +19,7 @@ What a stage gets (tests/test_docker_backend.py checks each line):
                 the daemon's own copy of the log capped
     processes   init=True: Docker's tini is pid 1 and reaps zombies
     runtime     runc, or another registered runtime (runsc for gVisor) from
-                spec.labels["runtime"] or $PIPCOOK_DOCKER_RUNTIME
+                spec.options.runtime or $PIPCOOK_DOCKER_RUNTIME
     GPU         spec.gpu (the model stage only): every GPU through the
                 NVIDIA Container Toolkit, the CUDA image; a clear error where
                 the host has no NVIDIA runtime. UNTESTED without a GPU.
@@ -49,7 +49,7 @@ from typing import Any
 
 from pipcook_sandbox.runner.errors import PipcookError as _ErrorBase
 
-from . import base, owner, quota
+from . import base, gvisor, owner, quota
 from .output import capture
 
 NAME = "docker"
@@ -69,6 +69,7 @@ ENV_RUNTIME = "PIPCOOK_DOCKER_RUNTIME"
 ENV_IMAGE = "PIPCOOK_DOCKER_IMAGE"  # operator override: run this image instead of the built one
 SHM_MIN, SHM_MAX = 64 << 20, 256 << 20
 PIDS_CHECK_PERIOD = 0.25
+OOM_EVENT_GRACE = 3.0  # how long an unexplained SIGKILL waits for the engine's OOM event
 API_TIMEOUT = 60
 
 
@@ -103,11 +104,49 @@ def runtime_for(spec: base.StageSpec | None = None) -> str | None:
     return (spec.options.runtime if spec else None) or os.environ.get(ENV_RUNTIME) or None
 
 
+def runtime_entry(runtime: str | None) -> dict[str, Any] | None:
+    """The engine's registration of `runtime` (path, runtimeArgs), None if unknown or the default."""
+    if not runtime:
+        return None
+    entry = (_info().get("Runtimes") or {}).get(runtime)
+    return entry if isinstance(entry, dict) else None
+
+
+def uses_gvisor(runtime: str | None = None) -> bool:
+    """Do stages run under gVisor (the chosen runtime, else $PIPCOOK_DOCKER_RUNTIME, is runsc)?"""
+    return gvisor.is_gvisor(runtime_entry(runtime or runtime_for()))
+
+
+def runtime_problem(runtime: str | None) -> str | None:
+    """Why the engine cannot run stages under `runtime`, or None."""
+    if not runtime:
+        return None
+    runtimes = _info().get("Runtimes") or {}
+    if runtime not in runtimes:
+        return (f"the Docker runtime {runtime!r} (${ENV_RUNTIME}) is not registered with the engine "
+                f"(known: {', '.join(sorted(runtimes))}); see docs/docker.md")
+    entry = runtime_entry(runtime)
+    if gvisor.is_gvisor(entry):
+        return gvisor.registration_problem(runtime, entry)
+    return None
+
+
+def gpu_refusal(runtime: str | None = None) -> str | None:
+    """Why a GPU cannot be given under the chosen runtime, or None."""
+    runtime = runtime or runtime_for()
+    if uses_gvisor(runtime):
+        return (f"the Docker runtime {runtime!r} (${ENV_RUNTIME}) is gVisor, which cannot give a stage a GPU "
+                "here (this runsc has no nvproxy)")
+    return None
+
+
 def image_for(gpu: bool) -> str:
     override = os.environ.get(ENV_IMAGE)
     if override:
         return override
-    from pipcook_sandbox.runner.images import image_tag  # host side; the tag follows the runner's pins
+    from pipcook_sandbox.runner.images import (
+        image_tag,  # host side; the tag follows the runner's pins
+    )
 
     return image_tag(cuda=gpu)
 
@@ -124,13 +163,18 @@ def nvidia_runtime() -> tuple[bool, str]:
                    "is installed; install the NVIDIA Container Toolkit (docs/docker.md) or run without --gpu")
 
 
-def seccomp_profile() -> tuple[str | None, str]:
-    """(security_opt value, what it is). Docker's default profile when ours is missing."""
+def seccomp_profile(runtime: str | None = None) -> tuple[str | None, str]:
+    """(security_opt value, what it is). Docker's default profile when ours is missing;
+    under gVisor the profile as gVisor applies it (gvisor.adapt_profile)."""
     try:
         from .seccomp import docker_profile
     except ImportError:
         return None, "docker default"
-    return "seccomp=" + json.dumps(docker_profile(), separators=(",", ":")), "pipcook-sandbox allow list"
+    profile, what = docker_profile(), "pipcook-sandbox allow list"
+    if uses_gvisor(runtime):
+        profile = gvisor.adapt_profile(profile)
+        what += ", applied inside gVisor (--oci-seccomp; every refusal is EPERM)"
+    return "seccomp=" + json.dumps(profile, separators=(",", ":")), what
 
 
 # --- the runner's identity, for leftovers ---------------------------------------------
@@ -219,7 +263,8 @@ def container_config(spec: base.StageSpec) -> dict[str, Any]:
     env = {"HOME": "/tmp", "LANG": "C.UTF-8", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            "PYTHONDONTWRITEBYTECODE": "1", **spec.env}
     security = ["no-new-privileges:true"]
-    profile, _ = seccomp_profile()
+    runtime = runtime_for(spec)
+    profile, _ = seccomp_profile(runtime)
     if profile:
         security.append(profile)
     config: dict[str, Any] = dict(
@@ -257,9 +302,14 @@ def container_config(spec: base.StageSpec) -> dict[str, Any]:
         stdin_open=False,
         tty=False,
     )
-    runtime = runtime_for(spec)
     if runtime:
         config["runtime"] = runtime
+    if uses_gvisor(runtime):
+        # The script's processes and threads are tasks of gVisor's kernel, not host processes: the
+        # Sentry enforces --pids per sandbox (RLIMIT_NPROC counts this sandbox's uid 65534 only), and the
+        # host's pids cgroup bounds the Sentry's own threads and stubs (gvisor.host_pids).
+        config["pids_limit"] = gvisor.host_pids(limits.pids)
+        config["ulimits"].append(docker.types.Ulimit(name="nproc", soft=limits.pids, hard=limits.pids))
     if spec.gpu:
         # compute,utility: what CUDA and nvidia-smi need from the driver.
         config["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu", "compute", "utility"]])]
@@ -362,6 +412,8 @@ class DockerStage:
         # init (tini) reports a child killed by signal N as 128+N, as a shell would
         if 128 < code <= 128 + 64:
             code = -(code - 128)
+        if code == -int(signal.SIGKILL) and not state.get("OOMKilled") and self._reason is None:
+            state = self._late_oom(state)
         with self._lock:
             if self._reason is None:
                 if state.get("OOMKilled"):
@@ -371,6 +423,23 @@ class DockerStage:
                     self._reason = base.REASON_DISK
                     self._detail = "a file grew past the quota (SIGXFSZ)"
             self._code = code
+
+    def _late_oom(self, state: dict) -> dict:
+        """The state once the engine has had OOM_EVENT_GRACE to mark an unexplained SIGKILL as an OOM.
+
+        Under gVisor the OOM killer kills the Sentry, and the engine may learn of the exit before it
+        learns of the OOM (measured: the first inspect said OOMKilled false, a later one true)."""
+        deadline = time.monotonic() + OOM_EVENT_GRACE
+        while time.monotonic() < deadline and self._reason is None:
+            time.sleep(0.1)
+            try:
+                self.container.reload()
+            except Exception:
+                break  # removed: nothing more to learn
+            state = self.container.attrs.get("State") or state
+            if state.get("OOMKilled"):
+                break
+        return state
 
     def poll(self) -> int | None:
         code = self._code
@@ -445,14 +514,17 @@ def start(spec: base.StageSpec) -> DockerStage:
     import docker
 
     engine = client()
+    runtime = runtime_for(spec)
+    problem = runtime_problem(runtime)
+    if problem:
+        raise DockerError(f"Docker cannot start stage {spec.name}: {problem}")
     if spec.gpu:
+        refused = gpu_refusal(runtime)
+        if refused:
+            raise DockerError(f"stage {spec.name} asks for a GPU (--gpu) but {refused}")
         ok, why = nvidia_runtime()
         if not ok:
             raise DockerError(f"stage {spec.name} asks for a GPU (--gpu) but this Docker host cannot provide one: {why}")
-    runtime = runtime_for(spec)
-    if runtime and runtime not in (_info().get("Runtimes") or {}):
-        raise DockerError(f"the Docker runtime {runtime!r} (${ENV_RUNTIME}) is not registered with the engine "
-                          f"(known: {', '.join(sorted(_info().get('Runtimes') or {}))})")
     volume = _Writable(spec) if spec.writable else None
     try:
         container = _create(engine, spec, volume)
@@ -464,11 +536,19 @@ def start(spec: base.StageSpec) -> DockerStage:
         container.start()
         return DockerStage(spec, container, volume)
     except BaseException as exc:  # Ctrl-C or a refused start: never leave the container behind
-        remove(container)
+        import requests
+
+        try:
+            remove(container)
+        except Exception:
+            pass  # labelled with this runner's pid: `clean` (and the next docker run) removes it
         if volume is not None:
             volume.close(copy=False)
         if isinstance(exc, docker.errors.APIError):
             raise DockerError(f"Docker could not start stage {spec.name}: {exc.explanation or exc}") from None
+        if isinstance(exc, requests.exceptions.RequestException):  # the engine or runtime hung
+            raise DockerError(f"Docker did not start stage {spec.name} within {API_TIMEOUT} s "
+                              f"(runtime {runtime or 'runc'}): {exc}") from None
         raise
 
 
@@ -555,9 +635,11 @@ def probe() -> dict:
     runtime = runtime_for()
     runtimes = info.get("Runtimes") or {}
     found["runtime"] = runtime or f"{info.get('DefaultRuntime', 'runc')} (default)"
-    if runtime and runtime not in runtimes:
+    problem = runtime_problem(runtime)
+    if problem:
         found["engine"] = False
-        found["engine_why"] = f"${ENV_RUNTIME}={runtime} is not a runtime of this engine (known: {', '.join(sorted(runtimes))})"
+        found["engine_why"] = f"${ENV_RUNTIME}={runtime}: {problem}"
+    found.update(_gvisor_lines(runtime, runtimes))
     try:
         tag = image_for(False)
         engine.images.get(tag)
@@ -570,9 +652,29 @@ def probe() -> dict:
     found["network"] = "none"
     found["root_filesystem"] = "read-only"
     gpu, why = nvidia_runtime()
-    found["gpu"] = gpu
-    found["gpu_why"] = why
+    refused = gpu_refusal(runtime)
+    found["gpu"] = gpu and not refused
+    found["gpu_why"] = refused or why
     return found
+
+
+def _gvisor_lines(runtime: str | None, runtimes: dict) -> dict[str, Any]:
+    """doctor's gVisor lines: whether it is available, whether stages use it, what it adds and costs."""
+    names = sorted(name for name, entry in runtimes.items() if isinstance(entry, dict) and gvisor.is_gvisor(entry))
+    in_use = bool(runtime) and runtime in names
+    if not names:
+        available = f"no (no runsc runtime registered; see docs/docker.md, then {ENV_RUNTIME}=runsc)"
+    else:
+        broken = [p for p in (gvisor.registration_problem(n, runtimes[n]) for n in names) if p]
+        available = (f"yes ({', '.join(names)}: {' '.join(gvisor.runtime_args(runtimes[names[0]]))})"
+                     if not broken else "registered but unusable: " + "; ".join(broken))
+    lines: dict[str, Any] = {"gvisor": available,
+                             "gvisor_in_use": (f"yes ({ENV_RUNTIME}={runtime})" if in_use else
+                                               f"no (set {ENV_RUNTIME}=runsc to use it)" if names else "no")}
+    if names:
+        lines["gvisor_adds"] = gvisor.ADDS
+        lines["gvisor_costs"] = gvisor.COSTS
+    return lines
 
 
 def clean_leftovers() -> list[str]:

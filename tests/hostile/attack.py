@@ -26,7 +26,21 @@ from pathlib import Path
 
 from conftest import REPO, leftover_mounts, sandbox_processes, write_pipeline
 
-BACKENDS = ("bwrap", "docker")
+BACKENDS = ("bwrap", "docker", "docker-gvisor")
+# A backend id of this suite -> the CLI's --isolation and the environment it runs with:
+# docker-gvisor is the docker backend with gVisor as its runtime (docs/docker.md).
+GVISOR_ENV = {"PIPCOOK_DOCKER_RUNTIME": "runsc"}
+
+
+def backend_cli(isolation: str) -> tuple[str, dict[str, str]]:
+    """(--isolation value, extra environment) of a backend id."""
+    if isolation == "docker-gvisor":
+        return "docker", dict(GVISOR_ENV)
+    return isolation, {}
+
+
+def uses_docker(isolation: str) -> bool:
+    return backend_cli(isolation)[0] == "docker"
 # Small per-stage limits: every attack ends within seconds.
 LIMITS = {"--memory": "256m", "--pids": "64", "--disk": "64m", "--timeout": "20"}
 TMP = Path("/tmp")
@@ -87,7 +101,7 @@ class Attack:
         return json.loads(found[-1][len("REPORT "):])
 
     def leftovers(self, *markers: str) -> list[str]:
-        return self.before.leftovers(self.runner_pid, markers, docker=self.isolation == "docker")
+        return self.before.leftovers(self.runner_pid, markers, docker=uses_docker(self.isolation))
 
     def describe(self) -> str:
         return (f"[{self.isolation}] exit {self.returncode} after {self.elapsed:.1f} s\n"
@@ -149,8 +163,14 @@ class HostSnapshot:
 
 def run_cli_tracked(args: list[str], *, env: dict | None = None, timeout: float = 240,
                     cwd: Path | None = None) -> tuple[subprocess.CompletedProcess, int, float]:
-    """`pipcook-sandbox ARGS` as conftest.run_cli does, but keeping the runner's pid."""
-    full_env = {**os.environ, **(env or {})}
+    """`pipcook-sandbox ARGS` as conftest.run_cli does, but keeping the runner's pid.
+    `--isolation docker-gvisor` becomes `--isolation docker` under gVisor (backend_cli)."""
+    args = list(args)
+    extra: dict[str, str] = {}
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--isolation":
+            args[i + 1], extra = backend_cli(args[i + 1])
+    full_env = {**os.environ, **extra, **(env or {})}
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "pipcook_sandbox", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=full_env, cwd=cwd or REPO)

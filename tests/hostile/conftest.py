@@ -12,8 +12,7 @@ import subprocess
 
 import pytest
 
-from .attack import BACKENDS
-
+from .attack import BACKENDS, backend_cli
 
 _usable: set[str] = set()
 
@@ -30,6 +29,18 @@ def _why_unusable(name: str) -> str | None:
 
 
 def _probe(name: str) -> str | None:
+    cli_name, env = backend_cli(name)
+    if env:  # docker-gvisor: the docker backend as the runner will see it, with PIPCOOK_DOCKER_RUNTIME set
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            return _probe(cli_name)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
     if name == "docker":
         if shutil.which("docker") is None:
             return "the docker CLI is not installed"
@@ -66,6 +77,6 @@ def require_backend(name: str) -> None:
 
 @pytest.fixture(params=BACKENDS)
 def isolation(request) -> str:
-    """The backend to attack: every test runs against bwrap and docker."""
+    """The backend to attack: every test runs against bwrap, docker (runc) and docker under gVisor."""
     require_backend(request.param)
     return request.param
