@@ -160,11 +160,16 @@ def main() -> None:
 @click.argument("pipeline")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Workspace directory (default ./pipcook-output-<timestamp>).")
 @click.option("-m", "--mirror", metavar="URL", help="Fetch prebuilt frameworks from this mirror.")
+@click.option("--allow-path", "allow_paths", multiple=True, metavar="DIR",
+              type=click.Path(exists=True, file_okay=False, dir_okay=True),
+              help="Let a local pipeline name files under DIR too (by default only under its own directory). "
+                   "Repeatable.")
 @common_options
 @limit_options
 @handle_errors
-def run(pipeline: str, output: Path | None, mirror: str | None, isolation: str, gpu: bool | None, nocache: bool,
-        allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout) -> None:
+def run(pipeline: str, output: Path | None, mirror: str | None, allow_paths: tuple[str, ...], isolation: str,
+        gpu: bool | None, nocache: bool, allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk,
+        timeout) -> None:
     """Train: run PIPELINE (a path or an http(s) URL), every stage sandboxed."""
     from .limits import from_options
 
@@ -177,7 +182,8 @@ def run(pipeline: str, output: Path | None, mirror: str | None, isolation: str, 
     on_event = (lambda stage, what: _say(f"[{stage}] {what}")) if debug else None
     try:
         ws = run_pipeline(pipeline, RunOptions(output=output, isolation=isolation, gpu=gpu, nocache=nocache,
-                                               allow_private=allow_private, limits=limits, mirror=mirror, log=_say,
+                                               allow_private=allow_private, allow_paths=allow_paths,
+                                               limits=limits, mirror=mirror, log=_say,
                                                on_progress=progress, on_event=on_event))
     finally:
         close()

@@ -21,6 +21,7 @@ from urllib.parse import urljoin
 
 import platformdirs
 
+from pipcook_sandbox.runner import localfiles
 from pipcook_sandbox.runner.errors import FetchError, IntegrityError, PolicyError
 from pipcook_sandbox.runner.netpolicy import check_url, parse_ip_literal, resolve_and_check
 from pipcook_sandbox.runner.spec import ScriptRef, uri_to_path
@@ -250,8 +251,11 @@ def _sha256_file(path: Path) -> str:
 def _read_local(ref: ScriptRef, max_bytes: int) -> bytes:
     path = uri_to_path(ref.uri)
     try:
-        with path.open("rb") as f:
-            data = f.read(max_bytes + 1)
+        # Checked again at the moment of reading (runner.localfiles): the
+        # pipeline's directory, or an --allow-path, and a regular file.
+        data = localfiles.read_confined(path, ref.roots, max_bytes)
+    except localfiles.Refused as exc:
+        raise FetchError(f"refused to read {ref.raw!r}: {exc}; {localfiles.RULE}", script=ref.name) from None
     except FileNotFoundError:
         raise FetchError(f"script not found: {path}", script=ref.name) from None
     except IsADirectoryError:

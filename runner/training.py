@@ -33,6 +33,7 @@ class RunOptions:
     gpu: bool | None = None  # --gpu True, --no-gpu False, neither None (the pipeline may ask)
     nocache: bool = False
     allow_private: tuple[str, ...] = ()
+    allow_paths: tuple[str, ...] = ()  # --allow-path: more dirs a local pipeline may name files in
     limits: Limits = field(default_factory=Limits)
     mirror: str | None = None
     log: Callable[[str], None] = print
@@ -118,7 +119,8 @@ def check_gpu(pipeline: spec.Pipeline, opts: RunOptions) -> RunOptions:
 
 
 def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
-    pipeline = spec.load_pipeline(location, fetch_bytes=functools.partial(fetch.fetch_bytes, allow_private=opts.allow_private))
+    pipeline = spec.load_pipeline(location, fetch_bytes=functools.partial(fetch.fetch_bytes, allow_private=opts.allow_private),
+                                  allow_paths=opts.allow_paths)
     opts = check_gpu(pipeline, opts)  # --gpu / --no-gpu, else options.train.gpu
     if opts.isolation == "docker":  # containers left by runners that crashed or were killed
         from pipcook_sandbox.runner.backends import docker as docker_backend
