@@ -34,7 +34,7 @@ from pipcook_sandbox.runner.backends import base, get_backend, quota
 from pipcook_sandbox.runner.backends.base import Limits, Mount, StageSpec
 
 from . import control as control_mod
-from . import fetch
+from . import fetch, jsonvalue
 from .errors import PipcookError
 from .limits import human
 
@@ -444,7 +444,11 @@ def _on_event(event: Any, by_name: dict, errors: dict, violations: dict, done: s
         metrics_file.flush()
         result.metrics += 1
     elif op == "meta" and by_name[name].role == "model":
-        result.meta = _jsonable(data["meta"])
+        try:  # kept as model/meta.json: plain JSON (NaN, bytes as null), never deeper than a walk can go
+            result.meta = jsonvalue.plain(data["meta"], what="meta", lenient=True)
+        except jsonvalue.Unfit as exc:
+            violations.setdefault(name, f"sent a meta that cannot be stored: {exc}")
+            handles[name].terminate(base.REASON_PROTOCOL)
     elif op == "result" and by_name[name].role == "model":
         result.results = data["data"]
     elif op == "error":
@@ -491,20 +495,6 @@ def _fail(plans, handles, errors, violations, opts, ws, volumes, done) -> None:
         raise StageError(f"sent data that stage '{plans[index].name}' could not read: {error.cause}",
                          upstream.name, upstream.script.name, error.traceback)
     raise error
-
-
-def _jsonable(obj: Any) -> Any:
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, bytes):
-        return None
-    return obj
 
 
 def input_pool(samples: list[dict], meta: dict | None) -> Any:

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from pipcook_sandbox.runner.backends.base import Limits
 
-from . import fetch, orchestrator, spec, training, workspace
+from . import fetch, jsonvalue, orchestrator, spec, training, workspace
 from .errors import PipcookError
 
 MAX_ZIP_BYTES = 4 << 30  # what a model zip may unpack to
@@ -159,8 +159,8 @@ def _read_json(path: Path, cap: int, what: str) -> Any:
             raise ModelError(f"{what} {path} is missing or not a regular file")
         if path.stat().st_size > cap:
             raise ModelError(f"{what} {path} is larger than {cap} bytes")
-        return json.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return jsonvalue.loads(path.read_text("utf-8"))  # no RecursionError, no NaN
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # jsonvalue.Unfit is a ValueError
         raise ModelError(f"cannot read {what} {path}: {exc}") from None
 
 
@@ -224,9 +224,16 @@ def run_predict(location: str, samples: list[dict], opts: PredictOptions) -> lis
         if result.results is None:
             raise PipcookError("predict() finished without returning results", stage="model",
                                script=plans[-1].script.name)
+        try:
+            # Printed as JSON: NaN, Infinity, bytes or absurd nesting are refused, never printed
+            # as text no JSON parser reads (or a crash).
+            results = jsonvalue.plain(result.results, what="data")
+        except jsonvalue.Unfit as exc:
+            raise PipcookError(f"predict() returned a result that is not JSON: {exc}", stage="model",
+                               script=plans[-1].script.name) from None
         if len(result.results) != len(samples) and opts.log:
-            opts.log(f"warning: {len(samples)} input(s) but predict() returned {len(result.results)} result(s)")
-        return result.results
+            opts.log(f"warning: {len(samples)} input(s) but predict() returned {len(results)} result(s)")
+        return results
 
 
 def render(results: list) -> str:

@@ -24,7 +24,7 @@ from urllib.request import url2pathname
 import jsonschema
 from jsonschema import Draft202012Validator
 
-from pipcook_sandbox.runner import localfiles
+from pipcook_sandbox.runner import jsonvalue, localfiles
 from pipcook_sandbox.runner.errors import SpecError
 
 SCHEMA_RESOURCE = "pipeline-2.0.schema.json"
@@ -366,7 +366,10 @@ def _source_base(source: str) -> tuple[str, str, bool]:
 
 def _decode(data: bytes | str | dict, source: str) -> Any:
     if not isinstance(data, (bytes, str)):
-        # Already parsed; the schema check will judge its shape.
+        # Already parsed; the schema check will judge its shape, once it is known to be
+        # shallow enough for a recursive walk (jsonschema's, deepcopy's).
+        if jsonvalue.depth(data) > jsonvalue.MAX_DEPTH:
+            raise SpecError(f"nested deeper than {jsonvalue.MAX_DEPTH} levels", source=source)
         return copy.deepcopy(data)
     if isinstance(data, bytes):
         try:
@@ -374,11 +377,13 @@ def _decode(data: bytes | str | dict, source: str) -> Any:
         except UnicodeDecodeError as exc:
             raise SpecError(f"not UTF-8 text (byte {exc.start})", source=source) from None
     try:
-        return json.loads(data)
+        return jsonvalue.loads(data)
     except json.JSONDecodeError as exc:
         raise SpecError(
             f"not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", source=source
         ) from None
+    except jsonvalue.Unfit as exc:
+        raise SpecError(f"not valid JSON: {exc}", source=source) from None
 
 
 def parse_pipeline(data: bytes | str | dict, source: str, allow_paths: tuple[str, ...] = ()) -> Pipeline:
