@@ -7,6 +7,7 @@ failed run or bad input, 2 a usage error (click), 130 interrupted.
 from __future__ import annotations
 
 import functools
+import logging
 import signal
 import sys
 import traceback
@@ -16,16 +17,41 @@ from typing import Any, Callable
 import click
 
 from .errors import PipcookError
+from .inert import InertFormatter, inert
 
 ISOLATIONS = ("bwrap", "docker", "none")
 
+# Every line the CLI prints to the terminal goes through `inert` (runner/inert.py): messages quote
+# pipelines, scripts, URLs and file names a stage chose, and none may drive the terminal.
+
 
 def _say(message: str) -> None:
-    click.echo(message, err=True)
+    click.echo(inert(message), err=True)
 
 
 def _warn(message: str) -> None:
-    click.secho(message, err=True, fg="yellow", bold=True)
+    click.secho(inert(message), err=True, fg="yellow", bold=True)
+
+
+def _fail(message: str) -> None:
+    click.secho(inert(message), err=True, fg="red")
+
+
+def _traceback() -> None:
+    """--debug: the host-side traceback; its messages quote pipeline text too."""
+    _say(traceback.format_exc().rstrip())
+
+
+def _inert_logging() -> None:
+    """The runner's log records (a backend's warnings, copy-out notes naming files a stage left)
+    reach stderr only through InertFormatter."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(InertFormatter("%(levelname)s: %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -41,10 +67,10 @@ def handle_errors(fn: Callable) -> Callable:
         except PipcookError as exc:
             tb = getattr(exc, "traceback", "")
             if debug:
-                traceback.print_exc()
+                _traceback()
                 if tb:
                     _say("--- traceback inside the sandbox ---\n" + tb.rstrip())
-            click.secho(f"error: {exc}", err=True, fg="red")
+            _fail(f"error: {exc}")
             if tb and not debug:
                 _say("(run with --debug for the script's traceback)")
             from .orchestrator import Interrupted
@@ -53,13 +79,13 @@ def handle_errors(fn: Callable) -> Callable:
         except click.ClickException:
             raise  # usage errors: click prints them with the usage line, exit status 2
         except KeyboardInterrupt:
-            click.secho("error: interrupted (Ctrl-C)", err=True, fg="red")
+            _fail("error: interrupted (Ctrl-C)")
             sys.exit(130)
         except Exception as exc:  # a bug of ours: still one paragraph, traceback on request
             if debug:
-                traceback.print_exc()
-            click.secho(f"error: internal error in pipcook-sandbox: {type(exc).__name__}: {exc}"
-                        + ("" if debug else " (run with --debug for the traceback)"), err=True, fg="red")
+                _traceback()
+            _fail(f"error: internal error in pipcook-sandbox: {type(exc).__name__}: {exc}"
+                  + ("" if debug else " (run with --debug for the traceback)"))
             sys.exit(1)
 
     return wrapper
@@ -154,6 +180,7 @@ def _isolation_check(isolation: str, debug: bool) -> Callable[[], None]:
 @click.version_option(package_name="pipcook-sandbox", prog_name="pipcook-sandbox")
 def main() -> None:
     """Run machine-learning pipelines whose scripts you do not trust."""
+    _inert_logging()
 
 
 @main.command()
@@ -187,7 +214,7 @@ def run(pipeline: str, output: Path | None, mirror: str | None, allow_paths: tup
                                                on_progress=progress, on_event=on_event))
     finally:
         close()
-    click.secho(f"done: model in {ws.model}", err=True, fg="green")
+    click.secho(inert(f"done: model in {ws.model}"), err=True, fg="green")
 
 
 @main.command()
@@ -325,7 +352,7 @@ def images_build(cuda: bool, offline: bool, force: bool, debug: bool) -> None:
     from .images import build
 
     tag = build(cuda=cuda, offline=offline, force=force, log=_say)
-    click.secho(f"done: {tag}", err=True, fg="green")
+    click.secho(inert(f"done: {tag}"), err=True, fg="green")
 
 
 if __name__ == "__main__":  # pragma: no cover
