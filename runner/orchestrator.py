@@ -34,7 +34,7 @@ from pipcook_sandbox.runner.backends import base, get_backend, quota
 from pipcook_sandbox.runner.backends.base import Limits, Mount, StageSpec
 
 from . import control as control_mod
-from . import fetch, jsonvalue
+from . import fetch, jsonvalue, workspace
 from .errors import PipcookError
 from .limits import human
 
@@ -180,7 +180,11 @@ class _Downloads:
             os.link(blob, target)
         except OSError:
             shutil.copyfile(blob, target)
-        os.chmod(target, 0o644)  # the download is private (mkstemp); the stage's uid 65534 must read it
+        # The download is private (mkstemp); the stage's uid must read it, no one else (workspace.restrict).
+        gid = workspace.stage_group()
+        if gid is not None:
+            os.chown(target, -1, gid)
+        os.chmod(target, 0o640 if gid is not None else 0o600)
         return self.translate(target, f"{IN_DOWNLOADS}/{name}")
 
 

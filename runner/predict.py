@@ -202,6 +202,7 @@ def prepare(model: Model, tmp: Path, opts: PredictOptions) -> tuple[workspace.Wo
     run_opts = training.RunOptions(isolation=opts.isolation, gpu=opts.gpu, nocache=True,
                                    allow_private=opts.allow_private, log=opts.log)
     copies = training.fetch_scripts(model.pipeline, ws, run_opts)  # pins checked here
+    workspace.restrict(ws.root)  # the script copies: readable by the stages, no one else
     framework, worker_site = training.prepare_runtime(model.pipeline, run_opts)
     return ws, copies, framework, worker_site
 

@@ -130,18 +130,22 @@ def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
     ws = workspace.create(opts.output)
     workspace.write_json(ws.pipeline, spec.pipeline_to_json(pipeline))
     opts.log(f"workspace: {ws.root}")
-    copies = fetch_scripts(pipeline, ws, opts)
-    framework, worker_site = prepare_runtime(pipeline, opts)
-    if framework is not None:
-        workspace.write_json(ws.framework / "framework.json",
-                             {"name": framework.name, "version": framework.version, "path": str(framework.dir)})
-    plans = plan(pipeline, copies)
-    result = orchestrator.execute(plans, ws, orchestrator.ExecOptions(
-        isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu, nocache=opts.nocache,
-        allow_private=opts.allow_private, task_type="train", framework=framework, worker_site=worker_site,
-        pipeline_options=dict(pipeline.options), on_progress=opts.on_progress, on_event=opts.on_event))
-    finish_model_dir(ws, pipeline, copies, result.meta)
-    artifacts.run_all(pipeline.artifact, ws, log=opts.log, isolation=opts.isolation, limits=opts.limits)
+    try:
+        copies = fetch_scripts(pipeline, ws, opts)
+        workspace.restrict(ws.root)  # the scripts: readable by the stages, no one else
+        framework, worker_site = prepare_runtime(pipeline, opts)
+        if framework is not None:
+            workspace.write_json(ws.framework / "framework.json",
+                                 {"name": framework.name, "version": framework.version, "path": str(framework.dir)})
+        plans = plan(pipeline, copies)
+        result = orchestrator.execute(plans, ws, orchestrator.ExecOptions(
+            isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu, nocache=opts.nocache,
+            allow_private=opts.allow_private, task_type="train", framework=framework, worker_site=worker_site,
+            pipeline_options=dict(pipeline.options), on_progress=opts.on_progress, on_event=opts.on_event))
+        finish_model_dir(ws, pipeline, copies, result.meta)
+        artifacts.run_all(pipeline.artifact, ws, log=opts.log, isolation=opts.isolation, limits=opts.limits)
+    finally:
+        workspace.restrict(ws.root)  # logs, copied-out data, the model, artifacts: however the run ended
     return ws
 
 

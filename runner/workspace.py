@@ -5,6 +5,14 @@
 The runner creates it, never reuses a non-empty one (a mistyped -o must not
 clobber a previous run), and keeps it whatever happens, so a failed run can
 be inspected.
+
+It holds what untrusted scripts wrote and what the pipeline named, so it is
+private: the root 0700, nothing below it readable by others (`restrict`).
+The stages still read their scripts and, for predict, the model: their
+uid is not the runner's when the runner is root (65534, bwrap's mapped mode
+and Docker), so below the root, directories are 0750 and files 0640 with
+the stages' group. A stage sees a mounted file or directory through the
+mount itself, never through the 0700 root.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ from pathlib import Path
 from .errors import PipcookError
 
 SUBDIRS = ("scripts", "framework", "data", "cache", "model", "logs")
+STAGE_GID = 65534  # the group every stage runs as when the runner is root (bwrap mapped mode, Docker)
 
 
 @dataclass(frozen=True)
@@ -48,13 +57,47 @@ def create(root: Path | None) -> Workspace:
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise PipcookError(f"output directory {root} already exists and is not empty; choose another with -o")
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root, 0o700)  # an empty dir the operator made may be 0755
         for sub in SUBDIRS:
             (root / sub).mkdir(exist_ok=True)
         (root / "metrics.jsonl").touch()
+        restrict(root)
     except OSError as exc:
         raise PipcookError(f"cannot create the workspace {root}: {exc.strerror}") from None
     return Workspace(root)
+
+
+def stage_group() -> int | None:
+    """The group that must read what stages are given, or None where stages are the runner's uid."""
+    return STAGE_GID if os.geteuid() == 0 else None
+
+
+def restrict(root: Path) -> None:
+    """Make `root` 0700 and everything below it unreadable by others: directories 0750 and files
+    0640 with the stages' group (runner is root), else 0700 and 0600. Links are not followed
+    (the runner never puts one in a workspace; a stage's are never copied out)."""
+    gid = stage_group()
+    dir_mode, file_mode = (0o750, 0o640) if gid is not None else (0o700, 0o600)
+
+    def fix(path: str, mode: int) -> None:
+        try:
+            if gid is not None:
+                os.lchown(path, -1, gid)
+            os.chmod(path, mode)
+        except FileNotFoundError:
+            pass  # removed meanwhile (a temporary file of the run)
+
+    os.chmod(root, 0o700)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                fix(full, dir_mode)
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                fix(full, file_mode)
 
 
 def write_json(path: Path, data) -> None:

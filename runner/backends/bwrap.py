@@ -255,6 +255,17 @@ def sandbox_owner(mode: str | None = None) -> tuple[int, int]:
     return os.getuid(), os.getgid()
 
 
+def _readable_by(st: os.stat_result, owner: tuple[int, int], is_dir: bool) -> bool:
+    """Whether uid/gid `owner` may read (and, for a directory, enter) what `st` describes: the
+    runner gives stages their files as group `owner[1]` and keeps them from everyone else."""
+    need = 0o5 if is_dir else 0o4
+    if st.st_uid == owner[0]:
+        return (st.st_mode >> 6) & need == need
+    if st.st_gid == owner[1]:
+        return (st.st_mode >> 3) & need == need
+    return st.st_mode & need == need
+
+
 def grant_access(spec: StageSpec, owner: tuple[int, int]) -> list[str]:
     """Mapped mode: let host uid 65534 use what the runner (root) prepared.
     A writable mount's directory becomes owned by it (its contents are left
@@ -271,7 +282,7 @@ def grant_access(spec: StageSpec, owner: tuple[int, int]) -> list[str]:
         is_dir = stat.S_ISDIR(st.st_mode)
         if m.writable and is_dir and (st.st_uid, st.st_gid) != owner:
             os.chown(src, *owner)
-        elif not m.writable and (not st.st_mode & 0o004 or (is_dir and not st.st_mode & 0o001)):
+        elif not m.writable and not _readable_by(st, owner, is_dir):
             warnings.append(f"{src} (mounted at {m.target}) is not world-readable: uid {owner[0]} may not read it")
         if is_dir:
             with os.scandir(src) as it:
