@@ -31,23 +31,19 @@ def plain(value: Any, *, what: str = "", lenient: bool = False, max_depth: int =
     Refused (Unfit): nesting deeper than `max_depth`, objects of other types,
     keys that are neither strings nor numbers, and NaN, Infinity and bytes
     unless `lenient` (then those become null)."""
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        np = None
+    import numpy as np  # a dependency; imported here so that plain JSON callers do not pay for it
 
     def walk(v: Any, path: str, depth: int) -> Any:
         if depth > max_depth:
             raise Unfit(f"{_where(path)} is nested deeper than {max_depth} levels")
-        if np is not None:
-            if isinstance(v, np.ndarray):
-                if v.dtype.kind not in "biuf":
-                    raise Unfit(f"{_where(path)} is an array of {v.dtype}, which JSON cannot hold")
-                if v.ndim + depth > max_depth:
-                    raise Unfit(f"{_where(path)} is nested deeper than {max_depth} levels")
-                v = v.tolist()
-            elif isinstance(v, np.generic):
-                v = v.item()
+        if isinstance(v, np.ndarray):
+            if v.dtype.kind not in "biuf":
+                raise Unfit(f"{_where(path)} is an array of {v.dtype}, which JSON cannot hold")
+            if v.ndim + depth > max_depth:
+                raise Unfit(f"{_where(path)} is nested deeper than {max_depth} levels")
+            v = v.tolist()
+        elif isinstance(v, np.generic):
+            v = v.item()
         if v is None or isinstance(v, (bool, str)):
             return v
         if isinstance(v, int):

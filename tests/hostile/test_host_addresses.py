@@ -10,12 +10,12 @@ The host's real network is not touched.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, write_pipeline
 
 from .attack import limit_args, private_cache, token
@@ -76,12 +76,10 @@ def _attack(tmp_path, isolation: str, address: str, ip_args: list[str]) -> tuple
     pipeline = write_pipeline(tmp_path / "pipeline", model=FETCH.replace("__URL__", repr(url)))
     ws = tmp_path / "ws"
     cli = [sys.executable, "-m", "pipcook_sandbox", "run", str(pipeline), "-o", str(ws),
-           "--isolation", isolation, *limit_args()]
+           "--isolation", isolation, *limit_args(timeout="120")]
     cfg = {"address": address, "port": 8123, "ip_args": ip_args, "secret": secret, "cli": cli, "cwd": str(REPO)}
     env_extra = private_cache(tmp_path)
-    import os
-
-    done = subprocess.run(["unshare", "--net", sys.executable, "-c", DRIVER, json.dumps(cfg)],
+    done = subprocess.run(["unshare", "--net", sys.executable, "-c", DRIVER, json.dumps(cfg)], check=False,
                           capture_output=True, text=True, timeout=360, env={**os.environ, **env_extra})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -96,7 +94,7 @@ def _report(log: str) -> dict:
 
 
 def test_a_public_ipv4_address_of_the_host_is_refused(tmp_path, isolation):
-    if __import__("os").geteuid() != 0:
+    if os.geteuid() != 0:
         pytest.skip("a network namespace with addresses needs root")
     result, log, secret = _attack(tmp_path, isolation, "1.2.3.4", ["addr", "add", "1.2.3.4/32", "dev", "lo"])
     report = _report(log)
@@ -107,7 +105,7 @@ def test_a_public_ipv4_address_of_the_host_is_refused(tmp_path, isolation):
 
 def test_a_public_ipv6_address_of_the_host_is_refused(tmp_path):
     require_backend("bwrap")
-    if __import__("os").geteuid() != 0:
+    if os.geteuid() != 0:
         pytest.skip("a network namespace with addresses needs root")
     address = "2606:4700:10::1234"
     result, log, secret = _attack(tmp_path, "bwrap", address,

@@ -12,9 +12,11 @@ import json
 
 import pytest
 
-from .attack import private_cache, run_attack
+from .attack import limit_args, private_cache, run_attack
 
 pytestmark = pytest.mark.hostile
+# These runs must succeed (or fail for the attack's reason) on a busy shared host: a long stage timeout.
+SLOW_HOST = limit_args(timeout="120")
 
 PEEK = r'''
 import json, os
@@ -39,7 +41,7 @@ def train(runtime, options, ctx):
 
 def test_no_host_path_in_any_cmdline_or_environ(tmp_path, isolation):
     env = private_cache(tmp_path)
-    attack = run_attack(tmp_path, isolation, model=PEEK, env=env)
+    attack = run_attack(tmp_path, isolation, model=PEEK, env=env, limits=SLOW_HOST)
     assert attack.returncode == 0, attack.describe()
     seen = attack.reports("model")
     assert "/proc/1/cmdline" in seen and seen["/proc/1/cmdline"].strip(), seen  # pid 1's argv was read

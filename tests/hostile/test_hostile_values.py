@@ -16,13 +16,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import run_cli, write_pipeline
 
 from .attack import assert_contained_failure, limit_args, run_attack
 from .conftest import require_backend
 
 pytestmark = pytest.mark.hostile
+# These runs must succeed (or fail for the attack's reason) on a busy shared host: a long stage timeout.
+SLOW_HOST = limit_args(timeout="120")
 
 DEPTH = 1000  # past Python's recursion limit once walked, within msgpack's own (1024)
 
@@ -74,13 +75,13 @@ def trained(tmp_path_factory) -> Path:
     require_backend("bwrap")
     root = tmp_path_factory.mktemp("values")
     pipeline = write_pipeline(root / "p", dataflow=[], model=MODEL)  # inputs reach predict() as sent
-    proc = run_cli("run", str(pipeline), "-o", str(root / "ws"), *limit_args(), timeout=300)
+    proc = run_cli("run", str(pipeline), "-o", str(root / "ws"), *limit_args(timeout="120"), timeout=300)
     assert proc.returncode == 0, proc.stderr
     return root / "ws" / "model"
 
 
 def _predict(model: Path, value: str):
-    return run_cli("predict", str(model), "-s", value, *limit_args(), timeout=300)
+    return run_cli("predict", str(model), "-s", value, *limit_args(timeout="120"), timeout=300)
 
 
 def _one_paragraph_error(proc, *words: str) -> str:
@@ -130,7 +131,7 @@ def test_an_honest_prediction_still_prints(trained):
 
 def test_a_deep_meta_from_a_stage_is_refused(tmp_path):
     require_backend("bwrap")
-    attack = run_attack(tmp_path, "bwrap", model=MODEL, query={"model": "?deep_meta=1"})
+    attack = run_attack(tmp_path, "bwrap", model=MODEL, query={"model": "?deep_meta=1"}, limits=SLOW_HOST)
     assert_contained_failure(attack, "model", "nested deeper")
 
 
@@ -156,7 +157,7 @@ def test_a_deeply_nested_file_in_a_model_is_refused(trained, tmp_path, name):
 def test_serve_answers_json_for_nan_and_logs_no_traceback(trained, tmp_path):
     from test_serve import serving
 
-    with serving(trained, "bwrap", *limit_args(), tmp=tmp_path) as server:
+    with serving(trained, "bwrap", *limit_args(timeout="120"), tmp=tmp_path) as server:
         response = httpx.post(f"{server.url}/predict", json={"inputs": ["nan"]}, timeout=60)
         assert 400 <= response.status_code < 600, response.text
         body = response.json()  # JSON, whatever happened

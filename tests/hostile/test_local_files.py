@@ -19,7 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from .attack import HostSnapshot, assert_contained_failure, grep_workspace, limit_args, run_cli_tracked, token
+from .attack import (
+    HostSnapshot,
+    grep_workspace,
+    limit_args,
+    run_cli_tracked,
+    token,
+)
 from .conftest import require_backend
 
 pytestmark = pytest.mark.hostile
@@ -54,7 +60,7 @@ def _run(tmp_path: Path, pipeline: Path, *args: str, env: dict | None = None):
     ws = tmp_path / "ws"
     before = HostSnapshot()
     proc, pid, elapsed = run_cli_tracked(["run", str(pipeline), "-o", str(ws), "--isolation", "bwrap",
-                                          *limit_args(), *args], env=env, timeout=120)
+                                          *limit_args(timeout="120"), *args], env=env, timeout=120)
     return Attack("bwrap", proc.returncode, proc.stdout, proc.stderr, ws, elapsed, pid, before)
 
 
@@ -96,7 +102,7 @@ def test_a_home_path_is_refused(tmp_path, bwrap):
 
 
 def test_dot_dot_out_of_the_directory_is_refused(tmp_path, bwrap):
-    path, secret = _secret_outside(tmp_path)
+    _path, secret = _secret_outside(tmp_path)
     attack = _run(tmp_path, _pipeline(tmp_path / "p", datasource="../outside/secret.py"))
     assert_refused(attack, "datasource", secret)
 
@@ -184,3 +190,18 @@ def test_allow_path_lets_the_operator_allow_a_directory(tmp_path, bwrap):
     allowed = _run(tmp_path / "second", pipeline, "--allow-path", str(shared))
     assert allowed.returncode == 0, allowed.describe()
     assert (allowed.ws / "model" / "pipeline.json").is_file()
+
+
+def test_a_fifo_in_a_model_dir_is_refused_by_predict(tmp_path, bwrap):
+    """A model dir is as hostile as a pipeline: its scripts are read under the same rule."""
+    from conftest import TINY, run_cli
+
+    trained = run_cli("run", str(TINY / "pipeline.json"), "-o", str(tmp_path / "ws"), *limit_args(timeout="120"), timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    model = tmp_path / "ws" / "model"
+    script = next((model / "scripts").glob("model*.py"))
+    script.unlink()
+    os.mkfifo(script)
+    proc = run_cli("predict", str(model), "-s", "1,2,3,4", *limit_args(timeout="120"), timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "fifo" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -14,13 +14,14 @@ import json
 import os
 import stat
 
+import pytest
 from conftest import run_cli
 
 from .attack import limit_args, private_cache, run_attack
 
-import pytest
-
 pytestmark = pytest.mark.hostile
+# These runs must succeed (or fail for the attack's reason) on a busy shared host: a long stage timeout.
+SLOW_HOST = limit_args(timeout="120")
 
 DOWNLOADS = r'''
 import os
@@ -51,7 +52,7 @@ def _open_to_others(root) -> list[str]:
 def test_workspace_and_cache_are_private_and_stages_still_read(tmp_path, isolation):
     env = private_cache(tmp_path)
     attack = run_attack(tmp_path, isolation, datasource=DOWNLOADS, env=env,
-                        extra={"artifact": [{"processor": "zip", "target": "model.zip"}]})
+                        extra={"artifact": [{"processor": "zip", "target": "model.zip"}]}, limits=SLOW_HOST)
     assert attack.returncode == 0, attack.describe()
     ws = attack.ws
     assert stat.S_IMODE(os.stat(ws).st_mode) == 0o700
@@ -61,7 +62,7 @@ def test_workspace_and_cache_are_private_and_stages_still_read(tmp_path, isolati
     for folder in [cache, *(p for p in cache.iterdir() if p.is_dir() and not p.is_symlink())]:
         assert stat.S_IMODE(os.stat(folder).st_mode) & 0o077 == 0, folder
     # The stages (another uid when the runner is root) still read their scripts and the model.
-    proc = run_cli("predict", str(ws), "-s", "1,2,3,4", "--isolation", isolation, *limit_args(), env=env, timeout=300)
+    proc = run_cli("predict", str(ws), "-s", "1,2,3,4", "--isolation", isolation, *limit_args(timeout="120"), env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["success"] is True
     assert "may not read" not in proc.stderr, proc.stderr  # no backend warning about unreadable mounts

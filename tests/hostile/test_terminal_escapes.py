@@ -14,13 +14,14 @@ import json
 import unicodedata
 
 import pytest
-
 from conftest import run_cli, write_pipeline
 
-from .attack import run_attack
+from .attack import limit_args, run_attack
 from .conftest import require_backend
 
 pytestmark = pytest.mark.hostile
+# These runs must succeed (or fail for the attack's reason) on a busy shared host: a long stage timeout.
+SLOW_HOST = limit_args(timeout="120")
 
 PAYLOAD = "\x1b]52;c;cHduZWQ=\x07\x1b]0;owned\x07\x1b[2J\x9b31m\u202eevil\r\x1b[2Kdone: fake"
 
@@ -49,13 +50,13 @@ def train(runtime, options, ctx):
 
 
 def test_file_names_left_in_model_dir(tmp_path, isolation):
-    attack = run_attack(tmp_path, isolation, model=LEAVES_A_LINK)
+    attack = run_attack(tmp_path, isolation, model=LEAVES_A_LINK, limits=SLOW_HOST)
     assert attack.returncode == 0, attack.describe()
     assert_inert(attack.output)
 
 
 def test_artifact_target(tmp_path, bwrap):
-    attack = run_attack(tmp_path, bwrap, extra={"artifact": [{"processor": "zip", "target": f"/x/{PAYLOAD}.zip"}]})
+    attack = run_attack(tmp_path, bwrap, extra={"artifact": [{"processor": "zip", "target": f"/x/{PAYLOAD}.zip"}]}, limits=SLOW_HOST)
     assert attack.returncode == 0, attack.describe()
     assert_inert(attack.output)
 
@@ -107,7 +108,7 @@ def train(runtime, options, ctx):
 
 
 def test_a_stage_error_and_its_debug_traceback(tmp_path, bwrap):
-    attack = run_attack(tmp_path, bwrap, model=RAISES, args=["--debug"])
+    attack = run_attack(tmp_path, bwrap, model=RAISES, args=["--debug"], limits=SLOW_HOST)
     assert attack.returncode == 1, attack.describe()
     assert "traceback inside the sandbox" in attack.stderr
     assert_inert(attack.output)
