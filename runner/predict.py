@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from pipcook_sandbox.runner.backends.base import Limits
 
-from . import fetch, jsonvalue, orchestrator, spec, training, workspace
+from . import fetch, jsonvalue, localfiles, orchestrator, spec, training, workspace
 from .errors import PipcookError
 
 MAX_ZIP_BYTES = 4 << 30  # what a model zip may unpack to
@@ -176,13 +176,18 @@ def _check_local(ref: spec.ScriptRef, model_dir: Path, field_name: str) -> None:
     if not ref.sha256:
         raise ModelError(f"{model_dir / 'pipeline.json'}: {field_name} ({ref.raw}) has no #sha256= pin; "
                          "a model's scripts must be pinned")
+    try:  # a regular file: not a fifo (a read would hang), a device or a directory (runner.localfiles)
+        localfiles.check(path, (str(root),))
+    except localfiles.Refused as exc:
+        raise ModelError(f"{model_dir / 'pipeline.json'}: {field_name} ({ref.raw}) is refused: {exc}; "
+                         "a model's scripts must be regular files inside the model") from None
 
 
 def load(model_dir: Path) -> Model:
     """Parse and check the model's pipeline.json; read meta.json."""
     pipeline_path = model_dir / "pipeline.json"
     raw = _read_json(pipeline_path, MAX_PIPELINE_BYTES, "the model's pipeline")
-    pipeline = spec.parse_pipeline(raw, str(pipeline_path))
+    pipeline = spec.parse_pipeline(raw, str(pipeline_path), confine=False)  # the model's own rule: below
     _check_local(pipeline.datasource, model_dir, "datasource")
     for i, ref in enumerate(pipeline.dataflow):
         _check_local(ref, model_dir, f"dataflow[{i}]")

@@ -8,6 +8,7 @@ names the offending field.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import posixpath
@@ -279,9 +280,10 @@ def _resolve_address(raw: str, field_name: str, base: str, is_remote: bool, sour
     return address
 
 
-def _confine(address: str, raw: str, field_name: str, roots: tuple[str, ...], source: str) -> None:
-    """A local reference must be a regular file under `roots` (runner.localfiles)."""
-    if not address.startswith("file:"):
+def _confine(address: str, raw: str, field_name: str, roots: tuple[str, ...] | None, source: str) -> None:
+    """A local reference must be a regular file under `roots` (runner.localfiles); None: the
+    caller applies a rule of its own."""
+    if roots is None or not address.startswith("file:"):
         return
     try:
         localfiles.check(uri_to_path(address), roots)
@@ -290,7 +292,7 @@ def _confine(address: str, raw: str, field_name: str, roots: tuple[str, ...], so
 
 
 def resolve_ref(raw: str, field_name: str, base: str, is_remote: bool, source: str,
-                roots: tuple[str, ...] = ()) -> ScriptRef:
+                roots: tuple[str, ...] | None = ()) -> ScriptRef:
     """Resolve one script URI from the pipeline into a :class:`ScriptRef`.
 
     A local file must lie under one of `roots` (resolved directories)."""
@@ -303,7 +305,7 @@ def resolve_ref(raw: str, field_name: str, base: str, is_remote: bool, source: s
         sha256=_parse_pin(parts.fragment, field_name, source),
         name=posixpath.basename(unquote(urlsplit(address).path)),
         raw=raw,
-        roots=roots if address.startswith("file:") else (),
+        roots=(roots or ()) if address.startswith("file:") else (),
     )
 
 
@@ -386,14 +388,17 @@ def _decode(data: bytes | str | dict, source: str) -> Any:
         raise SpecError(f"not valid JSON: {exc}", source=source) from None
 
 
-def parse_pipeline(data: bytes | str | dict, source: str, allow_paths: tuple[str, ...] = ()) -> Pipeline:
+def parse_pipeline(data: bytes | str | dict, source: str, allow_paths: tuple[str, ...] = (),
+                   *, confine: bool = True) -> Pipeline:
     """Validate a pipeline and resolve everything it names.
 
     ``source`` is where it came from (a path or an http(s) URL); relative
     references resolve against it, and an http(s) source may name only
     http(s) scripts and frameworks. A local source may name only regular
     files under its own directory or one of ``allow_paths`` (the operator's
-    --allow-path).
+    --allow-path). ``confine=False`` leaves that check to the caller (a
+    model's own rule, in runner.predict); the references still carry their
+    roots, so reading them is confined regardless.
     """
     source, base, is_remote = _source_base(source)
     roots = () if is_remote else localfiles.roots_of(os.path.dirname(source), *allow_paths)
@@ -403,7 +408,8 @@ def parse_pipeline(data: bytes | str | dict, source: str, allow_paths: tuple[str
         raise _schema_error(error, source)
 
     def ref(value: str, name: str) -> ScriptRef:
-        return resolve_ref(value, name, base, is_remote, source, roots)
+        found = resolve_ref(value, name, base, is_remote, source, roots if confine else None)
+        return dataclasses.replace(found, roots=roots) if found.is_local else found
 
     options = copy.deepcopy(raw.get("options") or {})
     framework_ref = None

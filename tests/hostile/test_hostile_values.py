@@ -165,3 +165,13 @@ def test_serve_answers_json_for_nan_and_logs_no_traceback(trained, tmp_path):
         again = httpx.post(f"{server.url}/predict", json={"inputs": ["ok"]}, timeout=60)
         assert again.status_code == 200 and again.json()["data"] == [{"echo": "ok"}], again.text
     assert "Traceback" not in server.log.read_text()
+
+
+def test_predict_output_holds_no_raw_terminal_controls(trained):
+    """What predict() returns is printed as JSON with every control character escaped (inert)."""
+    from .test_terminal_escapes import PAYLOAD, assert_inert
+
+    proc = _predict(trained, PAYLOAD)
+    assert proc.returncode == 0, proc.stderr
+    assert_inert(proc.stdout)
+    assert json.loads(proc.stdout)["data"] == [{"echo": PAYLOAD}]  # escaped, not altered
