@@ -25,7 +25,7 @@ from urllib.request import url2pathname
 import jsonschema
 from jsonschema import Draft202012Validator
 
-from pipcook_sandbox.runner import jsonvalue, localfiles
+from pipcook_sandbox.runner import jsonvalue, localfiles, validate
 from pipcook_sandbox.runner.errors import SpecError
 
 SCHEMA_RESOURCE = "pipeline-2.0.schema.json"
@@ -403,6 +403,8 @@ def parse_pipeline(data: bytes | str | dict, source: str, allow_paths: tuple[str
     source, base, is_remote = _source_base(source)
     roots = () if is_remote else localfiles.roots_of(os.path.dirname(source), *allow_paths)
     raw = _decode(data, source)
+    # typos first, with a suggestion: "datasorce" is not reported as "datasource is required"
+    validate.check_raw(raw, source, load_schema()["properties"])
     error = jsonschema.exceptions.best_match(_validator().iter_errors(raw))
     if error is not None:
         raise _schema_error(error, source)

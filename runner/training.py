@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from pipcook_sandbox.runner.backends.base import Limits
 
-from . import artifacts, fetch, frameworks, orchestrator, spec, workspace
+from . import artifacts, cleanup, fetch, frameworks, orchestrator, overrides, spec, validate, workspace
 from .errors import PipcookError
 from .workerenv import ensure_worker_site
 
@@ -39,6 +39,12 @@ class RunOptions:
     log: Callable[[str], None] = print
     on_progress: Callable[[float, dict], None] | None = None
     on_event: Callable[[str, str], None] | None = None
+    on_record: Callable[[str, str, dict], None] | None = None  # every stage event as data (runner/display.py)
+    force: bool = False  # replace an -o directory this runner created (workspace.created_by_us)
+    overrides: list = field(default_factory=list)  # overrides.Override, from --set
+    on_workspace: Callable[[workspace.Workspace], None] | None = None  # the workspace exists
+    on_trained: Callable[[workspace.Workspace], None] | None = None  # model/ is complete, artifacts next
+    on_artifact: Callable[[Path], None] | None = None
 
 
 def model_options(pipeline: spec.Pipeline) -> dict:
@@ -92,6 +98,14 @@ def prepare_runtime(pipeline: spec.Pipeline, opts: RunOptions) -> tuple[Any, Pat
     return framework, worker_site
 
 
+def require_gpu_host(who: str, isolation: str, fix: str = "run without --gpu") -> None:
+    """Refuse a GPU request on a host without an NVIDIA device, before anything is built or started
+    (`run`, `predict` and `serve` say it the same way)."""
+    if isolation != "none" and not any(Path("/dev").glob("nvidia[0-9]*")):
+        raise PipcookError(f"a GPU was requested by {who}, but this host has no NVIDIA GPU (no /dev/nvidia0); "
+                           f"{fix}, or run on a host with a GPU and its driver")
+
+
 def check_gpu(pipeline: spec.Pipeline, opts: RunOptions) -> RunOptions:
     """`opts` with `gpu` decided, before anything is fetched or started.
 
@@ -109,10 +123,7 @@ def check_gpu(pipeline: spec.Pipeline, opts: RunOptions) -> RunOptions:
     if opts.gpu is None and not from_file:
         return dataclasses.replace(opts, gpu=False)
     who = "--gpu" if opts.gpu else "the pipeline file (options.train.gpu, not the command line)"
-    if opts.isolation != "none" and not any(Path("/dev").glob("nvidia[0-9]*")):
-        raise PipcookError(f"a GPU was requested by {who}, but this host has no NVIDIA GPU (no /dev/nvidia0); "
-                           + ("run without --gpu" if opts.gpu else "pass --no-gpu to train on the CPU")
-                           + ", or run on a host with a GPU and its driver")
+    require_gpu_host(who, opts.isolation, "run without --gpu" if opts.gpu else "pass --no-gpu to train on the CPU")
     if opts.gpu is None:
         opts.log(f"GPU: requested by {who}; pass --no-gpu to refuse it")
     return dataclasses.replace(opts, gpu=True)
@@ -121,15 +132,19 @@ def check_gpu(pipeline: spec.Pipeline, opts: RunOptions) -> RunOptions:
 def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
     pipeline = spec.load_pipeline(location, fetch_bytes=functools.partial(fetch.fetch_bytes, allow_private=opts.allow_private),
                                   allow_paths=opts.allow_paths)
+    pipeline = overrides.apply(pipeline, opts.overrides)
+    validate.preflight(pipeline)  # processors and their options: a typo fails now, not after training
     opts = check_gpu(pipeline, opts)  # --gpu / --no-gpu, else options.train.gpu
-    if opts.isolation == "docker":  # containers left by runners that crashed or were killed
-        from pipcook_sandbox.runner.backends import docker as docker_backend
-
-        for item in docker_backend.clean_leftovers():
-            opts.log(f"removed {item}")
-    ws = workspace.create(opts.output)
+    # what runners that crashed or were killed (kill -9) left behind: sandboxes, mounts, cgroups, containers
+    for item in cleanup.clean_all(only=(opts.isolation,)):
+        opts.log(f"removed {item} (left by a runner that is gone)")
+    ws = workspace.create(opts.output, force=opts.force)
     workspace.write_json(ws.pipeline, spec.pipeline_to_json(pipeline))
+    for override in opts.overrides:
+        opts.log(f"override: {override}")
     opts.log(f"workspace: {ws.root}")
+    if opts.on_workspace:
+        opts.on_workspace(ws)
     try:
         copies = fetch_scripts(pipeline, ws, opts)
         workspace.restrict(ws.root)  # the scripts: readable by the stages, no one else
@@ -141,9 +156,16 @@ def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
         result = orchestrator.execute(plans, ws, orchestrator.ExecOptions(
             isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu, nocache=opts.nocache,
             allow_private=opts.allow_private, task_type="train", framework=framework, worker_site=worker_site,
-            pipeline_options=dict(pipeline.options), on_progress=opts.on_progress, on_event=opts.on_event))
+            pipeline_options=dict(pipeline.options), on_progress=opts.on_progress, on_event=opts.on_event,
+            on_record=opts.on_record))
         finish_model_dir(ws, pipeline, copies, result.meta)
-        artifacts.run_all(pipeline.artifact, ws, log=opts.log, isolation=opts.isolation, limits=opts.limits)
+        workspace.restrict(ws.root)  # the model, before anything reports it trained
+        if opts.on_trained:
+            opts.on_trained(ws)
+        for out in artifacts.run_all(pipeline.artifact, ws, log=opts.log, isolation=opts.isolation,
+                                     limits=opts.limits):
+            if opts.on_artifact:
+                opts.on_artifact(out)
     finally:
         workspace.restrict(ws.root)  # logs, copied-out data, the model, artifacts: however the run ended
     return ws
