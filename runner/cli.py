@@ -266,6 +266,9 @@ def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror
             except OSError as exc:
                 _warn(f"warning: could not write the report: {exc}")
                 written = None
+            from .workspace import restrict
+
+            restrict(workspaces[0].root)  # the report and summary too: nothing in a workspace is open to others
             display.summary(workspaces[0], written, failed=failed)
     click.secho(inert(f"done: model in {workspaces[0].model}"), err=True, fg="green")
 
