@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any
 
 # Deeper than any honest meta, result or pipeline; far below Python's recursion limit.
@@ -31,18 +32,19 @@ def plain(value: Any, *, what: str = "", lenient: bool = False, max_depth: int =
     Refused (Unfit): nesting deeper than `max_depth`, objects of other types,
     keys that are neither strings nor numbers, and NaN, Infinity and bytes
     unless `lenient` (then those become null)."""
-    import numpy as np  # a dependency; imported here so that plain JSON callers do not pay for it
+    # Not imported here: if numpy is not loaded, no value can be an array (the runner need not load it).
+    np = sys.modules.get("numpy")
 
     def walk(v: Any, path: str, depth: int) -> Any:
         if depth > max_depth:
             raise Unfit(f"{_where(path)} is nested deeper than {max_depth} levels")
-        if isinstance(v, np.ndarray):
+        if np is not None and isinstance(v, np.ndarray):
             if v.dtype.kind not in "biuf":
                 raise Unfit(f"{_where(path)} is an array of {v.dtype}, which JSON cannot hold")
             if v.ndim + depth > max_depth:
                 raise Unfit(f"{_where(path)} is nested deeper than {max_depth} levels")
             v = v.tolist()
-        elif isinstance(v, np.generic):
+        elif np is not None and isinstance(v, np.generic):
             v = v.item()
         if v is None or isinstance(v, (bool, str)):
             return v
