@@ -195,6 +195,39 @@ def main() -> None:
     _inert_logging()
 
 
+def _stage_owner(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    from .backends import owner
+
+    try:
+        ids = owner.parse(value)
+        owner.set_stage_owner(*ids)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r}: {exc}" if "range" in str(exc) else f"{value!r} is not UID or UID:GID",
+                                 param_hint="--stage-uid") from None
+    import os
+
+    if os.geteuid() != 0:
+        raise click.BadParameter("needs a root runner (stages of a non-root runner run as the runner's own uid)",
+                                 param_hint="--stage-uid")
+    return ids
+
+
+def _private_workspace(output: Path | None, ids: tuple[int, int]) -> Path:
+    """The workspace made up front, 0700 and owned by the stage uid (a tenant's), so that no
+    other tenant's uid can read it even from outside a sandbox."""
+    import os
+
+    from .workspace import default_dir
+
+    root = (output or default_dir()).absolute()
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chown(root, *ids)
+    os.chmod(root, 0o700)
+    return root
+
+
 def _parse_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list:
     from .overrides import parse
 
@@ -217,18 +250,48 @@ def _parse_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
               type=click.Path(exists=True, file_okay=False, dir_okay=True),
               help="Let a local pipeline name files under DIR too (by default only under its own directory). "
                    "Repeatable.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the run's events on stdout, one JSON object per line (see docs/service.md).")
+@click.option("--stage-uid", metavar="UID[:GID]",
+              help="Operator option (root runner): run every stage as this host uid, own the workspace by it, "
+                   "mode 0700. The service gives each tenant its own.")
 @common_options
 @limit_options
 @handle_errors
-def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror: str | None,
-        allow_paths: tuple[str, ...], isolation: str, gpu: bool | None, nocache: bool, allow_private: tuple[str, ...],
+def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror: str | None, as_json: bool,
+        stage_uid: str | None, allow_paths: tuple[str, ...], isolation: str, gpu: bool | None, nocache: bool,
+        allow_private: tuple[str, ...],
         debug: bool, memory, cpus, pids, disk, timeout) -> None:
     """Train: run PIPELINE (a path or an http(s) URL), every stage sandboxed.
 
     On a terminal a live table shows every stage (samples sent, epoch, latest metrics, ETA); otherwise one
     line per event. A summary follows, and the workspace gets report.html (curves, parameters, timings).
+    With --json, stdout carries the run's events as JSON lines and the display goes to stderr only.
     """
+    ids = _stage_owner(stage_uid)
+    emitter = None
+    if as_json:
+        from .events import Emitter
+
+        emitter = Emitter(sys.stdout)
+    try:
+        _run(pipeline, output, force, overrides, mirror, emitter, ids, isolation, gpu, nocache, allow_private,
+             debug, memory, cpus, pids, disk, timeout, allow_paths=allow_paths)
+    except BaseException as exc:
+        if emitter is not None:
+            emitter.verdict(_exit_code(exc), exc if isinstance(exc, PipcookError) else _plain(exc))
+        raise
+    if emitter is not None:
+        emitter.verdict(0)
+
+
+def _run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror: str | None, emitter: Any,
+         ids: tuple[int, int] | None, isolation: str, gpu: bool | None, nocache: bool,
+         allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout,
+         allow_paths: tuple[str, ...] = ()) -> None:
     limits = _limits(memory, cpus, pids, disk, timeout)
+    if ids is not None:
+        output = _private_workspace(output, ids)
     confined = _isolation_check(isolation, debug)
     from . import report
     from .display import Display, Tracker
@@ -246,14 +309,32 @@ def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror
         except OSError as exc:  # a report is never worth a failed run
             display.log(f"warning: could not write the report: {exc}")
 
+    def made(ws: Any) -> None:
+        workspaces.append(ws)
+        if ids is not None:  # again after --force made it anew
+            _private_workspace(ws.root, ids)
+
+    log: Callable[[str], None] = display.log
+    on_event: Callable[[str, str], None] = display.event
+    if emitter is not None:
+        def log(message: str) -> None:
+            display.log(message)
+            emitter.log(message)
+
+        def on_event(stage: str, what: str) -> None:
+            display.event(stage, what)
+            emitter.stage_event(stage, what)
+
     display.start()
     failed = True
     try:
         run_pipeline(pipeline, RunOptions(
             output=output, isolation=isolation, gpu=gpu, nocache=nocache, allow_private=allow_private,
-            allow_paths=allow_paths, limits=limits, mirror=mirror, log=display.log, on_event=display.event,
+            allow_paths=allow_paths, limits=limits, mirror=mirror, log=log, on_event=on_event,
             on_record=display.record,
-            force=force, overrides=overrides, on_workspace=workspaces.append, on_trained=trained,
+            on_progress=emitter.progress if emitter is not None else None,
+            on_metrics=emitter.metrics if emitter is not None else None,
+            force=force, overrides=overrides, on_workspace=made, on_trained=trained,
             on_artifact=tracker.artifacts.append))
         failed = False
     finally:
@@ -271,6 +352,32 @@ def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror
             restrict(workspaces[0].root)  # the report and summary too: nothing in a workspace is open to others
             display.summary(workspaces[0], written, failed=failed)
     click.secho(inert(f"done: model in {workspaces[0].model}"), err=True, fg="green")
+
+
+def _exit_code(exc: BaseException) -> int:
+    """The exit status handle_errors gives EXC (the verdict event says the same)."""
+    from .orchestrator import Interrupted
+
+    if isinstance(exc, (KeyboardInterrupt, Interrupted)):
+        return EXIT_TERMINATED if _terminated else EXIT_INTERRUPTED
+    if isinstance(exc, UsageError):
+        return 2
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 1
+    if isinstance(exc, click.ClickException):
+        return exc.exit_code
+    return 1
+
+
+def _plain(exc: BaseException) -> BaseException | None:
+    if isinstance(exc, KeyboardInterrupt):
+        return PipcookError(("terminated (SIGTERM)" if _terminated else "interrupted (Ctrl-C)")
+                            + ": every stage was stopped; the workspace is kept")
+    if isinstance(exc, click.ClickException):
+        return PipcookError(exc.format_message())
+    if isinstance(exc, SystemExit):
+        return None
+    return PipcookError(f"internal error in pipcook-sandbox: {type(exc).__name__}: {exc}")
 
 
 @main.command()
@@ -437,6 +544,15 @@ def images_build(cuda: bool, offline: bool, force: bool, debug: bool) -> None:
 
     tag = build(cuda=cuda, offline=offline, force=force, log=_say)
     click.secho(inert(f"done: {tag}"), err=True, fg="green")
+
+
+def _register_service() -> None:
+    from .service.cli import register
+
+    register(main, handle_errors)
+
+
+_register_service()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -39,6 +39,7 @@ class RunOptions:
     log: Callable[[str], None] = print
     on_progress: Callable[[float, dict], None] | None = None
     on_event: Callable[[str, str], None] | None = None
+    on_metrics: Callable[[str, Any, dict], None] | None = None
     on_record: Callable[[str, str, dict], None] | None = None  # every stage event as data (runner/display.py)
     force: bool = False  # replace an -o directory this runner created (workspace.created_by_us)
     overrides: list = field(default_factory=list)  # overrides.Override, from --set
@@ -157,7 +158,7 @@ def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
             isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu, nocache=opts.nocache,
             allow_private=opts.allow_private, task_type="train", framework=framework, worker_site=worker_site,
             pipeline_options=dict(pipeline.options), on_progress=opts.on_progress, on_event=opts.on_event,
-            on_record=opts.on_record))
+            on_record=opts.on_record, on_metrics=opts.on_metrics))
         finish_model_dir(ws, pipeline, copies, result.meta)
         workspace.restrict(ws.root)  # the model, before anything reports it trained
         if opts.on_trained:

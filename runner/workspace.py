@@ -33,7 +33,6 @@ from pathlib import Path
 from .errors import PipcookError
 
 SUBDIRS = ("scripts", "framework", "data", "cache", "model", "logs")
-STAGE_GID = 65534  # the group every stage runs as when the runner is root (bwrap mapped mode, Docker)
 MARKER = ".pipcook-sandbox-workspace"
 
 
@@ -138,8 +137,13 @@ def create(root: Path | None, force: bool = False) -> Workspace:
 
 
 def stage_group() -> int | None:
-    """The group that must read what stages are given, or None where stages are the runner's uid."""
-    return STAGE_GID if os.geteuid() == 0 else None
+    """The group that must read what stages are given (65534, or the operator's --stage-uid group),
+    or None where stages are the runner's uid."""
+    if os.geteuid() != 0:
+        return None
+    from .backends import owner
+
+    return owner.stage_ids()[1]
 
 
 def restrict(root: Path) -> None:
