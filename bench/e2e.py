@@ -91,7 +91,9 @@ def run_once(runner: str, pipeline: Path, ws: Path, site: Path, env_threads: dic
         cmd = ["mlflow", "run", str(REPO_ROOT / "bench" / "mlflow_project"), "--env-manager", "local",
                "-P", f"pipeline={pipeline}", "-P", f"output={ws}"]
     else:
-        cmd = [sys.executable, "-m", "pipcook_sandbox", "run", str(pipeline), "-o", str(ws), "--isolation", runner]
+        # image-heavy names the example's scripts in ../../../examples: the operator allows that directory
+        cmd = [sys.executable, "-m", "pipcook_sandbox", "run", str(pipeline), "-o", str(ws), "--isolation", runner,
+               "--allow-path", str(REPO_ROOT / "examples")]
     from bench.scale import Sampler
 
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)

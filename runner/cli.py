@@ -8,6 +8,7 @@ interrupted (SIGINT), 143 terminated (SIGTERM).
 from __future__ import annotations
 
 import functools
+import logging
 import signal
 import sys
 import time
@@ -18,6 +19,7 @@ from typing import Any, Callable
 import click
 
 from .errors import PipcookError, UsageError
+from .inert import InertFormatter, inert
 
 ISOLATIONS = ("bwrap", "docker", "none")
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
@@ -35,13 +37,37 @@ def _on_sigterm(*_: Any) -> None:
     _terminated.append(True)
     raise Terminated()
 
+# Every line the CLI prints to the terminal goes through `inert` (runner/inert.py): messages quote
+# pipelines, scripts, URLs and file names a stage chose, and none may drive the terminal.
+
 
 def _say(message: str) -> None:
-    click.echo(message, err=True)
+    click.echo(inert(message), err=True)
 
 
 def _warn(message: str) -> None:
-    click.secho(message, err=True, fg="yellow", bold=True)
+    click.secho(inert(message), err=True, fg="yellow", bold=True)
+
+
+def _fail(message: str) -> None:
+    click.secho(inert(message), err=True, fg="red")
+
+
+def _traceback() -> None:
+    """--debug: the host-side traceback; its messages quote pipeline text too."""
+    _say(traceback.format_exc().rstrip())
+
+
+def _inert_logging() -> None:
+    """The runner's log records (a backend's warnings, copy-out notes naming files a stage left)
+    reach stderr only through InertFormatter."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(InertFormatter("%(levelname)s: %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -63,10 +89,10 @@ def handle_errors(fn: Callable) -> Callable:
                 _stopped(exc.cause if isinstance(exc, Interrupted) else "")
             tb = getattr(exc, "traceback", "")
             if debug:
-                traceback.print_exc()
+                _traceback()
                 if tb:
                     _say("--- traceback inside the sandbox ---\n" + tb.rstrip())
-            click.secho(f"error: {exc}", err=True, fg="red")
+            _fail(f"error: {exc}")
             if tb and not debug:
                 _say("(run with --debug for the script's traceback)")
             sys.exit(1)
@@ -76,9 +102,9 @@ def handle_errors(fn: Callable) -> Callable:
             _stopped("")
         except Exception as exc:  # a bug of ours: still one paragraph, traceback on request
             if debug:
-                traceback.print_exc()
-            click.secho(f"error: internal error in pipcook-sandbox: {type(exc).__name__}: {exc}"
-                        + ("" if debug else " (run with --debug for the traceback)"), err=True, fg="red")
+                _traceback()
+            _fail(f"error: internal error in pipcook-sandbox: {type(exc).__name__}: {exc}"
+                  + ("" if debug else " (run with --debug for the traceback)"))
             sys.exit(1)
 
     return wrapper
@@ -88,9 +114,9 @@ def _stopped(cause: str) -> None:
     """Exit for a signal: 130 and "interrupted" for SIGINT (Ctrl-C), 143 and "terminated" for SIGTERM."""
     detail = cause.split(": ", 1)[1] if ": " in cause else ""
     if _terminated:
-        click.secho("error: terminated (SIGTERM)" + (f": {detail}" if detail else ""), err=True, fg="red")
+        _fail("error: terminated (SIGTERM)" + (f": {detail}" if detail else ""))
         sys.exit(EXIT_TERMINATED)
-    click.secho("error: interrupted (Ctrl-C)" + (f": {detail}" if detail else ""), err=True, fg="red")
+    _fail("error: interrupted (Ctrl-C)" + (f": {detail}" if detail else ""))
     sys.exit(EXIT_INTERRUPTED)
 
 
@@ -169,6 +195,7 @@ def _isolation_check(isolation: str, debug: bool) -> Callable[[], None]:
 @click.version_option(None, "-V", "--version", package_name="pipcook-sandbox", prog_name="pipcook-sandbox")
 def main() -> None:
     """Run machine-learning pipelines whose scripts you do not trust."""
+    _inert_logging()
 
 
 def _stage_owner(value: str | None) -> tuple[int, int] | None:
@@ -222,6 +249,10 @@ def _parse_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
               help="Override an option: train.NAME (options.train), datasource.NAME, model.NAME or "
                    "dataflow.N.NAME (a script's query option). Repeatable; recorded in the workspace's pipeline.json.")
 @click.option("-m", "--mirror", metavar="URL", help="Fetch prebuilt frameworks from this mirror.")
+@click.option("--allow-path", "allow_paths", multiple=True, metavar="DIR",
+              type=click.Path(exists=True, file_okay=False, dir_okay=True),
+              help="Let a local pipeline name files under DIR too (by default only under its own directory). "
+                   "Repeatable.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the run's events on stdout, one JSON object per line (see docs/service.md).")
 @click.option("--stage-uid", metavar="UID[:GID]",
@@ -231,8 +262,8 @@ def _parse_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
 @limit_options
 @handle_errors
 def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror: str | None, as_json: bool,
-        stage_uid: str | None, isolation: str, gpu: bool | None, nocache: bool, allow_private: tuple[str, ...],
-        debug: bool, memory, cpus, pids, disk, timeout, downloads) -> None:
+        stage_uid: str | None, allow_paths: tuple[str, ...], isolation: str, gpu: bool | None, nocache: bool,
+        allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout, downloads) -> None:
     """Train: run PIPELINE (a path or an http(s) URL), every stage sandboxed.
 
     On a terminal a live table shows every stage (samples sent, epoch, latest metrics, ETA); otherwise one
@@ -247,7 +278,7 @@ def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror
         emitter = Emitter(sys.stdout)
     try:
         _run(pipeline, output, force, overrides, mirror, emitter, ids, isolation, gpu, nocache, allow_private,
-             debug, memory, cpus, pids, disk, timeout, downloads)
+             debug, memory, cpus, pids, disk, timeout, downloads, allow_paths=allow_paths)
     except BaseException as exc:
         if emitter is not None:
             emitter.verdict(_exit_code(exc), exc if isinstance(exc, PipcookError) else _plain(exc))
@@ -258,7 +289,8 @@ def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror
 
 def _run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror: str | None, emitter: Any,
          ids: tuple[int, int] | None, isolation: str, gpu: bool | None, nocache: bool,
-         allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout, downloads) -> None:
+         allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout, downloads,
+         allow_paths: tuple[str, ...] = ()) -> None:
     limits = _limits(memory, cpus, pids, disk, timeout, downloads)
     if ids is not None:
         output = _private_workspace(output, ids)
@@ -300,7 +332,8 @@ def _run(pipeline: str, output: Path | None, force: bool, overrides: list, mirro
     try:
         run_pipeline(pipeline, RunOptions(
             output=output, isolation=isolation, gpu=gpu, nocache=nocache, allow_private=allow_private,
-            limits=limits, mirror=mirror, log=log, on_event=on_event, on_record=display.record,
+            allow_paths=allow_paths, limits=limits, mirror=mirror, log=log, on_event=on_event,
+            on_record=display.record,
             on_progress=emitter.progress if emitter is not None else None,
             observers=(emitter.observe,) if emitter is not None else (),
             force=force, overrides=overrides, on_workspace=made, on_trained=trained,
@@ -316,8 +349,11 @@ def _run(pipeline: str, output: Path | None, force: bool, overrides: list, mirro
             except OSError as exc:
                 _warn(f"warning: could not write the report: {exc}")
                 written = None
+            from .workspace import restrict
+
+            restrict(workspaces[0].root)  # the report and summary too: nothing in a workspace is open to others
             display.summary(workspaces[0], written, failed=failed)
-    click.secho(f"done: model in {workspaces[0].model}", err=True, fg="green")
+    click.secho(inert(f"done: model in {workspaces[0].model}"), err=True, fg="green")
 
 
 def _exit_code(exc: BaseException) -> int:
@@ -511,7 +547,7 @@ def images_build(cuda: bool, offline: bool, force: bool, debug: bool) -> None:
     from .images import build
 
     tag = build(cuda=cuda, offline=offline, force=force, log=_say)
-    click.secho(f"done: {tag}", err=True, fg="green")
+    click.secho(inert(f"done: {tag}"), err=True, fg="green")
 
 
 def _register_service() -> None:

@@ -15,10 +15,8 @@ its verdict (the downloader's own deadline and cancellation end it sooner).
 """
 from __future__ import annotations
 
-import json
 import math
 import queue
-import re
 import struct
 import threading
 import time
@@ -28,6 +26,9 @@ from typing import Any, Callable
 import zmq
 
 from pipcook_sandbox.sandbox.protocol import CONTROL_CAPS, ProtocolError, pack, unpack
+
+# The escaping lives in runner/inert.py, the one place for text bound for a terminal.
+from .inert import json_shown, shown  # noqa: F401  (re-exported: callers use control.shown)
 
 MAX_VIOLATIONS_LOGGED = 5
 # ZeroMQ queues received messages per connection, counted in messages (up to
@@ -56,55 +57,6 @@ class Event:
     stage: str
     op: str
     data: dict = field(default_factory=dict)
-
-
-# What a terminal would act on rather than print: C0/C1 controls (ESC starts
-# escape sequences: colours, clipboard writes (OSC 52), screen clears), DEL,
-# and the invisible format characters that reorder or hide text (bidi
-# overrides, zero-width characters, line/paragraph separators, and the tag
-# characters U+E0000..E007F that carry text no terminal shows). This is every
-# character of Unicode categories Cc, Cf, Zl and Zp (a test holds it to
-# `unicodedata`), listed so that nothing is computed at import.
-_UNSHOWABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891"
-                         "\u08e2\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb"
-                         "\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
-                         "\U0001d173-\U0001d17a\U000e0000-\U000e007f]")
-
-
-def _escaped(ch: str) -> str:
-    return ch.encode("unicode_escape").decode("ascii")
-
-
-def shown(text: str, limit: int) -> str:
-    """Text from a stage made safe to print on the operator's terminal: at most
-    `limit` characters, newlines and tabs kept, every other control or format
-    character written as a visible escape (\\x1b, \\u202e, \\U000e0041)."""
-    return _UNSHOWABLE.sub(lambda m: _escaped(m.group()), text[:limit])
-
-
-# Lone surrogates cannot be printed as UTF-8 at all; escaped, they stay valid JSON.
-_JSON_UNSHOWABLE = re.compile(f"{_UNSHOWABLE.pattern}|[\ud800-\udfff]")
-
-
-def _json_escape(ch: str) -> str:
-    """One character as JSON escapes: a surrogate pair past the BMP, as JSON spells those."""
-    code = ord(ch)
-    if code < 0x10000:
-        return f"\\u{code:04x}"
-    code -= 0x10000
-    return f"\\u{0xd800 + (code >> 10):04x}\\u{0xdc00 + (code & 0x3ff):04x}"
-
-
-def json_shown(value: Any, indent: int | None = 2) -> str:
-    """`value` (from a stage) as JSON safe to print on the operator's terminal.
-
-    Unlike `shown`, nothing is cut and the text stays exact JSON: what
-    `json.loads` reads back is `value` itself. Control and format characters
-    become JSON escapes (\\u001b, \\u202e, \\udb40\\udc41), which a terminal
-    prints as text; other non-ASCII text (labels in Chinese, accents) is kept
-    readable, as `ensure_ascii=True` would not."""
-    text = json.dumps(value, ensure_ascii=False, indent=indent)
-    return _JSON_UNSHOWABLE.sub(lambda m: _json_escape(m.group()), text)
 
 
 def _finite(x: Any) -> bool:

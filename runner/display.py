@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .control import shown
+from .inert import inert
 
 MAX_SHOWN = 4  # metrics per stage in the live table (the summary and the report have them all)
 
@@ -185,7 +186,7 @@ class Display:
 
     def log(self, message: str) -> None:
         # a line of its own above the live table: never glued to it
-        self.console.print(Text(message), soft_wrap=True)
+        self.console.print(Text(inert(message)), soft_wrap=True)  # quotes pipeline text: runner/inert.py
 
     def record(self, name: str, op: str, data: dict) -> None:
         self.tracker.record(name, op, data)
@@ -260,7 +261,7 @@ class Display:
                 lines.append(Text(f"model:         {ws.model}"))
             lines.append(Text(f"logs:          {ws.logs}"))
         for path in tracker.artifacts:
-            lines.append(Text(f"artifact:      {path}"))
+            lines.append(Text(inert(f"artifact:      {path}")))  # its name came from the pipeline
         if report is not None:
             lines.append(Text(f"report:        {report}"))
         self.console.print(Group(*lines))

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from . import fetch
+from . import fetch, workspace
 from .errors import FetchError
 from .limits import human
 
@@ -165,6 +165,10 @@ class Downloads:
             os.link(blob, target)
         except OSError:
             shutil.copyfile(blob, target)
-        os.chmod(target, 0o644)  # the download is private (mkstemp); the stage's uid 65534 must read it
+        # The download is private (mkstemp); the stage's uid must read it, no one else (workspace.restrict).
+        gid = workspace.stage_group()
+        if gid is not None:
+            os.chown(target, -1, gid)
+        os.chmod(target, 0o640 if gid is not None else 0o600)
         prune()  # after the link: the stage keeps its file even if its own entry is pruned
         return self.translate(target, f"{IN_DOWNLOADS}/{name}")

@@ -22,6 +22,7 @@ from urllib.parse import urljoin
 
 import platformdirs
 
+from pipcook_sandbox.runner import localfiles
 from pipcook_sandbox.runner.errors import FetchError, IntegrityError, PolicyError
 from pipcook_sandbox.runner.netpolicy import check_url, parse_ip_literal, resolve_and_check
 from pipcook_sandbox.runner.spec import ScriptRef, uri_to_path
@@ -45,15 +46,42 @@ tls_verify: ssl.SSLContext | bool = True
 
 
 def cache_dir() -> Path:
-    """Root of the runner's cache (scripts, frameworks)."""
+    """Root of the runner's cache (scripts, frameworks), private to the runner's user."""
     override = os.environ.get("PIPCOOK_SANDBOX_CACHE")
     if override:
-        return Path(override).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and os.path.isabs(xdg):
-        # platformdirs only honours this on Linux; honour it everywhere.
-        return Path(xdg) / "pipcook-sandbox"
-    return Path(platformdirs.user_cache_dir("pipcook-sandbox", appauthor=False))
+        root = Path(override).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        if xdg and os.path.isabs(xdg):
+            # platformdirs only honours this on Linux; honour it everywhere.
+            root = Path(xdg) / "pipcook-sandbox"
+        else:
+            root = Path(platformdirs.user_cache_dir("pipcook-sandbox", appauthor=False))
+    if root not in _made_private:
+        _make_private(root)
+        _made_private.add(root)
+    return root
+
+
+# Cache roots already made private by this process (a stat and a chmod per folder, once).
+_made_private: set[Path] = set()
+# The cache's folders; what stages mount lies one level below (a framework build, the worker's
+# site: 0755 themselves, reached by bwrap and Docker as root, never through these).
+CACHE_FOLDERS = ("scripts", "downloads", "frameworks", "worker-site", "tools", "images")
+
+
+def _make_private(root: Path) -> None:
+    """The cache holds what pipelines and their scripts fetched: 0700, and so are its folders.
+    Only folders this user owns are changed (an operator's shared cache is left as it is)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for path in (root, *(root / name for name in CACHE_FOLDERS)):
+            path.mkdir(exist_ok=True, mode=0o700)
+            st = os.stat(path)
+            if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+                os.chmod(path, 0o700)
+    except OSError:
+        pass  # a read-only or foreign cache: whoever writes there reports the real error
 
 
 def download_cache_dir() -> Path:
@@ -295,8 +323,11 @@ def _sha256_file(path: Path) -> str:
 def _read_local(ref: ScriptRef, max_bytes: int) -> bytes:
     path = uri_to_path(ref.uri)
     try:
-        with path.open("rb") as f:
-            data = f.read(max_bytes + 1)
+        # Checked again at the moment of reading (runner.localfiles): the
+        # pipeline's directory, or an --allow-path, and a regular file.
+        data = localfiles.read_confined(path, ref.roots, max_bytes)
+    except localfiles.Refused as exc:
+        raise FetchError(f"refused to read {ref.raw!r}: {exc}; {localfiles.RULE}", script=ref.name) from None
     except FileNotFoundError:
         raise FetchError(f"script not found: {path}", script=ref.name) from None
     except IsADirectoryError:

@@ -91,7 +91,8 @@ def resolve(spec: str | None, *, cuda: bool = False, rebuild: bool = False, log=
     if url_ref is not None:
         from . import mirror as mirror_mod
 
-        return mirror_mod.from_url(url_ref.uri, url_ref.sha256, nocache=nocache, allow_private=allow_private, log=log)
+        return mirror_mod.from_url(url_ref.uri, url_ref.sha256, nocache=nocache, allow_private=allow_private, log=log,
+                                   roots=url_ref.roots)
     m = NAME_RE.match(spec)
     if not m:
         raise FrameworkError(f"framework {spec!r} is not NAME@VERSION or a URL of a framework archive")

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from pipcook_sandbox.sandbox import extract as safe_extract
 
-from . import fetch
+from . import fetch, localfiles
 from .cachebuild import build_once
 from .errors import IntegrityError
 from .frameworks import Framework, FrameworkError, build_id, platform_tag, python_tag
@@ -49,11 +49,22 @@ def _local_path(location: str) -> Path:
     return Path(parts.path if parts.scheme == "file" else location)
 
 
-def _get(location: str, dest: Path, allow_private: Collection[str]) -> str:
-    """Copy or download `location` to `dest`; sha256 of what arrived."""
+def _get(location: str, dest: Path, allow_private: Collection[str], roots: tuple[str, ...] | None = None) -> str:
+    """Copy or download `location` to `dest`; sha256 of what arrived.
+
+    `roots`: where a local `location` may be, when a pipeline named it (see
+    runner.localfiles); None for the operator's own `-m MIRROR` path."""
     if _is_remote(location):
         return fetch.download(location, dest, allow_private=allow_private, max_bytes=MAX_ARCHIVE, timeout=120)
     src = _local_path(location)
+    if roots is not None:
+        try:
+            localfiles.copy_confined(src, roots, dest)
+        except localfiles.Refused as exc:
+            raise FrameworkError(f"framework archive {location} refused: {exc}; {localfiles.RULE}") from None
+        except FileNotFoundError:
+            raise FrameworkError(f"framework archive {location} not found") from None
+        return _sha256(dest)
     if not src.is_file():
         raise FrameworkError(f"framework archive {location} not found")
     shutil.copyfile(src, dest)
@@ -130,16 +141,22 @@ def from_mirror(mirror: str, name: str, version: str, *, cuda: bool = False,
 
 
 def from_url(location: str, pin: str | None, *, nocache: bool = False, allow_private: Collection[str] = (),
-             log: Callable[[str], None] = print) -> Framework:
-    """A framework named by URL in `options.framework`, cached by URL (and pin)."""
-    key = hashlib.sha256(f"{location}#{pin or ''}".encode()).hexdigest()[:16]
+             log: Callable[[str], None] = print, roots: tuple[str, ...] = ()) -> Framework:
+    """A framework named by URL or path in `options.framework`, cached by URL (and pin).
+    A local archive must be a regular file under `roots` (runner.localfiles).
+
+    An unpinned archive is cached also by the policy it was fetched under, as
+    scripts and `ctx.download` are: what `--allow-private` let in is never
+    served to a run without that permission. A pinned one is its content."""
+    policy = "" if pin else "\0".join(sorted(set(allow_private)))
+    key = hashlib.sha256(f"{location}#{pin or ''}\0{policy}".encode()).hexdigest()[:16]
     target = fetch.cache_dir() / "frameworks" / f"url-{key}-{python_tag()}"
     if nocache and target.exists():
         shutil.rmtree(target)
 
     def fetch_archive(dest: Path) -> None:
         log(f"fetching framework archive {location}")
-        actual = _get(location, dest, allow_private)
+        actual = _get(location, dest, allow_private, roots)
         if pin and actual != pin.lower():
             raise IntegrityError(f"framework archive {location} has sha256 {actual}, but the pipeline pins {pin}; refused")
 

@@ -10,14 +10,13 @@ must stay inside the model dir and carry a pin that matches, or nothing runs.
 from __future__ import annotations
 
 import contextlib
-import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
-from . import fetch, spec, stages, statedir, workspace
+from . import fetch, jsonvalue, localfiles, spec, stages, statedir, workspace
 from .errors import PipcookError
 
 MAX_ZIP_BYTES = 4 << 30  # what a model zip may unpack to
@@ -106,8 +105,8 @@ def _read_json(path: Path, cap: int, what: str) -> Any:
             raise ModelError(f"{what} {path} is missing or not a regular file")
         if path.stat().st_size > cap:
             raise ModelError(f"{what} {path} is larger than {cap} bytes")
-        return json.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return jsonvalue.loads(path.read_text("utf-8"))  # no RecursionError, no NaN
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # jsonvalue.Unfit is a ValueError
         raise ModelError(f"cannot read {what} {path}: {exc}") from None
 
 
@@ -123,13 +122,18 @@ def _check_local(ref: spec.ScriptRef, model_dir: Path, field_name: str) -> None:
     if not ref.sha256:
         raise ModelError(f"{model_dir / 'pipeline.json'}: {field_name} ({ref.raw}) has no #sha256= pin; "
                          "a model's scripts must be pinned")
+    try:  # a regular file: not a fifo (a read would hang), a device or a directory (runner.localfiles)
+        localfiles.check(path, (str(root),))
+    except localfiles.Refused as exc:
+        raise ModelError(f"{model_dir / 'pipeline.json'}: {field_name} ({ref.raw}) is refused: {exc}; "
+                         "a model's scripts must be regular files inside the model") from None
 
 
 def load(model_dir: Path) -> Model:
     """Parse and check the model's pipeline.json; read meta.json."""
     pipeline_path = model_dir / "pipeline.json"
     raw = _read_json(pipeline_path, MAX_PIPELINE_BYTES, "the model's pipeline")
-    pipeline = spec.parse_pipeline(raw, str(pipeline_path))
+    pipeline = spec.parse_pipeline(raw, str(pipeline_path), confine=False)  # the model's own rule: _check_local
     _check_local(pipeline.datasource, model_dir, "datasource")
     for i, ref in enumerate(pipeline.dataflow):
         _check_local(ref, model_dir, f"dataflow[{i}]")
@@ -149,6 +153,7 @@ def prepare(model: Model, tmp: Path, *, isolation: str, gpu: bool, allow_private
     """A throwaway workspace with the verified scripts, plus the framework and worker site."""
     ws = workspace.create(tmp / "ws")
     copies = stages.fetch_scripts(model.pipeline, ws, nocache=True, allow_private=allow_private)  # pins checked here
+    workspace.restrict(ws.root)  # the script copies: readable by the stages, no one else
     framework, worker_site = stages.prepare_runtime(model.pipeline, isolation=isolation, gpu=gpu, nocache=True,
                                                     allow_private=allow_private, log=log, mirror=mirror)
     return ws, copies, framework, worker_site

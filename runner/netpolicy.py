@@ -3,8 +3,9 @@
 Scripts, frameworks and ``ctx.download`` requests made on behalf of sandboxed
 scripts all pass through here. Only http(s) is allowed, and no address on the
 host's loopback, a private network, link-local (the cloud metadata address)
-or any other non-public range, unless the operator named the host with
---allow-private.
+or any other non-public range, nor any address of the host's own interfaces
+(read at each check, runner.hostaddrs), unless the operator named the host
+with --allow-private.
 
 The check is only sound if the caller then connects to the very addresses
 returned by :func:`resolve_and_check`; resolving the name a second time would
@@ -20,6 +21,7 @@ from collections.abc import Collection
 from urllib.parse import urlsplit
 
 from pipcook_sandbox.runner.errors import FetchError, PolicyError
+from pipcook_sandbox.runner.hostaddrs import host_addresses
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -153,6 +155,20 @@ def is_forbidden(ip: IPAddress) -> bool:
     )
 
 
+def is_own(ip: IPAddress) -> bool:
+    """True for an address of one of this host's interfaces (IPv4-mapped and
+    NAT64/6to4 spellings of one too): public or not, it reaches the host."""
+    own = host_addresses()
+    if ip in own:
+        return True
+    return isinstance(ip, ipaddress.IPv6Address) and _embedded_v4(ip) in own
+
+
+def refused(ip: IPAddress) -> bool:
+    """What `ctx.download` and every fetch refuse without --allow-private."""
+    return is_forbidden(ip) or is_own(ip)
+
+
 def _allowed_set(allow_private: Collection[str]) -> set[str]:
     allowed = set()
     for entry in allow_private:
@@ -165,10 +181,9 @@ def _allowed_set(allow_private: Collection[str]) -> set[str]:
 
 def _refuse(host: str, ip: IPAddress) -> PolicyError:
     shown = host if _normalize_host(host) == str(ip) else f"{host} ({ip})"
-    return PolicyError(
-        f"refused to connect to {shown}: it is a loopback, private, link-local "
-        "or otherwise non-public address; use --allow-private HOST to allow it"
-    )
+    what = ("an address of this host's own interfaces" if not is_forbidden(ip) else
+            "a loopback, private, link-local or otherwise non-public address")
+    return PolicyError(f"refused to connect to {shown}: it is {what}; use --allow-private HOST to allow it")
 
 
 def check_url(url: str, allow_private: Collection[str] = ()) -> None:
@@ -195,7 +210,7 @@ def check_url(url: str, allow_private: Collection[str] = ()) -> None:
     if port is not None and not 0 < port < 65536:
         raise PolicyError(f"refused URL {url!r}: port {port} is out of range")
     ip = parse_ip_literal(parts.hostname)
-    if ip is not None and is_forbidden(ip):
+    if ip is not None and refused(ip):
         allowed = _allowed_set(allow_private)
         if _normalize_host(parts.hostname) not in allowed and str(ip) not in allowed:
             raise _refuse(parts.hostname, ip)
@@ -215,7 +230,7 @@ def resolve_and_check(host: str, port: int, allow_private: Collection[str] = ())
     literal = parse_ip_literal(name)
     if literal is not None:
         # Never ask DNS about a literal: the answer is the literal itself.
-        if is_forbidden(literal) and name not in allowed and str(literal) not in allowed:
+        if refused(literal) and name not in allowed and str(literal) not in allowed:
             raise _refuse(host, literal)
         return [str(literal)]
     try:
@@ -226,7 +241,7 @@ def resolve_and_check(host: str, port: int, allow_private: Collection[str] = ())
     vetted: list[str] = []
     for _family, _type, _proto, _canon, sockaddr in infos:
         ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
-        if is_forbidden(ip) and name not in allowed and str(ip) not in allowed:
+        if refused(ip) and name not in allowed and str(ip) not in allowed:
             raise _refuse(host, ip)
         if str(ip) not in vetted:
             vetted.append(str(ip))

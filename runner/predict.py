@@ -19,7 +19,7 @@ from typing import Callable
 
 from pipcook_sandbox.runner.backends.base import Limits
 
-from . import run, stages, statedir
+from . import jsonvalue, run, stages, statedir
 from .errors import PipcookError
 from .models import MAX_ZIP_BYTES, Model, ModelError, load, open_model, prepare  # noqa: F401  (predict's API)
 
@@ -81,9 +81,16 @@ def run_predict(location: str, samples: list[dict], opts: PredictOptions) -> lis
         if result.results is None:
             raise PipcookError("predict() finished without returning results", stage="model",
                                script=plans[-1].script.name)
-        if len(result.results) != len(samples) and opts.log:
-            opts.log(f"warning: {len(samples)} input(s) but predict() returned {len(result.results)} result(s)")
-        return result.results
+        try:
+            # Printed as JSON: NaN, Infinity, bytes or absurd nesting are refused, never printed
+            # as text no JSON parser reads (or a crash).
+            results = jsonvalue.plain(result.results, what="data")
+        except jsonvalue.Unfit as exc:
+            raise PipcookError(f"predict() returned a result that is not JSON: {exc}", stage="model",
+                               script=plans[-1].script.name) from None
+        if len(results) != len(samples) and opts.log:
+            opts.log(f"warning: {len(samples)} input(s) but predict() returned {len(results)} result(s)")
+        return results
 
 
 def render(results: list) -> str:

@@ -29,7 +29,6 @@ import json
 import os
 import queue
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from pipcook_sandbox.sandbox import sdk
 from pipcook_sandbox.sandbox.stageconfig import StageConfig
 
 from . import control as control_mod
+from . import jsonvalue
 from .downloads import IN_DOWNLOADS, Downloads
 from .errors import Interrupted, StageError
 from .limits import human
@@ -156,20 +156,6 @@ def metrics_record(stage: str, step: int | None, metrics: dict) -> dict:
 def input_pool(samples: list[dict], meta: dict | None) -> Any:
     """The pool the runner serves to the first stage in predict mode."""
     return sdk.from_lists(predicted=samples, meta=dict(meta or {}))
-
-
-def _jsonable(obj: Any) -> Any:
-    np = sys.modules.get("numpy")  # not imported: no value can be an array (the runner need not load numpy)
-
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if np is not None and isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, bytes):
-        return None
-    return obj
 
 
 class Run:
@@ -523,7 +509,11 @@ class _Monitor:
         elif op == "metrics" and name not in self.violations:
             self._metrics(name, data)
         elif op == "meta" and self.by_name[name].role == "model":
-            self.result.meta = _jsonable(data["meta"])
+            try:  # kept as model/meta.json: plain JSON (NaN, bytes as null), never deeper than a walk can go
+                self.result.meta = jsonvalue.plain(data["meta"], what="meta", lenient=True)
+            except jsonvalue.Unfit as exc:
+                self.violations.setdefault(name, f"sent a meta that cannot be stored: {exc}")
+                self.run.stop_stage(name, base.REASON_PROTOCOL)
         elif op == "result" and self.by_name[name].role == "model":
             self.result.results = data["data"]
         elif op == "error":

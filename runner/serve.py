@@ -34,7 +34,7 @@ from pipcook_sandbox.runner.backends import base
 from pipcook_sandbox.runner.backends.base import Limits, Mount
 from pipcook_sandbox.sandbox.stageconfig import ScriptEntry
 
-from . import models, report, stages
+from . import jsonvalue, models, report, stages
 from . import run as run_mod
 from .errors import PipcookError, StageError
 from .verdict import Observation
@@ -449,7 +449,11 @@ def create_app(service: Service, info: dict, report_file: Path | None = None) ->
             return _answer(503, f"busy: {service.pending} requests are already running or waiting; try again later")
         service.pending += 1
         try:
-            return _answer(200, data=await service.run(samples))
+            # What the model returned, as plain JSON: NaN, Infinity, bytes or absurd nesting would
+            # make the response itself fail (a 500 and a traceback in the log).
+            return _answer(200, data=jsonvalue.plain(await service.run(samples), what="data"))
+        except jsonvalue.Unfit as exc:
+            return _answer(502, f"the model returned a result that is not JSON: {exc}")
         except RequestFailed as exc:
             return _answer(422, f"the pipeline's scripts could not handle these inputs: {exc}")
         except RequestTimeout as exc:

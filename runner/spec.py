@@ -8,6 +8,7 @@ names the offending field.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import os
@@ -25,7 +26,7 @@ from urllib.request import url2pathname
 import jsonschema
 from jsonschema import Draft202012Validator
 
-from pipcook_sandbox.runner import validate
+from pipcook_sandbox.runner import jsonvalue, localfiles, validate
 from pipcook_sandbox.runner.errors import SpecError
 
 SCHEMA_RESOURCE = "pipeline-2.0.schema.json"
@@ -69,6 +70,9 @@ class ScriptRef:
     sha256: str | None
     name: str
     raw: str
+    # The resolved directories a local (file:) reference may be read from:
+    # the pipeline's own directory and the operator's --allow-path dirs.
+    roots: tuple[str, ...] = ()
 
     @property
     def is_local(self) -> bool:
@@ -289,9 +293,24 @@ def _resolve_address(raw: str, field_name: str, base: str, is_remote: bool, sour
     return address
 
 
-def resolve_ref(raw: str, field_name: str, base: str, is_remote: bool, source: str) -> ScriptRef:
-    """Resolve one script URI from the pipeline into a :class:`ScriptRef`."""
+def _confine(address: str, raw: str, field_name: str, roots: tuple[str, ...] | None, source: str) -> None:
+    """A local reference must be a regular file under `roots` (runner.localfiles); None: the
+    caller applies a rule of its own."""
+    if roots is None or not address.startswith("file:"):
+        return
+    try:
+        localfiles.check(uri_to_path(address), roots)
+    except localfiles.Refused as exc:
+        raise SpecError(f"{raw!r} is refused: {exc}; {localfiles.RULE}", field=field_name, source=source) from None
+
+
+def resolve_ref(raw: str, field_name: str, base: str, is_remote: bool, source: str,
+                roots: tuple[str, ...] | None = ()) -> ScriptRef:
+    """Resolve one script URI from the pipeline into a :class:`ScriptRef`.
+
+    A local file must lie under one of `roots` (resolved directories)."""
     address = _resolve_address(raw, field_name, base, is_remote, source)
+    _confine(address, raw, field_name, roots, source)
     parts = urlsplit(raw)
     return ScriptRef(
         uri=address,
@@ -299,10 +318,12 @@ def resolve_ref(raw: str, field_name: str, base: str, is_remote: bool, source: s
         sha256=_parse_pin(parts.fragment, field_name, source),
         name=posixpath.basename(unquote(urlsplit(address).path)),
         raw=raw,
+        roots=(roots or ()) if address.startswith("file:") else (),
     )
 
 
-def _resolve_framework(raw: str, base: str, is_remote: bool, source: str) -> ScriptRef | None:
+def _resolve_framework(raw: str, base: str, is_remote: bool, source: str,
+                       roots: tuple[str, ...] = ()) -> ScriptRef | None:
     if FRAMEWORK_NAME_RE.match(raw):
         return None
     field_name = "options.framework"
@@ -322,6 +343,8 @@ def _resolve_framework(raw: str, base: str, is_remote: bool, source: str) -> Scr
             f"{raw!r} is neither NAME@VERSION nor a URL or path", field=field_name, source=source
         )
     address = _resolve_address(raw, field_name, base, is_remote, source)
+    _confine(address, raw, field_name, roots, source)
+    local = address.startswith("file:")
     if parts.query:
         address = f"{address}?{parts.query}"
     return ScriptRef(
@@ -330,6 +353,7 @@ def _resolve_framework(raw: str, base: str, is_remote: bool, source: str) -> Scr
         sha256=_parse_pin(parts.fragment, field_name, source),
         name=posixpath.basename(unquote(urlsplit(address).path)),
         raw=raw,
+        roots=roots if local else (),
     )
 
 
@@ -357,7 +381,10 @@ def _source_base(source: str) -> tuple[str, str, bool]:
 
 def _decode(data: bytes | str | dict, source: str) -> Any:
     if not isinstance(data, (bytes, str)):
-        # Already parsed; the schema check will judge its shape.
+        # Already parsed; the schema check will judge its shape, once it is known to be
+        # shallow enough for a recursive walk (jsonschema's, deepcopy's).
+        if jsonvalue.depth(data) > jsonvalue.MAX_DEPTH:
+            raise SpecError(f"nested deeper than {jsonvalue.MAX_DEPTH} levels", source=source)
         return copy.deepcopy(data)
     if isinstance(data, bytes):
         try:
@@ -365,21 +392,29 @@ def _decode(data: bytes | str | dict, source: str) -> Any:
         except UnicodeDecodeError as exc:
             raise SpecError(f"not UTF-8 text (byte {exc.start})", source=source) from None
     try:
-        return json.loads(data)
+        return jsonvalue.loads(data)
     except json.JSONDecodeError as exc:
         raise SpecError(
             f"not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", source=source
         ) from None
+    except jsonvalue.Unfit as exc:
+        raise SpecError(f"not valid JSON: {exc}", source=source) from None
 
 
-def parse_pipeline(data: bytes | str | dict, source: str) -> Pipeline:
+def parse_pipeline(data: bytes | str | dict, source: str, allow_paths: tuple[str, ...] = (),
+                   *, confine: bool = True) -> Pipeline:
     """Validate a pipeline and resolve everything it names.
 
     ``source`` is where it came from (a path or an http(s) URL); relative
     references resolve against it, and an http(s) source may name only
-    http(s) scripts and frameworks.
+    http(s) scripts and frameworks. A local source may name only regular
+    files under its own directory or one of ``allow_paths`` (the operator's
+    --allow-path). ``confine=False`` leaves that check to the caller (a
+    model's own rule, in runner.predict); the references still carry their
+    roots, so reading them is confined regardless.
     """
     source, base, is_remote = _source_base(source)
+    roots = () if is_remote else localfiles.roots_of(os.path.dirname(source), *allow_paths)
     raw = _decode(data, source)
     # typos first, with a suggestion: "datasorce" is not reported as "datasource is required"
     validate.check_raw(raw, source, load_schema()["properties"])
@@ -388,12 +423,13 @@ def parse_pipeline(data: bytes | str | dict, source: str) -> Pipeline:
         raise _schema_error(error, source)
 
     def ref(value: str, name: str) -> ScriptRef:
-        return resolve_ref(value, name, base, is_remote, source)
+        found = resolve_ref(value, name, base, is_remote, source, roots if confine else None)
+        return dataclasses.replace(found, roots=roots) if found.is_local else found
 
     options = copy.deepcopy(raw.get("options") or {})
     framework_ref = None
     if isinstance(options.get("framework"), str):
-        framework_ref = _resolve_framework(options["framework"], base, is_remote, source)
+        framework_ref = _resolve_framework(options["framework"], base, is_remote, source, roots)
         if framework_ref is not None:
             pin = f"#sha256={framework_ref.sha256}" if framework_ref.sha256 else ""
             options["framework"] = framework_ref.uri + pin
@@ -413,8 +449,9 @@ def parse_pipeline(data: bytes | str | dict, source: str) -> Pipeline:
     )
 
 
-def load_pipeline(location: str, *, fetch_bytes: Callable[[str], bytes]) -> Pipeline:
-    """Load a pipeline from a path or an http(s) URL.
+def load_pipeline(location: str, *, fetch_bytes: Callable[[str], bytes],
+                  allow_paths: tuple[str, ...] = ()) -> Pipeline:
+    """Load a pipeline from a path or an http(s) URL (``allow_paths``: see parse_pipeline).
 
     ``fetch_bytes`` does the download for a URL; it is passed in so that this
     module never touches the network itself (and tests need no server).
@@ -432,7 +469,7 @@ def load_pipeline(location: str, *, fetch_bytes: Callable[[str], bytes]) -> Pipe
         raise SpecError(f"pipeline path is a directory, not a file: {path}", source=None) from None
     except OSError as exc:
         raise SpecError(f"cannot read pipeline file {path}: {exc.strerror}", source=None) from None
-    return parse_pipeline(data, source)
+    return parse_pipeline(data, source, allow_paths)
 
 
 def pipeline_to_json(p: Pipeline) -> dict:

@@ -32,6 +32,7 @@ class RunOptions:
     gpu: bool | None = None  # --gpu True, --no-gpu False, neither None (the pipeline may ask)
     nocache: bool = False
     allow_private: tuple[str, ...] = ()
+    allow_paths: tuple[str, ...] = ()  # --allow-path: more dirs a local pipeline may name files in
     limits: Limits = field(default_factory=Limits)
     mirror: str | None = None
     log: Callable[[str], None] = print
@@ -87,7 +88,8 @@ def check_gpu(pipeline: spec.Pipeline, opts: RunOptions) -> RunOptions:
 
 
 def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
-    pipeline = spec.load_pipeline(location, fetch_bytes=functools.partial(fetch.fetch_bytes, allow_private=opts.allow_private))
+    pipeline = spec.load_pipeline(location, fetch_bytes=functools.partial(fetch.fetch_bytes, allow_private=opts.allow_private),
+                                  allow_paths=opts.allow_paths)
     pipeline = overrides.apply(pipeline, opts.overrides)
     validate.preflight(pipeline)  # processors and their options: a typo fails now, not after training
     opts = check_gpu(pipeline, opts)  # --gpu / --no-gpu, else options.train.gpu
@@ -101,25 +103,31 @@ def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
     opts.log(f"workspace: {ws.root}")
     if opts.on_workspace:
         opts.on_workspace(ws)
-    copies = stages.fetch_scripts(pipeline, ws, nocache=opts.nocache, allow_private=opts.allow_private)
-    framework, worker_site = stages.prepare_runtime(
-        pipeline, isolation=opts.isolation, gpu=opts.gpu, nocache=opts.nocache, allow_private=opts.allow_private,
-        log=opts.log, mirror=opts.mirror)
-    if framework is not None:
-        workspace.write_json(ws.framework / "framework.json",
-                             {"name": framework.name, "version": framework.version, "path": str(framework.dir)})
-    plans = stages.plan(pipeline, copies)
-    result = run.execute(plans, ws, run.ExecOptions(
-        isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu, nocache=opts.nocache,
-        allow_private=opts.allow_private, task_type="train", framework=framework, worker_site=worker_site,
-        pipeline_options=dict(pipeline.options), on_progress=opts.on_progress, on_event=opts.on_event,
-        on_record=opts.on_record, observers=opts.observers))
-    finish_model_dir(ws, pipeline, copies, result.meta)
-    if opts.on_trained:
-        opts.on_trained(ws)
-    for out in artifacts.run_all(pipeline.artifact, ws, log=opts.log, isolation=opts.isolation, limits=opts.limits):
-        if opts.on_artifact:
-            opts.on_artifact(out)
+    try:
+        copies = stages.fetch_scripts(pipeline, ws, nocache=opts.nocache, allow_private=opts.allow_private)
+        workspace.restrict(ws.root)  # the scripts: readable by the stages, no one else
+        framework, worker_site = stages.prepare_runtime(
+            pipeline, isolation=opts.isolation, gpu=opts.gpu, nocache=opts.nocache,
+            allow_private=opts.allow_private, log=opts.log, mirror=opts.mirror)
+        if framework is not None:
+            workspace.write_json(ws.framework / "framework.json",
+                                 {"name": framework.name, "version": framework.version, "path": str(framework.dir)})
+        plans = stages.plan(pipeline, copies)
+        result = run.execute(plans, ws, run.ExecOptions(
+            isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu, nocache=opts.nocache,
+            allow_private=opts.allow_private, task_type="train", framework=framework, worker_site=worker_site,
+            pipeline_options=dict(pipeline.options), on_progress=opts.on_progress, on_event=opts.on_event,
+            on_record=opts.on_record, observers=opts.observers))
+        finish_model_dir(ws, pipeline, copies, result.meta)
+        workspace.restrict(ws.root)  # the model, before anything reports it trained
+        if opts.on_trained:
+            opts.on_trained(ws)
+        for out in artifacts.run_all(pipeline.artifact, ws, log=opts.log, isolation=opts.isolation,
+                                     limits=opts.limits):
+            if opts.on_artifact:
+                opts.on_artifact(out)
+    finally:
+        workspace.restrict(ws.root)  # logs, copied-out data, the model, artifacts: however the run ended
     return ws
 
 

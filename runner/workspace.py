@@ -9,6 +9,14 @@ the root holds a marker whose tag is an HMAC, under a key only the host
 user can read, of the directory's device, inode and path. A stage cannot
 forge it (it never sees the key), a copied or moved directory no longer
 matches it, and a link is never followed.
+
+It holds what untrusted scripts wrote and what the pipeline named, so it is
+private: the root 0700, nothing below it readable by others (`restrict`).
+The stages still read their scripts and, for predict, the model: their
+uid is not the runner's when the runner is root (65534, bwrap's mapped mode
+and Docker), so below the root, directories are 0750 and files 0640 with
+the stages' group. A stage sees a mounted file or directory through the
+mount itself, never through the 0700 root.
 """
 from __future__ import annotations
 
@@ -116,14 +124,53 @@ def create(root: Path | None, force: bool = False) -> Workspace:
         except OSError as exc:
             raise PipcookError(f"--force could not remove the earlier workspace {root}: {exc}") from None
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root, 0o700)  # an empty dir the operator made may be 0755
         for sub in SUBDIRS:
             (root / sub).mkdir(exist_ok=True)
         (root / "metrics.jsonl").touch()
         write_json(root / MARKER, {"created_by": "pipcook-sandbox", "tag": _tag(root)})
+        restrict(root)
     except OSError as exc:
         raise PipcookError(f"cannot create the workspace {root}: {exc.strerror}") from None
     return Workspace(root)
+
+
+def stage_group() -> int | None:
+    """The group that must read what stages are given (65534, or the operator's --stage-uid group),
+    or None where stages are the runner's uid."""
+    if os.geteuid() != 0:
+        return None
+    from .backends import owner
+
+    return owner.stage_ids()[1]
+
+
+def restrict(root: Path) -> None:
+    """Make `root` 0700 and everything below it unreadable by others: directories 0750 and files
+    0640 with the stages' group (runner is root), else 0700 and 0600. Links are not followed
+    (the runner never puts one in a workspace; a stage's are never copied out)."""
+    gid = stage_group()
+    dir_mode, file_mode = (0o750, 0o640) if gid is not None else (0o700, 0o600)
+
+    def fix(path: str, mode: int) -> None:
+        try:
+            if gid is not None:
+                os.lchown(path, -1, gid)
+            os.chmod(path, mode)
+        except FileNotFoundError:
+            pass  # removed meanwhile (a temporary file of the run)
+
+    os.chmod(root, 0o700)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                fix(full, dir_mode)
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                fix(full, file_mode)
 
 
 def write_json(path: Path, data) -> None:

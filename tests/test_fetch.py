@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import socket
 import ssl
 import time
@@ -16,7 +17,7 @@ import pytest
 from pipcook_sandbox.runner import fetch
 from pipcook_sandbox.runner.errors import FetchError, IntegrityError, PolicyError
 from pipcook_sandbox.runner.fetch import cache_dir, download, fetch_bytes, fetch_script
-from pipcook_sandbox.runner.spec import ScriptRef
+from pipcook_sandbox.runner.spec import ScriptRef, uri_to_path
 
 try:  # pytest puts tests/ on sys.path unless tests/ becomes a package
     from httpserver import Server, http_server, start_server  # noqa: F401
@@ -36,7 +37,9 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def ref_for(uri: str, sha256: str | None = None, name: str = "model.py") -> ScriptRef:
-    return ScriptRef(uri=uri, options={}, sha256=sha256, name=name, raw=uri)
+    # A local file may be read only under the directories its pipeline allows: here, its own.
+    roots = (os.path.realpath(uri_to_path(uri).parent),) if uri.startswith("file:") else ()
+    return ScriptRef(uri=uri, options={}, sha256=sha256, name=name, raw=uri, roots=roots)
 
 
 def cached_files(root: Path) -> list[Path]:

@@ -226,7 +226,7 @@ def test_url_without_host_or_file_is_refused() -> None:
 def test_relative_refs_resolve_against_local_file() -> None:
     p = parse_pipeline(
         with_(datasource="ds.py?x=1", dataflow=["../shared/flow.py", "/abs/f.py"], model="file:///opt/m/../model.py"),
-        LOCAL,
+        LOCAL, allow_paths=("/srv/shared", "/abs", "/opt"),
     )
     assert p.base == "file:///srv/pipelines/" and not p.is_remote
     assert p.datasource.uri == "file:///srv/pipelines/ds.py" and p.datasource.options == {"x": "1"}
@@ -234,6 +234,12 @@ def test_relative_refs_resolve_against_local_file() -> None:
     assert p.dataflow[1].uri == "file:///abs/f.py"
     assert p.model.uri == "file:///opt/model.py" and p.model.is_local
     assert uri_to_path(p.dataflow[0].uri) == Path("/srv/shared/flow.py")
+
+
+@pytest.mark.parametrize("ref", ["../shared/flow.py", "/abs/f.py", "file:///opt/m/../model.py", "~/m.py"])
+def test_local_refs_outside_the_pipelines_directory_need_allow_path(ref: str) -> None:
+    err = spec_error(with_(model=ref), LOCAL)
+    assert err.field == "model" and "--allow-path" in str(err) and "outside /srv/pipelines" in str(err)
 
 
 def test_relative_source_path_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -257,6 +257,17 @@ def sandbox_owner(mode: str | None = None) -> tuple[int, int]:
     return os.getuid(), os.getgid()
 
 
+def _readable_by(st: os.stat_result, owner: tuple[int, int], is_dir: bool) -> bool:
+    """Whether uid/gid `owner` may read (and, for a directory, enter) what `st` describes: the
+    runner gives stages their files as group `owner[1]` and keeps them from everyone else."""
+    need = 0o5 if is_dir else 0o4
+    if st.st_uid == owner[0]:
+        return (st.st_mode >> 6) & need == need
+    if st.st_gid == owner[1]:
+        return (st.st_mode >> 3) & need == need
+    return st.st_mode & need == need
+
+
 def grant_access(spec: StageSpec, owner: tuple[int, int]) -> list[str]:
     """Mapped mode: let host uid 65534 use what the runner (root) prepared.
     A writable mount's directory becomes owned by it (its contents are left
@@ -273,7 +284,7 @@ def grant_access(spec: StageSpec, owner: tuple[int, int]) -> list[str]:
         is_dir = stat.S_ISDIR(st.st_mode)
         if m.writable and is_dir and (st.st_uid, st.st_gid) != owner:
             os.chown(src, *owner)
-        elif not m.writable and (not st.st_mode & 0o004 or (is_dir and not st.st_mode & 0o001)):
+        elif not m.writable and not _readable_by(st, owner, is_dir):
             warnings.append(f"{src} (mounted at {m.target}) is not world-readable: uid {owner[0]} may not read it")
         if is_dir:
             with os.scandir(src) as it:
@@ -387,11 +398,17 @@ def _etc_files(etc: Path) -> dict[str, Path]:
     return out
 
 
-def build_args(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd: int,  # noqa: C901 (25; being reworked with the --args FD change)
-               writable: dict[str, Path], info_fd: int | None = None, block_fd: int | None = None,
-               feats: Features | None = None, interp: Interpreter | None = None) -> list[str]:
-    """The bwrap argument list (without the bwrap binary itself).
-    `writable` maps each spec.writable target to its volume directory."""
+def build_parts(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd: int,  # noqa: C901 (25: one option family a branch)
+                writable: dict[str, Path], info_fd: int | None = None, block_fd: int | None = None,
+                feats: Features | None = None, interp: Interpreter | None = None) -> tuple[list[str], list[str]]:
+    """(bwrap's options, the command it runs in the sandbox).
+    `writable` maps each spec.writable target to its volume directory.
+
+    The options name host paths (the workspace, the cache, the run's state
+    dir). bwrap stays pid 1 of the stage's pid namespace, and the stage can
+    read pid 1's /proc/1/cmdline, so the options are handed over through
+    `--args FD` (`args_memfd`), never in argv; only the command, whose paths
+    are the sandbox's own, stays there."""
     feats = feats or features()
     interp = interp or interpreter()
     a = _Args(feats)
@@ -463,10 +480,29 @@ def build_args(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd: 
     py = str(interp.executable)
     args = list(spec.argv) if spec.argv is not None else list(WORKER_ARGS)
     if mode == "mapped":
-        a.add("--", py, "-I", "-S", "-c", LAUNCHER % owner.stage_ids(), py, *args)
+        command = [py, "-I", "-S", "-c", LAUNCHER % owner.stage_ids(), py, *args]
     else:
-        a.add("--", py, *args)
-    return a.argv
+        command = [py, *args]
+    return a.argv, command
+
+
+def build_args(spec: StageSpec, **kwargs) -> list[str]:
+    """The bwrap argument list (without the bwrap binary itself): options, "--", command."""
+    options, command = build_parts(spec, **kwargs)
+    return [*options, "--", *command]
+
+
+def args_memfd(options: list[str]) -> int:
+    """A memfd holding `options` NUL-separated, as bwrap's --args FD reads them."""
+    # Passed to the wrapper with pass_fds; bwrap reads it whole and closes it before the sandbox starts.
+    fd = os.memfd_create("pipcook-bwrap-args", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, b"".join(o.encode() + b"\0" for o in options))
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 # --- the running stage ---------------------------------------------------------------
@@ -736,8 +772,11 @@ class BwrapStage:
                 info_r, info_w = os.pipe()
                 block_r, block_w = os.pipe()
                 child_fds += [info_w, block_r]
-            argv = build_args(spec, mode=self.mode, etc=etc, seccomp_fd=sc_fd, writable=writable,
-                              info_fd=info_w, block_fd=block_r, feats=feats)
+            options, command = build_parts(spec, mode=self.mode, etc=etc, seccomp_fd=sc_fd, writable=writable,
+                                           info_fd=info_w, block_fd=block_r, feats=feats)
+            args_fd = args_memfd(options)
+            child_fds.append(args_fd)
+            argv = ["--args", str(args_fd), "--", *command]
             cfg = {
                 "procs": [str(p) for p in (self.cgroup.procs_files if self.cgroup else [])],
                 "rlimits": [["RLIMIT_NOFILE", lim.nofile], ["RLIMIT_FSIZE", lim.disk], ["RLIMIT_CORE", 0]],
@@ -747,7 +786,7 @@ class BwrapStage:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", WRAPPER, json.dumps(cfg), *argv],
                 stdin=subprocess.DEVNULL, stdout=pipe_w, stderr=pipe_w,
-                pass_fds=[sc_fd] + ([info_w, block_r] if info_w is not None else []),
+                pass_fds=[sc_fd, args_fd] + ([info_w, block_r] if info_w is not None else []),
                 start_new_session=True, env={"PATH": "/usr/bin:/bin"}, cwd="/",
             )
             self._save(bwrap_pid=self.proc.pid)
