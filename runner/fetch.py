@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urljoin
 
-import platformdirs
-
+from pipcook_sandbox.runner import cachedir
 from pipcook_sandbox.runner.errors import FetchError, IntegrityError, PolicyError
 from pipcook_sandbox.runner.netpolicy import check_url, parse_ip_literal, resolve_and_check
 from pipcook_sandbox.runner.spec import ScriptRef, uri_to_path
@@ -44,15 +43,8 @@ tls_verify: ssl.SSLContext | bool = True
 
 
 def cache_dir() -> Path:
-    """Root of the runner's cache (scripts, frameworks)."""
-    override = os.environ.get("PIPCOOK_SANDBOX_CACHE")
-    if override:
-        return Path(override).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and os.path.isabs(xdg):
-        # platformdirs only honours this on Linux; honour it everywhere.
-        return Path(xdg) / "pipcook-sandbox"
-    return Path(platformdirs.user_cache_dir("pipcook-sandbox", appauthor=False))
+    """Root of the runner's cache (scripts, frameworks); see runner/cachedir.py."""
+    return cachedir.cache_dir()
 
 
 def _size_words(n: int) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from pipcook_sandbox.runner.backends.base import Limits
 
-from . import artifacts, fetch, frameworks, orchestrator, spec, workspace
+from . import artifacts, fetch, frameworks, gpus, orchestrator, spec, workspace
 from .errors import PipcookError
 from .workerenv import ensure_worker_site
 
@@ -108,10 +108,15 @@ def check_gpu(pipeline: spec.Pipeline, opts: RunOptions) -> RunOptions:
     if opts.gpu is None and not from_file:
         return dataclasses.replace(opts, gpu=False)
     who = "--gpu" if opts.gpu else "the pipeline file (options.train.gpu, not the command line)"
-    if opts.isolation != "none" and not any(Path("/dev").glob("nvidia[0-9]*")):
-        raise PipcookError(f"a GPU was requested by {who}, but this host has no NVIDIA GPU (no /dev/nvidia0); "
-                           + ("run without --gpu" if opts.gpu else "pass --no-gpu to train on the CPU")
-                           + ", or run on a host with a GPU and its driver")
+    if opts.isolation != "none":
+        given = gpus.given()
+        if not given.devices:
+            where = ("this host has no NVIDIA GPU (no /dev/nvidia0)" if not gpus.candidates()
+                     else f"this process was given none of the host's GPUs ({given.why})")
+            raise PipcookError(f"a GPU was requested by {who}, but {where}; "
+                               + ("run without --gpu" if opts.gpu else "pass --no-gpu to train on the CPU")
+                               + ", or run on a host (or in a job) with a GPU and its driver")
+        opts.log(f"GPU: the model stage gets {', '.join(given.devices)} ({given.why})")
     if opts.gpu is None:
         opts.log(f"GPU: requested by {who}; pass --no-gpu to refuse it")
     return dataclasses.replace(opts, gpu=True)

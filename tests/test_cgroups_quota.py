@@ -332,3 +332,33 @@ def test_bad_subdir_names_refused(tmp_path: Path) -> None:
     for bad in ("", "..", "a/b"):
         with pytest.raises(ValueError):
             quota.create_volume(tmp_path / "v", 8 << 20, [bad], kind="watch")
+
+
+@needs_root
+def test_parent_is_removed_with_the_last_stage() -> None:
+    """<own cgroup>/pipcook-sandbox goes when its last stage does: a directory left in a
+    batch job's cgroup stops the scheduler (Slurm) removing that job's cgroup."""
+    first = cgroups.create(unique(), memory=128 << 20, pids=32, cpus=1.0)
+    second = cgroups.create(unique(), memory=128 << 20, pids=32, cpus=1.0)
+    assert first is not None and second is not None, cgroups.available()
+    parents = {d.parent for d in first.all_dirs()}
+    assert all(p.name == cgroups.ROOT_NAME for p in parents)
+    assert first.remove()
+    assert all(p.is_dir() for p in parents)  # the second stage still lives there
+    assert second.remove()
+    for p in parents:
+        # Gone, unless a concurrent run (another test, another user of this host) has a stage there now.
+        assert not p.exists() or any(c.is_dir() for c in p.iterdir()), p
+
+
+@needs_root
+def test_a_removed_parent_is_made_again() -> None:
+    """A runner whose parent directory vanished (another run's last stage left) still gets its cgroup."""
+    probe = cgroups.create(unique(), memory=128 << 20, pids=32, cpus=1.0)
+    assert probe is not None
+    assert probe.remove()
+    again = cgroups.create(unique(), memory=128 << 20, pids=32, cpus=1.0)
+    try:
+        assert again is not None and not again.missing
+    finally:
+        assert again is not None and again.remove()

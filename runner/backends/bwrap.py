@@ -45,8 +45,9 @@ Filesystem (a fresh tmpfs root, remounted read-only at the end)
                                       /proc/sys read-only; kcore, keys,
                                       timer_list, sched_debug, ... masked
     /dev                              bwrap's minimal /dev (null, zero, full,
-                                      random, urandom, tty, pts); GPU nodes
-                                      only with spec.gpu
+                                      random, urandom, tty, pts); with
+                                      spec.gpu, only the GPU nodes this
+                                      runner was given (gpus.py)
     /tmp, /dev/shm                    private tmpfs, mode 1777, --size
                                       limits.tmp each (memory-backed: counts
                                       against the memory limit)
@@ -101,6 +102,8 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from pipcook_sandbox.runner import gpus
 
 from . import cgroups, output, quota, seccomp
 from .base import (
@@ -436,10 +439,9 @@ def build_args(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd: 
     a.add("--dev", "/dev")
     a.made.add("/dev")
     if spec.gpu:
-        for node in sorted(Path("/dev").glob("nvidia*")):
-            a.add("--dev-bind", str(node), str(node))
-        if Path("/dev/dri").is_dir():
-            a.add("--dev-bind", "/dev/dri", "/dev/dri")
+        # Only the GPUs this runner was given (a Slurm job's allocation), not every one of the host.
+        for node in gpus.given().binds():
+            a.add("--dev-bind", node, node)
     a.tmpfs("/tmp", "1777", spec.limits.tmp)
     a.tmpfs("/dev/shm", "1777", spec.limits.tmp)
 
@@ -485,6 +487,7 @@ class BwrapStage:
         self.skipped: list[str] = []  # what copy-out refused
         self.proc: subprocess.Popen | None = None
         self.cgroup: cgroups.Cgroup | None = None
+        self._nproc: int | None = None  # RLIMIT_NPROC where no pids cgroup could be had
         self.volume: quota.Volume | None = None
         self.timeout_used: float | None = None
         self._reason: str | None = None
@@ -704,13 +707,20 @@ class BwrapStage:
 
         cg_name = _safe(f"{spec.run_id}-{spec.name}")
         self.cgroup = cgroups.create(cg_name, memory=lim.memory, pids=lim.pids, cpus=lim.cpus)
-        if self.cgroup is None:
-            self.degraded.append("no writable cgroup: memory, process and CPU limits are NOT enforced")
-        else:
+        missing = list(cgroups.CONTROLLERS) if self.cgroup is None else list(self.cgroup.missing)
+        if self.cgroup is not None:
             self._save(cgroup={"name": self.cgroup.name, "version": self.cgroup.version,
                                "dirs": {k: str(v) for k, v in self.cgroup.dirs.items()}})
-            if self.cgroup.missing:
-                self.degraded.append(f"cgroup limits NOT enforced: {', '.join(self.cgroup.missing)}")
+        nproc = None
+        if "pids" in missing and os.geteuid() != 0:
+            # Not root (a batch job's user without a delegated pids cgroup): the kernel does enforce
+            # RLIMIT_NPROC, per user, so bound this user's tasks at what it has now plus the stage's share.
+            nproc = cgroups.user_tasks(os.geteuid()) + lim.pids
+        if missing:
+            why = "no writable cgroup" if self.cgroup is None else f"not delegated to uid {os.geteuid()}"
+            self.degraded.append(f"per-stage cgroup limits NOT enforced: {', '.join(missing)} ({why}); "
+                                 f"what holds instead: {cgroups.what_holds(missing, nproc)}")
+        self._nproc = nproc
         if self.mode == "mapped":
             self.degraded += grant_access(spec, owner)
         for d in self.degraded:
@@ -732,7 +742,8 @@ class BwrapStage:
                               info_fd=info_w, block_fd=block_r, feats=feats)
             cfg = {
                 "procs": [str(p) for p in (self.cgroup.procs_files if self.cgroup else [])],
-                "rlimits": [["RLIMIT_NOFILE", lim.nofile], ["RLIMIT_FSIZE", lim.disk], ["RLIMIT_CORE", 0]],
+                "rlimits": [["RLIMIT_NOFILE", lim.nofile], ["RLIMIT_FSIZE", lim.disk], ["RLIMIT_CORE", 0]]
+                           + ([["RLIMIT_NPROC", self._nproc]] if self._nproc else []),
                 "clear_groups": os.geteuid() == 0,
                 "bwrap": feats.bwrap,
             }

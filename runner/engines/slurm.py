@@ -1,0 +1,361 @@
+"""The `slurm` engine: each run is one Slurm batch job running the runner.
+
+Submission is `sbatch` and watching is `squeue` then `sacct --parsable2`
+(the command-line tools, not slurmrestd): they need nothing on the server's
+host beyond the Slurm client and munge (slurmrestd needs its own daemon and,
+off the controller's host, JWT keys); their `--parsable2` output has kept its
+columns across Slurm releases while `--json`'s schema changes with every data
+parser version; and they are what an operator types to debug the same job.
+docs/slurm.md says more.
+
+A job carries the run's limits: `--account` (the tenant's Slurm account),
+`--qos`, `--mem` (every stage that streams at once, plus the runner),
+`--cpus-per-task` (the most one stage may use: stages share the job's cores),
+`--time` (the per-stage timeout plus setup time: stages run together), and
+`--gres=gpu:N`. The job's stdout is the run's event stream and its stderr the
+runner's log, both in the run directory, which must be on a filesystem the
+compute nodes share with the server (docs/slurm.md).
+
+Slurm's queue is the queue: this engine never holds a run back itself
+(`capacity()` is None). Jobs are found again after a server restart by id
+alone, from `squeue` while slurmctld remembers them and `sacct` after.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pwd
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Iterable, Mapping
+
+from .base import (
+    CANCELED,
+    FAILED,
+    GONE,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    Engine,
+    EngineError,
+    JobState,
+    RunRequest,
+)
+from .command import concurrent_stages, runner_argv
+
+MiB = 1 << 20
+JOB_ID = re.compile(r"^\d+(?:_\d+)?$")
+ACCOUNT = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+
+# Slurm job states (squeue %T, sacct State) -> engine states. Everything not
+# listed ended the job without it succeeding.
+_STATES = {
+    "PENDING": PENDING, "CONFIGURING": PENDING, "REQUEUED": PENDING, "REQUEUE_FED": PENDING,
+    "REQUEUE_HOLD": PENDING, "RESV_DEL_HOLD": PENDING, "SPECIAL_EXIT": PENDING,
+    "RUNNING": RUNNING, "COMPLETING": RUNNING, "SUSPENDED": RUNNING, "STOPPED": RUNNING,
+    "RESIZING": RUNNING, "SIGNALING": RUNNING, "STAGE_OUT": RUNNING,
+    "COMPLETED": SUCCEEDED, "CANCELLED": CANCELED,
+}
+
+# What an ended job's Slurm state means, for the service's error paragraph.
+REASONS = {
+    "OUT_OF_MEMORY": "the Slurm job used more memory than it was given (--mem); the kernel killed it",
+    "TIMEOUT": "the Slurm job reached its time limit (--time) and Slurm stopped it",
+    "CANCELLED": "the Slurm job was cancelled (scancel, by the service or an operator)",
+    "NODE_FAIL": "the node running the Slurm job failed",
+    "BOOT_FAIL": "the node for the Slurm job failed to boot",
+    "DEADLINE": "the Slurm job reached its deadline before it could finish",
+    "PREEMPTED": "the Slurm job was preempted by a job of higher priority",
+    "FAILED": "the runner exited with an error (see the run's events and runner.log)",
+}
+
+_EXIT = re.compile(r"^(\d+):(\d+)$")
+
+
+def explain(reason: str) -> str:
+    """One sentence for a `JobState.reason` this engine gave."""
+    return REASONS.get(reason.split()[0] if reason else "", reason)
+
+
+def _exit_code(text: str) -> int | None:
+    """sacct's ExitCode "CODE:SIGNAL" -> an exit status (128+signal when killed)."""
+    m = _EXIT.match(text.strip())
+    if not m:
+        return None
+    code, sig = int(m.group(1)), int(m.group(2))
+    return 128 + sig if sig else code
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise EngineError(f"the slurm engine needs `{name}` (the Slurm client tools) on this host's PATH; "
+                          "install slurm-client and munge, and point /etc/slurm/slurm.conf at the cluster")
+    return path
+
+
+def _call(argv: list[str], *, input: str | None = None, timeout: float = 30, check: bool = True) -> str:
+    """Run a Slurm tool; its stdout, or EngineError naming the command and what it said."""
+    try:
+        done = subprocess.run([_tool(argv[0]), *argv[1:]], input=input, capture_output=True, text=True, check=False,
+                              timeout=timeout, env={**os.environ, "SLURM_TIME_FORMAT": "standard"})
+    except subprocess.TimeoutExpired:
+        raise EngineError(f"`{' '.join(argv[:2])}` did not answer within {timeout:g} s: is slurmctld "
+                          "(or slurmdbd, for sacct/sacctmgr) up?") from None
+    if check and done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().splitlines()
+        raise EngineError(f"`{shlex.join(argv[:3])}` failed (exit {done.returncode}): "
+                          f"{' '.join(said[-3:]) or 'no message'}")
+    return done.stdout
+
+
+def account_name(tenant: str, prefix: str = "") -> str:
+    """The Slurm account of `tenant`: Slurm lowercases names, so a tenant whose
+    name would change is refused rather than merged with another."""
+    name = prefix + tenant
+    if not ACCOUNT.match(name):
+        raise EngineError(f"tenant {tenant!r} cannot be a Slurm account name ({name!r}): use lowercase "
+                          "letters, digits, '-' and '_', starting with a letter, at most 40 characters")
+    return name
+
+
+class SlurmEngine(Engine):
+    name = "slurm"
+
+    def __init__(self, *, partition: str | None = None, python: str | None = None,
+                 runner_memory: int = 512 * MiB, setup_time: float = 900.0,
+                 job_memory_cap: int | None = None, account_prefix: str = "",
+                 sbatch_args: Iterable[str] = ()) -> None:
+        self.partition = partition
+        self.python = python  # the runner's interpreter on the compute nodes (default: ours)
+        self.runner_memory = runner_memory  # the runner itself and its artifact processors
+        self.setup_time = setup_time  # fetching scripts, building a framework, artifacts
+        self.job_memory_cap = job_memory_cap  # what the partition allows one job, if less than the sum
+        self.account_prefix = account_prefix
+        self.sbatch_args = list(sbatch_args)
+        _tool("sbatch")
+
+    # --- submitting ------------------------------------------------------------------
+
+    def job_options(self, request: RunRequest) -> list[str]:
+        """The sbatch options that carry the run's identity and limits."""
+        memory = request.memory * concurrent_stages(request) + self.runner_memory
+        if self.job_memory_cap is not None:
+            memory = min(memory, self.job_memory_cap)
+        minutes = math.ceil((request.timeout + self.setup_time) / 60)
+        opts = [f"--job-name=pipcook-{request.run_id}"[:100],
+                f"--account={request.account or account_name(request.tenant, self.account_prefix)}",
+                f"--mem={math.ceil(memory / MiB)}M",
+                f"--cpus-per-task={max(1, math.ceil(request.cpus))}",
+                f"--time={minutes}",
+                "--nodes=1", "--ntasks=1",
+                f"--chdir={request.run_dir}",
+                f"--output={request.events}", f"--error={request.runner_log}", "--open-mode=append",
+                # The server's environment (its secrets included) stays on the server.
+                "--export=NONE",
+                "--parsable"]
+        if request.qos:
+            opts.append(f"--qos={request.qos}")
+        if self.partition:
+            opts.append(f"--partition={self.partition}")
+        if request.gpus:
+            opts.append(f"--gres=gpu:{int(request.gpus)}")
+        return opts + self.sbatch_args
+
+    def job_script(self, request: RunRequest) -> str:
+        """The batch script: the environment the runner needs, then the runner itself (exec, so
+        scancel's SIGTERM reaches it and it tears its sandboxes down)."""
+        env: dict[str, str] = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+        try:
+            env["HOME"] = pwd.getpwuid(os.geteuid()).pw_dir
+        except KeyError:
+            pass
+        env.update({k: v for k, v in os.environ.items() if k.startswith("PIPCOOK_") or k == "XDG_CACHE_HOME"})
+        env.update(request.env)
+        lines = ["#!/bin/sh", f"# pipcook-sandbox run {request.run_id} of tenant {request.tenant}"]
+        lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()) if re.match(r"^[A-Za-z_]\w*$", k)]
+        lines.append("exec " + shlex.join(runner_argv(request, self.python)))
+        return "\n".join(lines) + "\n"
+
+    def submit(self, request: RunRequest) -> str:
+        script = self.job_script(request)
+        (request.run_dir / "slurm-job.sh").write_text(script)
+        out = _call(["sbatch", *self.job_options(request)], input=script).strip()
+        job_id = out.split(";")[0].strip()  # --parsable: "ID" or "ID;CLUSTER"
+        if not JOB_ID.match(job_id):
+            raise EngineError(f"sbatch accepted run {request.run_id} but answered {out!r}, not a job id")
+        return job_id
+
+    # --- watching ----------------------------------------------------------------------
+
+    def _squeue(self, job_ids: list[str]) -> dict[str, tuple[str, str]]:
+        """Job id -> (Slurm state, reason) for the jobs slurmctld still holds."""
+        if not job_ids:
+            return {}
+        out = _call(["squeue", "-h", "-t", "all", "-o", "%i|%T|%r", "-j", ",".join(job_ids)], check=False)
+        found = {}
+        for line in out.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 3:
+                found[parts[0]] = (parts[1], parts[2])
+        return found
+
+    def _sacct(self, job_ids: list[str]) -> dict[str, tuple[str, str, str]]:
+        """Job id -> (state, exit code, reason) from the accounting database."""
+        if not job_ids:
+            return {}
+        out = _call(["sacct", "-X", "-n", "-P", "-o", "JobID,State,ExitCode,Reason",
+                     "-j", ",".join(job_ids)], check=False)
+        found = {}
+        for line in out.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 4:
+                found[parts[0]] = (parts[1], parts[2], parts[3])
+        return found
+
+    def _states(self, job_ids: list[str]) -> dict[str, JobState]:
+        ids = [j for j in job_ids if JOB_ID.match(j)]
+        queued = self._squeue(ids)
+        result: dict[str, JobState] = {}
+        ended = []
+        for job_id in ids:
+            slurm_state, why = queued.get(job_id, ("", ""))
+            engine_state = _STATES.get(slurm_state.split()[0] if slurm_state else "")
+            if engine_state in (PENDING, RUNNING):
+                result[job_id] = JobState(engine_state, reason="" if why in ("None", "") else why)
+            else:
+                ended.append(job_id)  # ended, or already forgotten by slurmctld
+        accounted = self._sacct(ended)
+        for job_id in ended:
+            if job_id not in accounted:
+                # Known to slurmctld as ended but not yet in the database: ask again next time.
+                fallback = queued.get(job_id)
+                result[job_id] = JobState(RUNNING, reason="ending") if fallback else JobState(GONE)
+                continue
+            slurm_state, exit_text, why = accounted[job_id]
+            word = slurm_state.split()[0]  # "CANCELLED by 0" -> "CANCELLED"
+            code = _exit_code(exit_text)
+            state = _STATES.get(word, FAILED)
+            if state == SUCCEEDED and code not in (0, None):
+                state = FAILED
+            reason = "" if state == SUCCEEDED else word
+            if state in (PENDING, RUNNING):
+                result[job_id] = JobState(state, reason="" if why in ("None", "") else why)
+            else:
+                result[job_id] = JobState(state, exit_code=code, reason=reason)
+        for job_id in job_ids:
+            result.setdefault(job_id, JobState(GONE, reason="not a Slurm job id"))
+        return result
+
+    def poll(self, job_id: str) -> JobState:
+        try:
+            return self._states([job_id])[job_id]
+        except EngineError as exc:
+            # Never raise for a job: a controller that does not answer leaves the run as it was.
+            return JobState(RUNNING, reason=f"unknown: {exc}")
+
+    def recover(self, job_ids: list[str]) -> dict[str, JobState]:
+        """One squeue and one sacct call for every job the service had running."""
+        try:
+            return self._states(list(job_ids))
+        except EngineError as exc:
+            return {j: JobState(RUNNING, reason=f"unknown: {exc}") for j in job_ids}
+
+    def cancel(self, job_id: str) -> None:
+        """scancel: Slurm sends SIGTERM to the runner and its stages, SIGKILL after KillWait.
+        Cancelling a job that has ended is not an error."""
+        if not JOB_ID.match(job_id):
+            raise EngineError(f"cannot cancel {job_id!r}: not a Slurm job id")
+        _call(["scancel", job_id], check=False)
+
+    def capacity(self) -> dict[str, float] | None:
+        return None
+
+
+def create(**options: object) -> SlurmEngine:
+    """The engine, from the server's options (`partition=` from --slurm-partition)."""
+    return SlurmEngine(**options)  # type: ignore[arg-type]
+
+
+# --- tenant accounts -----------------------------------------------------------------------
+
+
+def _tres(cpus: float | None, memory: int | None, gpus: int | None) -> str:
+    parts = []
+    if cpus is not None:
+        parts.append(f"cpu={math.ceil(cpus)}")
+    if memory is not None:
+        parts.append(f"mem={math.ceil(memory / MiB)}M")
+    if gpus is not None:
+        parts.append(f"gres/gpu={int(gpus)}")
+    return ",".join(parts)
+
+
+def ensure_account(tenant: str, quotas: Mapping[str, float | int | None] | None = None, *,
+                   users: Iterable[str] | None = None, prefix: str = "", parent: str = "root",
+                   qos: str | None = None) -> str:
+    """Create the tenant's Slurm account, or check and update it; returns its name.
+
+    `quotas` (any may be missing or None, meaning unlimited):
+      max_jobs        GrpJobs: the tenant's jobs running at once (more wait, AssocGrpJobsLimit)
+      max_submit      GrpSubmitJobs: jobs queued or running at once
+      cpus, memory, gpus              GrpTRES: all the tenant's running jobs together
+      job_cpus, job_memory, job_gpus  MaxTRESPerJob: any one job
+      fairshare       Fairshare: the tenant's share of the cluster
+    `users` are the Slurm users allowed to submit under it (default: this process's
+    user, the one the server submits as). Needs Slurm operator rights (root or
+    AdminLevel=Operator)."""
+    name = account_name(tenant, prefix)
+    q = dict(quotas or {})
+    who = list(users) if users is not None else [pwd.getpwuid(os.geteuid()).pw_name]
+    have = _call(["sacctmgr", "-n", "-P", "show", "account", name, "format=account"]).split()
+    if name not in have:
+        _call(["sacctmgr", "-i", "add", "account", name, f"parent={parent}",
+               f"description=pipcook-sandbox tenant {tenant}", "organization=pipcook-sandbox"])
+    associated = _call(["sacctmgr", "-n", "-P", "show", "assoc", f"account={name}", "format=user"]).split()
+    for user in who:
+        if user not in associated:
+            _call(["sacctmgr", "-i", "add", "user", user, f"account={name}"])
+
+    def limit(value: object) -> str:
+        return "-1" if value is None else str(int(value))  # type: ignore[call-overload]
+
+    # Limits on the account's own association bind all its users together; -1 clears one.
+    settings = [f"GrpJobs={limit(q.get('max_jobs'))}", f"GrpSubmitJobs={limit(q.get('max_submit'))}",
+                f"Fairshare={limit(q.get('fairshare', 1))}"]
+    grp = _tres(q.get("cpus"), q.get("memory"), q.get("gpus"))  # type: ignore[arg-type]
+    per_job = _tres(q.get("job_cpus"), q.get("job_memory"), q.get("job_gpus"))  # type: ignore[arg-type]
+    settings.append(f"GrpTRES={grp or 'cpu=-1,mem=-1,gres/gpu=-1'}")
+    settings.append(f"MaxTRESPerJob={per_job or 'cpu=-1,mem=-1,gres/gpu=-1'}")
+    if qos:
+        settings += [f"QOS+={qos}", f"DefaultQOS={qos}"]
+    _call(["sacctmgr", "-i", "modify", "account", "where", f"name={name}", "user=", "set", *settings],
+          check=False)  # "Nothing modified" (exit 1) when the limits are already as asked
+    return name
+
+
+def account_limits(tenant: str, prefix: str = "") -> dict[str, str]:
+    """The limits Slurm holds for the tenant's account (for `tenants show` and tests)."""
+    name = account_name(tenant, prefix)
+    out = _call(["sacctmgr", "-n", "-P", "show", "assoc", f"account={name}", "user=",
+                 "format=account,grpjobs,grpsubmit,grptres,maxtres,fairshare,qos"])
+    for line in out.splitlines():
+        parts = line.split("|")
+        if parts and parts[0] == name:
+            keys = ["account", "GrpJobs", "GrpSubmitJobs", "GrpTRES", "MaxTRESPerJob", "Fairshare", "QOS"]
+            return dict(zip(keys, parts))
+    raise EngineError(f"Slurm has no account {name!r} for tenant {tenant!r} (`tenants add` creates it)")
+
+
+def remove_account(tenant: str, prefix: str = "") -> bool:
+    """Delete the tenant's account and its users' associations; False if it did not exist.
+    Slurm refuses while the account has jobs queued or running: cancel them first."""
+    name = account_name(tenant, prefix)
+    have = _call(["sacctmgr", "-n", "-P", "show", "account", name, "format=account"]).split()
+    if name not in have:
+        return False
+    _call(["sacctmgr", "-i", "delete", "user", "where", f"account={name}"], check=False)
+    _call(["sacctmgr", "-i", "delete", "account", name])
+    return True
