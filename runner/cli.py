@@ -1,4 +1,4 @@
-"""The `pipcook-sandbox` command line (CONTRACT section 3).
+"""The `pipcook-sandbox` command line (docs/cli.md).
 
 Every failure reaches the user as one paragraph naming the stage, the script
 and the cause; `--debug` adds the traceback. Exit status: 0 success, 1 a

@@ -67,7 +67,7 @@ class PredictOptions:
 
 
 def samples_from(strings: tuple[str, ...] | list[str], files: tuple[str, ...] | list[str]) -> list[dict]:
-    """`-s` and `-u` as samples (CONTRACT section 2): strings first, then files, each in order."""
+    """`-s` and `-u` as samples (docs/scripts.md): strings first, then files, each in order."""
     samples: list[dict] = [{"data": s, "label": None} for s in strings]
     for name in files:
         path = Path(name)

@@ -106,7 +106,7 @@ class Pipeline:
 @lru_cache(maxsize=1)
 def load_schema() -> dict:
     """The JSON Schema of the pipeline file (shipped as package data)."""
-    text = resources.files("runner").joinpath("schema", SCHEMA_RESOURCE).read_text("utf-8")
+    text = resources.files("pipcook_sandbox.runner").joinpath("schema", SCHEMA_RESOURCE).read_text("utf-8")
     return json.loads(text)
 
 

@@ -94,7 +94,7 @@ def prepare_runtime(pipeline: spec.Pipeline, opts: RunOptions) -> tuple[Any, Pat
 def check_gpu(pipeline: spec.Pipeline, opts: RunOptions) -> RunOptions:
     """`opts` with `gpu` decided, before anything is fetched or started.
 
-    The pipeline's `options.train.gpu: true` may ask for a GPU (CONTRACT), but
+    The pipeline's `options.train.gpu: true` may ask for a GPU (docs/pipeline.md), but
     the pipeline is untrusted input and the operator has the last word:
     `--no-gpu` refuses even then, and a request that came from the file
     rather than the command line is said so in the log. A GPU is refused

@@ -1,4 +1,4 @@
-"""The workspace a run writes (CONTRACT section 3):
+"""The workspace a run writes (docs/cli.md):
 
     DIR/pipeline.json  scripts/  framework/  data/  cache/  model/  logs/  metrics.jsonl
 

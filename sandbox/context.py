@@ -1,4 +1,4 @@
-"""`ctx` and `runtime`: what a script gets from the sandbox (CONTRACT section 2).
+"""`ctx` and `runtime`: what a script gets from the sandbox (docs/scripts.md).
 
 Both talk to the runner over the stage's control socket. Runs in the sandbox.
 """

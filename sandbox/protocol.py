@@ -47,7 +47,7 @@ class ProtocolError(Exception):
 
 
 class BoundaryTypeError(TypeError):
-    """A value that may not cross a boundary (CONTRACT section 2)."""
+    """A value that may not cross a boundary (docs/scripts.md)."""
 
     def __init__(self, type_name: str, where: str) -> None:
         self.type_name = type_name

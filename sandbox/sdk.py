@@ -1,7 +1,7 @@
 """The script SDK: ready-made datasets and pools for pipeline scripts.
 
 `from sandbox import sdk` inside any stage. Nothing here is required: any
-object with the members of CONTRACT section 2 works as a pool. This module
+object with the members of docs/scripts.md works as a pool. This module
 runs inside the sandbox, so it imports only the standard library and numpy
 (lazily, for the CSV pool's numeric columns).
 
@@ -21,7 +21,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
 class Dataset:
-    """A sequence of samples with a cursor, as CONTRACT section 2 describes.
+    """A sequence of samples with a cursor, as docs/scripts.md describes.
 
     Random access goes through `_get(i)`; subclasses provide it and `__len__`.
     `shuffle` reorders an index permutation, never the underlying data, so a

@@ -196,7 +196,7 @@ def run_serve(cfg: dict, control: Any, zctx: Any) -> None:
 
     ctx = Context(control, cfg)  # task_type "predict"
     _initialize_framework(cfg)
-    modules: dict[str, Any] = {}  # one module may export several entries (CONTRACT section 1)
+    modules: dict[str, Any] = {}  # one module may export several entries (docs/pipeline.md)
     for entry in [*cfg["dataflows"], cfg["model"]]:
         if entry["script"] not in modules:
             modules[entry["script"]] = _load_script(entry["script"])

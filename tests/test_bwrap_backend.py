@@ -1,6 +1,6 @@
 """The bwrap backend against hostile code: real bwrap, real cgroups, real
 loop mounts. Each test states one thing the sandbox guarantees
-(CONTRACT.md section 4) and checks it from both sides where it can."""
+(SECURITY.md) and checks it from both sides where it can."""
 from __future__ import annotations
 
 import errno

@@ -1,4 +1,4 @@
-"""The pipeline file: schema, rules of CONTRACT section 1, reference resolution."""
+"""The pipeline file: schema, rules of docs/pipeline.md, reference resolution."""
 
 from __future__ import annotations
 
