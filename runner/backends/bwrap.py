@@ -110,6 +110,7 @@ from .base import (
     REASON_CANCELLED,
     REASON_DISK,
     REASON_MEMORY,
+    REASON_MEMORY_SHARED,
     REASON_OUTPUT,
     REASON_PIDS,
     REASON_PROTOCOL,
@@ -574,8 +575,15 @@ class BwrapStage:
         lim = self.limits
         killed = code in (-signal.SIGKILL, 128 + signal.SIGKILL)
         reason = self._reason
+        shared_detail = ""
         if reason is None and code != 0 and self.cgroup is not None and self.cgroup.oom_killed(killed_by_sigkill=killed):
             reason = REASON_MEMORY
+            peak, outer = self.cgroup.memory_peak(), cgroups.enclosing_memory_limit()
+            if peak is not None and outer is not None and peak < lim.memory * 0.9:
+                # Its own limit was never reached: the one above the runner (a batch job's) was.
+                reason = REASON_MEMORY_SHARED
+                shared_detail = (f"the stage peaked at {fmt_bytes(peak)} of its own {fmt_bytes(lim.memory)}; the limit "
+                                 f"of {fmt_bytes(outer)} above the runner, shared by the runner and every stage, ran out")
         if reason is None and code != 0 and self.cgroup is not None and self.cgroup.pids_exhausted():
             reason = REASON_PIDS
         if reason is None and code != 0 and self.volume is not None and (
@@ -584,6 +592,7 @@ class BwrapStage:
         details = {
             REASON_TIMEOUT: f"wall-clock limit {fmt_seconds(self.timeout_used or lim.timeout)}",
             REASON_MEMORY: f"memory limit {fmt_bytes(lim.memory)}",
+            REASON_MEMORY_SHARED: shared_detail,
             REASON_PIDS: f"process limit {lim.pids}",
             REASON_DISK: f"disk quota {fmt_bytes(lim.disk)}",
             REASON_OUTPUT: f"output limit {fmt_bytes(lim.output)}",

@@ -585,19 +585,27 @@ def user_tasks(uid: int) -> int:
     return count
 
 
-def _enclosing_memory_limit() -> int | None:
-    """The memory limit of the cgroup this process is in (a batch job's), if any."""
-    base2 = _v2_base()
-    if base2 is not None:
-        text = (_read(base2 / "memory.max") or "").strip()
-        if text.isdigit():
-            return int(text)
-    base1 = _v1_base("memory")
-    if base1 is not None:
-        value = _int(base1 / "memory.limit_in_bytes")
-        if value is not None and value < (1 << 60):  # "unlimited" is a huge page-rounded number
-            return value
-    return None
+def enclosing_memory_limit() -> int | None:
+    """The tightest memory limit on the cgroup this process is in or any above it (a
+    batch job's --mem, set on the job's and the step's cgroups), if any."""
+    found: list[int] = []
+    mount2, base2 = _v2_mount(), _v2_base()
+    if mount2 is not None and base2 is not None:
+        d = base2
+        while d != mount2.path and mount2.path in d.parents:
+            text = (_read(d / "memory.max") or "").strip()
+            if text.isdigit():
+                found.append(int(text))
+            d = d.parent
+    mount1, base1 = _v1_mount("memory"), _v1_base("memory")
+    if mount1 is not None and base1 is not None:
+        d = base1
+        while d != mount1.path and mount1.path in d.parents:
+            value = _int(d / "memory.limit_in_bytes")
+            if value is not None and value < (1 << 60):  # "unlimited" is a huge page-rounded number
+                found.append(value)
+            d = d.parent
+    return min(found) if found else None
 
 
 def what_holds(missing: list[str], nproc: int | None) -> str:
@@ -606,7 +614,7 @@ def what_holds(missing: list[str], nproc: int | None) -> str:
     said = []
     for controller in missing:
         if controller == "memory":
-            limit = _enclosing_memory_limit()
+            limit = enclosing_memory_limit()
             said.append(f"memory: {limit >> 20} MiB, the limit of the cgroup the runner is in (a batch job's), "
                         "for the runner and all its stages together" if limit else
                         "memory: nothing (no cgroup limit above the runner either)")
