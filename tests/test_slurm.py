@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import secrets
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,9 +27,11 @@ from pipcook_sandbox.runner.engines import get_engine
 from pipcook_sandbox.runner.engines import slurm as slurm_engine
 from pipcook_sandbox.runner.engines.base import CANCELED, FAILED, PENDING, RUNNING, SUCCEEDED, JobState, RunRequest
 
-from conftest import require_bwrap, sandbox_processes, write_pipeline
+from conftest import REPO, require_bwrap, sandbox_processes, write_pipeline
 
 MiB = 1 << 20
+JOB_USER = "nobody"  # a user without a writable home, as many batch jobs' users are
+JOB_VENV = Path("/var/tmp/pipcook-sandbox-test-jobvenv")
 
 # A datasource that holds its job until the test cancels it (bounded by the stage timeout).
 BLOCKING_DATASOURCE = '''
@@ -92,8 +96,9 @@ def tenants(cluster: None) -> Iterator[dict[str, str]]:
     """Two tenants: `capped` may run one job at a time (GrpJobs=1), `free` has no job limit."""
     tag = secrets.token_hex(3)
     names = {"capped": f"pcsb-{tag}-capped", "free": f"pcsb-{tag}-free"}
-    slurm_engine.ensure_account(names["capped"], {"max_jobs": 1})
-    slurm_engine.ensure_account(names["free"], {})
+    users = ["root", JOB_USER]  # the server's user, and the one test_a_non_root_job_user... runs jobs as
+    slurm_engine.ensure_account(names["capped"], {"max_jobs": 1}, users=users)
+    slurm_engine.ensure_account(names["free"], {}, users=users)
     try:
         yield names
     finally:
@@ -326,3 +331,53 @@ def test_job_script_keeps_the_servers_environment_out(monkeypatch: pytest.Monkey
     for expected in ("--account=acme", "--qos=high", "--partition=gpu", "--gres=gpu:2", "--cpus-per-task=1",
                      f"--output={req.events}", f"--error={req.runner_log}", "--mem=1280M", "--time=25"):
         assert expected in opts, (expected, opts)
+
+
+@pytest.fixture(scope="module")
+def job_python(cluster: None) -> str:
+    """A Python that a non-root job user may run, with this checkout installed (the tests' own
+    interpreter may live where that user cannot read, e.g. under /root)."""
+    system = shutil.which("python3", path="/usr/bin:/bin")
+    if system is None:
+        pytest.fail("no /usr/bin/python3 to build the job user's environment from")
+    py = JOB_VENV / "bin" / "python"
+    if not py.exists():
+        subprocess.run([system, "-m", "venv", str(JOB_VENV)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", str(REPO)], check=True, timeout=900)
+    else:  # this checkout's code, not the one installed last time
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(REPO)],
+                       check=True, timeout=300)
+    subprocess.run(["chmod", "-R", "a+rX", str(JOB_VENV)], check=True)
+    return str(py)
+
+
+def test_a_non_root_job_user_without_a_home(cluster: None, tenants: dict[str, str], job_python: str) -> None:
+    """What the integration found: as the job's user the runner crashed without a writable home and
+    only warned that pids/cpu limits were not enforced. Now: a cache under the job's temp dir, memory
+    per stage through the job's delegated cgroup, and a statement of what bounds pids and cpu."""
+    require_bwrap()
+    user = pwd.getpwnam(JOB_USER)
+    made = slurm_engine.SlurmEngine(job_user=JOB_USER, python=job_python, setup_time=300)
+    base = Path(tempfile.mkdtemp(prefix="pcsb-slurm-"))  # not under pytest's root-only tmp
+    try:
+        os.chmod(base, 0o755)
+        src = write_pipeline(base / "src").parent
+        req = request(base, "nobody", tenants["free"], src)
+        for path in (req.run_dir, *req.run_dir.iterdir()):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        assert f"--uid={user.pw_uid}" in made.job_options(req)
+        job = made.submit(req)
+        state = final(made, job)
+        log = req.runner_log.read_text()
+        assert state.state == SUCCEEDED, log
+        assert (req.workspace / "model" / "weights.json").stat().st_uid == user.pw_uid
+        assert "notice: cache" in log and f"pipcook-sandbox-{user.pw_uid}" in log
+        assert "PermissionError" not in log
+        # Memory per stage holds (the job's memory cgroup is delegated to its user); pids and cpu
+        # are said to be bounded by RLIMIT_NPROC and the job's cpuset.
+        degraded = [line for line in log.splitlines() if line.startswith("stage model:")]
+        assert degraded and "NOT enforced: pids, cpu (not delegated" in degraded[0], log
+        assert "RLIMIT_NPROC=" in degraded[0] and "cpuset" in degraded[0]
+        assert "memory" not in degraded[0].split("what holds instead")[0]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -127,7 +127,7 @@ class SlurmEngine(Engine):
     def __init__(self, *, partition: str | None = None, python: str | None = None,
                  runner_memory: int = 512 * MiB, setup_time: float = 900.0,
                  job_memory_cap: int | None = None, account_prefix: str = "",
-                 sbatch_args: Iterable[str] = ()) -> None:
+                 job_user: str | None = None, sbatch_args: Iterable[str] = ()) -> None:
         self.partition = partition
         self.python = python  # the runner's interpreter on the compute nodes (default: ours)
         self.runner_memory = runner_memory  # the runner itself and its artifact processors
@@ -135,6 +135,17 @@ class SlurmEngine(Engine):
         self.job_memory_cap = job_memory_cap  # what the partition allows one job, if less than the sum
         self.account_prefix = account_prefix
         self.sbatch_args = list(sbatch_args)
+        # Run jobs as this user instead of the server's (sbatch --uid: the server must be root).
+        # Its runner is then unprivileged: stages run as that user, per-stage memory limits come
+        # from the job's delegated memory cgroup, pids/cpu from RLIMIT_NPROC and the job's cpuset.
+        self.job_user: pwd.struct_passwd | None = None
+        if job_user is not None:
+            try:
+                self.job_user = pwd.getpwnam(job_user)
+            except KeyError:
+                raise EngineError(f"the slurm engine's job user {job_user!r} does not exist on this host") from None
+            if os.geteuid() != 0:
+                raise EngineError(f"running jobs as {job_user!r} needs the server to run as root (sbatch --uid)")
         _tool("sbatch")
 
     # --- submitting ------------------------------------------------------------------
@@ -162,6 +173,8 @@ class SlurmEngine(Engine):
             opts.append(f"--partition={self.partition}")
         if request.gpus:
             opts.append(f"--gres=gpu:{int(request.gpus)}")
+        if self.job_user is not None:
+            opts += [f"--uid={self.job_user.pw_uid}", f"--gid={self.job_user.pw_gid}"]
         return opts + self.sbatch_args
 
     def job_script(self, request: RunRequest) -> str:
@@ -169,7 +182,7 @@ class SlurmEngine(Engine):
         scancel's SIGTERM reaches it and it tears its sandboxes down)."""
         env: dict[str, str] = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
         try:
-            env["HOME"] = pwd.getpwuid(os.geteuid()).pw_dir
+            env["HOME"] = (self.job_user or pwd.getpwuid(os.geteuid())).pw_dir
         except KeyError:
             pass
         env.update({k: v for k, v in os.environ.items() if k.startswith("PIPCOOK_") or k == "XDG_CACHE_HOME"})
@@ -304,8 +317,8 @@ def ensure_account(tenant: str, quotas: Mapping[str, float | int | None] | None 
       cpus, memory, gpus              GrpTRES: all the tenant's running jobs together
       job_cpus, job_memory, job_gpus  MaxTRESPerJob: any one job
       fairshare       Fairshare: the tenant's share of the cluster
-    `users` are the Slurm users allowed to submit under it (default: this process's
-    user, the one the server submits as). Needs Slurm operator rights (root or
+    `users` are the Slurm users whose jobs may run under it (default: this process's
+    user, the one the server submits as; add the engine's `job_user` if it has one). Needs Slurm operator rights (root or
     AdminLevel=Operator)."""
     name = account_name(tenant, prefix)
     q = dict(quotas or {})
