@@ -5,11 +5,9 @@ import os
 from pathlib import Path
 
 import pytest
-
+from conftest import run_cli, write_pipeline
 from pipcook_sandbox.runner import cachedir
 from pipcook_sandbox.runner.errors import PipcookError
-
-from conftest import run_cli, write_pipeline
 
 
 @pytest.fixture

@@ -12,10 +12,8 @@ import os
 from pathlib import Path
 
 import pytest
-
-from pipcook_sandbox.runner import gpus
-
 from conftest import require_bwrap, run_cli, write_pipeline
+from pipcook_sandbox.runner import gpus
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mknod of fake GPU devices needs root")
 

@@ -22,12 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
+from conftest import REPO, require_bwrap, sandbox_processes, write_pipeline
 from pipcook_sandbox.runner.engines import get_engine
 from pipcook_sandbox.runner.engines import slurm as slurm_engine
-from pipcook_sandbox.runner.engines.base import CANCELED, FAILED, PENDING, RUNNING, SUCCEEDED, JobState, RunRequest
-
-from conftest import REPO, require_bwrap, sandbox_processes, write_pipeline
+from pipcook_sandbox.runner.engines.base import (
+    CANCELED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    JobState,
+    RunRequest,
+)
 
 MiB = 1 << 20
 JOB_USER = "nobody"  # a user without a writable home, as many batch jobs' users are
@@ -75,7 +81,7 @@ def slurm_up() -> str | None:
         return "slurmctld does not answer within 20 s"
     if "UP" not in ping.stdout:
         return f"slurmctld is not up ({(ping.stdout + ping.stderr).strip()})"
-    if not re.search(r"^(idle|mixed|allocated)", nodes.stdout, re.M):
+    if not re.search(r"^(idle|mixed|allocated)", nodes.stdout, re.MULTILINE):
         return f"no usable node (sinfo: {nodes.stdout.strip() or nodes.stderr.strip()})"
     return None
 
