@@ -156,32 +156,116 @@ def main() -> None:
     """Run machine-learning pipelines whose scripts you do not trust."""
 
 
+def _stage_owner(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    from .backends import owner
+
+    try:
+        ids = owner.parse(value)
+        owner.set_stage_owner(*ids)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r}: {exc}" if "range" in str(exc) else f"{value!r} is not UID or UID:GID",
+                                 param_hint="--stage-uid") from None
+    import os
+
+    if os.geteuid() != 0:
+        raise click.BadParameter("needs a root runner (stages of a non-root runner run as the runner's own uid)",
+                                 param_hint="--stage-uid")
+    return ids
+
+
+def _private_workspace(output: Path | None, ids: tuple[int, int]) -> Path:
+    """The workspace made up front, 0700 and owned by the stage uid (a tenant's), so that no
+    other tenant's uid can read it even from outside a sandbox."""
+    import os
+
+    from .workspace import default_dir
+
+    root = (output or default_dir()).absolute()
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chown(root, *ids)
+    os.chmod(root, 0o700)
+    return root
+
+
 @main.command()
 @click.argument("pipeline")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Workspace directory (default ./pipcook-output-<timestamp>).")
 @click.option("-m", "--mirror", metavar="URL", help="Fetch prebuilt frameworks from this mirror.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the run's events on stdout, one JSON object per line (see docs/service.md).")
+@click.option("--stage-uid", metavar="UID[:GID]",
+              help="Operator option (root runner): run every stage as this host uid, own the workspace by it, "
+                   "mode 0700. The service gives each tenant its own.")
 @common_options
 @limit_options
 @handle_errors
-def run(pipeline: str, output: Path | None, mirror: str | None, isolation: str, gpu: bool | None, nocache: bool,
-        allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout) -> None:
+def run(pipeline: str, output: Path | None, mirror: str | None, as_json: bool, stage_uid: str | None, isolation: str,
+        gpu: bool | None, nocache: bool, allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk,
+        timeout) -> None:
     """Train: run PIPELINE (a path or an http(s) URL), every stage sandboxed."""
     from .limits import from_options
 
-    limits = from_options(memory, cpus, pids, disk, timeout)
-    confined = _isolation_check(isolation, debug)
-    from .training import RunOptions, run_pipeline
+    ids = _stage_owner(stage_uid)
+    emitter = None
+    if as_json:
+        from .events import Emitter
 
-    confined()
-    progress, close = _progress_printer(quiet=False)
-    on_event = (lambda stage, what: _say(f"[{stage}] {what}")) if debug else None
+        emitter = Emitter(sys.stdout)
     try:
-        ws = run_pipeline(pipeline, RunOptions(output=output, isolation=isolation, gpu=gpu, nocache=nocache,
-                                               allow_private=allow_private, limits=limits, mirror=mirror, log=_say,
-                                               on_progress=progress, on_event=on_event))
-    finally:
-        close()
+        limits = from_options(memory, cpus, pids, disk, timeout)
+        if ids is not None:
+            output = _private_workspace(output, ids)
+        confined = _isolation_check(isolation, debug)
+        from .training import RunOptions, run_pipeline
+
+        confined()
+        if emitter is not None:
+            progress, close = emitter.progress, lambda: None
+            log: Callable[[str], None] = lambda m: (_say(m), emitter.log(m))  # noqa: E731
+            on_event: Callable[[str, str], None] | None = emitter.stage_event
+            on_metrics = emitter.metrics
+        else:
+            progress, close = _progress_printer(quiet=False)
+            log, on_metrics = _say, None
+            on_event = (lambda stage, what: _say(f"[{stage}] {what}")) if debug else None
+        try:
+            ws = run_pipeline(pipeline, RunOptions(output=output, isolation=isolation, gpu=gpu, nocache=nocache,
+                                                   allow_private=allow_private, limits=limits, mirror=mirror, log=log,
+                                                   on_progress=progress, on_event=on_event, on_metrics=on_metrics))
+        finally:
+            close()
+    except BaseException as exc:
+        if emitter is not None:
+            emitter.verdict(_exit_code(exc), exc if isinstance(exc, PipcookError) else _plain(exc))
+        raise
+    if emitter is not None:
+        emitter.verdict(0)
     click.secho(f"done: model in {ws.model}", err=True, fg="green")
+
+
+def _exit_code(exc: BaseException) -> int:
+    """The exit status handle_errors gives EXC (the verdict event says the same)."""
+    from .orchestrator import Interrupted
+
+    if isinstance(exc, (KeyboardInterrupt, Interrupted)):
+        return 130
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 1
+    if isinstance(exc, click.ClickException):
+        return exc.exit_code
+    return 1
+
+
+def _plain(exc: BaseException) -> BaseException | None:
+    if isinstance(exc, KeyboardInterrupt):
+        return PipcookError("interrupted (Ctrl-C or SIGTERM): every stage was stopped; the workspace is kept")
+    if isinstance(exc, click.ClickException):
+        return PipcookError(exc.format_message())
+    if isinstance(exc, SystemExit):
+        return None
+    return PipcookError(f"internal error in pipcook-sandbox: {type(exc).__name__}: {exc}")
 
 
 @main.command()
@@ -320,6 +404,15 @@ def images_build(cuda: bool, offline: bool, force: bool, debug: bool) -> None:
 
     tag = build(cuda=cuda, offline=offline, force=force, log=_say)
     click.secho(f"done: {tag}", err=True, fg="green")
+
+
+def _register_service() -> None:
+    from .service.cli import register
+
+    register(main, handle_errors)
+
+
+_register_service()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -47,6 +47,16 @@ def cache_dir() -> Path:
     return cachedir.cache_dir()
 
 
+def download_cache_dir() -> Path:
+    """Root of what remote parties supplied: fetched scripts and `ctx.download` files.
+
+    `PIPCOOK_SANDBOX_DOWNLOAD_CACHE` gives each tenant of a service its own
+    (so one tenant's downloads never feed another's run); frameworks and the
+    worker site, which the operator builds, stay in the shared `cache_dir()`."""
+    override = os.environ.get("PIPCOOK_SANDBOX_DOWNLOAD_CACHE")
+    return Path(override) if override else cache_dir()
+
+
 def _size_words(n: int) -> str:
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size and n % size == 0:
@@ -318,7 +328,7 @@ def fetch_script(
     are read every time. A pin that does not match refuses the script and
     caches nothing.
     """
-    root = cache_dir() / "scripts"
+    root = download_cache_dir() / "scripts"
     by_sha = root / "sha256"
     index_path = root / "urls" / (hashlib.sha256(ref.uri.encode("utf-8")).hexdigest() + ".json")
 

@@ -84,6 +84,7 @@ class ExecOptions:
     model_dir: Path | None = None  # read-only model for predict
     on_progress: Callable[[float, dict], None] | None = None
     on_event: Callable[[str, str], None] | None = None
+    on_metrics: Callable[[str, Any, dict], None] | None = None  # (stage, step, metrics) as recorded
 
 
 @dataclass
@@ -171,7 +172,7 @@ class _Downloads:
         # with --allow-private served is never handed to a run without that permission.
         allowed = "\0".join(sorted(set(self.opts.allow_private)))
         key = hashlib.sha256((f"{url}\0{allowed}" if allowed else url).encode()).hexdigest()
-        cached = fetch.cache_dir() / "downloads" / key
+        cached = fetch.download_cache_dir() / "downloads" / key
         blob = cached / "blob"
         if self.opts.nocache or not blob.is_file():
             cached.mkdir(parents=True, exist_ok=True)
@@ -445,6 +446,8 @@ def _on_event(event: Any, by_name: dict, errors: dict, violations: dict, done: s
         metrics_file.write(line + "\n")
         metrics_file.flush()
         result.metrics += 1
+        if opts.on_metrics:
+            opts.on_metrics(name, data.get("step"), data["metrics"])
     elif op == "meta" and by_name[name].role == "model":
         result.meta = _jsonable(data["meta"])
     elif op == "result" and by_name[name].role == "model":

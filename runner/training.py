@@ -38,6 +38,7 @@ class RunOptions:
     log: Callable[[str], None] = print
     on_progress: Callable[[float, dict], None] | None = None
     on_event: Callable[[str, str], None] | None = None
+    on_metrics: Callable[[str, Any, dict], None] | None = None
 
 
 def model_options(pipeline: spec.Pipeline) -> dict:
@@ -142,7 +143,8 @@ def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
     result = orchestrator.execute(plans, ws, orchestrator.ExecOptions(
         isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu, nocache=opts.nocache,
         allow_private=opts.allow_private, task_type="train", framework=framework, worker_site=worker_site,
-        pipeline_options=dict(pipeline.options), on_progress=opts.on_progress, on_event=opts.on_event))
+        pipeline_options=dict(pipeline.options), on_progress=opts.on_progress, on_event=opts.on_event,
+        on_metrics=opts.on_metrics))
     finish_model_dir(ws, pipeline, copies, result.meta)
     artifacts.run_all(pipeline.artifact, ws, log=opts.log, isolation=opts.isolation, limits=opts.limits)
     return ws

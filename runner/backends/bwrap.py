@@ -105,7 +105,7 @@ from pathlib import Path
 
 from pipcook_sandbox.runner import gpus
 
-from . import cgroups, output, quota, seccomp
+from . import cgroups, output, owner, quota, seccomp
 from .base import (
     REASON_CANCELLED,
     REASON_DISK,
@@ -171,7 +171,7 @@ except BaseException as e:
 # ambient caps on that setuid), clear the inheritable set, exec python.
 LAUNCHER = r"""
 import os, sys
-U = %d
+U, G = %d, %d
 try:
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
@@ -179,17 +179,17 @@ try:
         libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP; EINVAL past the last cap
 except ImportError:
     libc = None
-os.setgid(U)
+os.setgid(G)
 os.setuid(U)
 if libc is not None:
     hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
     data = (ctypes.c_uint32 * 6)()
     if libc.capset(hdr, data) != 0:
         sys.exit("pipcook-sandbox: capset failed")
-if os.getresuid() != (U, U, U) or os.getresgid() != (U, U, U) or os.getgroups():
+if os.getresuid() != (U, U, U) or os.getresgid() != (G, G, G) or os.getgroups():
     sys.exit("pipcook-sandbox: could not drop to uid %%d" %% U)
 os.execv(sys.argv[1], sys.argv[1:])
-""" % SANDBOX_UID
+"""
 
 
 # --- the host's tools --------------------------------------------------------
@@ -255,7 +255,7 @@ def sandbox_owner(mode: str | None = None) -> tuple[int, int]:
     """The host uid and gid a stage's processes run as: what must be able
     to read its mounts, write its volume and connect to its sockets."""
     if (mode or uid_mode()) == "mapped":
-        return SANDBOX_UID, SANDBOX_GID
+        return owner.stage_ids()  # 65534, or the tenant's uid (`run --stage-uid`)
     return os.getuid(), os.getgid()
 
 
@@ -373,10 +373,11 @@ class _Args:
 
 def _etc_files(etc: Path) -> dict[str, Path]:
     etc.mkdir(mode=0o755, exist_ok=True)
+    uid, gid = owner.stage_ids() if os.geteuid() == 0 else (SANDBOX_UID, SANDBOX_GID)
     files = {
         "passwd": "root:x:0:0:root:/root:/usr/sbin/nologin\n"
-                  f"nobody:x:{SANDBOX_UID}:{SANDBOX_GID}:nobody:/tmp:/usr/sbin/nologin\n",
-        "group": f"root:x:0:\nnogroup:x:{SANDBOX_GID}:\n",
+                  f"nobody:x:{uid}:{gid}:nobody:/tmp:/usr/sbin/nologin\n",
+        "group": f"root:x:0:\nnogroup:x:{gid}:\n",
         "hosts": "127.0.0.1\tlocalhost pipcook\n::1\tlocalhost ip6-localhost ip6-loopback\n",
     }
     out = {}
@@ -463,7 +464,7 @@ def build_args(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd: 
     py = str(interp.executable)
     args = list(spec.argv) if spec.argv is not None else list(WORKER_ARGS)
     if mode == "mapped":
-        a.add("--", py, "-I", "-S", "-c", LAUNCHER, py, *args)
+        a.add("--", py, "-I", "-S", "-c", LAUNCHER % owner.stage_ids(), py, *args)
     else:
         a.add("--", py, *args)
     return a.argv
@@ -805,8 +806,9 @@ class BwrapStage:
         if not data:
             return  # bwrap failed before cloning; its message is in the log
         child = int(json.loads(data)["child-pid"])
-        maps = f"0 0 1\n{SANDBOX_UID} {SANDBOX_UID} 1\n"
-        gmaps = f"0 0 1\n{SANDBOX_GID} {SANDBOX_GID} 1\n"
+        uid, gid = owner.stage_ids()
+        maps = f"0 0 1\n{uid} {uid} 1\n"
+        gmaps = f"0 0 1\n{gid} {gid} 1\n"
         try:
             Path(f"/proc/{child}/uid_map").write_text(maps)
             Path(f"/proc/{child}/setgroups").write_text("deny\n")
@@ -913,7 +915,7 @@ def probe() -> dict:
         finally:
             stage.cleanup()
         text = (tmp / "probe.log").read_text(errors="replace")
-        info["userns"] = out.exit_code == 0 and f"uid {SANDBOX_UID}\n" in text
+        info["userns"] = out.exit_code == 0 and f"uid {sandbox_owner()[0] if uid_mode() == 'mapped' else SANDBOX_UID}\n" in text
         info["seccomp"] = "inet EAFNOSUPPORT" in text
         m = re.search(r"^pids (\d+)$", text, re.M)
         info["pid_namespace"] = bool(m) and int(m.group(1)) <= 3

@@ -51,7 +51,7 @@ from typing import Any
 from pipcook_sandbox.runner import gpus
 from pipcook_sandbox.runner.errors import PipcookError as _ErrorBase
 
-from . import base
+from . import base, owner
 from .output import capture
 
 NAME = "docker"
@@ -62,6 +62,12 @@ IMAGE_HAS_SITE = True
 
 SANDBOX_USER = "65534:65534"
 SANDBOX_UID = SANDBOX_GID = 65534
+
+
+def stage_user() -> str:
+    """The container's `user`: 65534, or the tenant's own uid (`run --stage-uid`)."""
+    return "%d:%d" % owner.stage_ids()
+
 LABEL = "pipcook-sandbox"
 LABEL_RUN, LABEL_STAGE = f"{LABEL}.run", f"{LABEL}.stage"
 LABEL_PID, LABEL_START, LABEL_HOST = f"{LABEL}.runner-pid", f"{LABEL}.runner-start", f"{LABEL}.runner-host"
@@ -188,9 +194,9 @@ def grant_access(spec: base.StageSpec) -> None:
             continue  # Docker names a missing bind source itself
         if not stat.S_ISDIR(st.st_mode):
             continue
-        if mount.writable and (st.st_uid, st.st_gid) != (SANDBOX_UID, SANDBOX_GID):
+        if mount.writable and (st.st_uid, st.st_gid) != owner.stage_ids():
             try:
-                os.chown(src, SANDBOX_UID, SANDBOX_GID, follow_symlinks=False)
+                os.chown(src, *owner.stage_ids(), follow_symlinks=False)
             except PermissionError:  # a runner in the docker group, not root
                 os.chmod(src, 0o777)
         with os.scandir(src) as entries:
@@ -226,7 +232,7 @@ def container_config(spec: base.StageSpec) -> dict[str, Any]:
         image=image_for(spec.gpu),
         command=["python3", *argv],
         name=_name(spec),
-        user=SANDBOX_USER,
+        user=stage_user(),
         working_dir="/tmp",
         environment=env,
         labels={LABEL_RUN: spec.run_id, LABEL_STAGE: spec.name, LABEL_PID: str(os.getpid()),
@@ -491,7 +497,7 @@ def probe() -> dict:
         found["image_why"] = (f"the image {image_for(False)} is not built: run `pipcook-sandbox images build` "
                               "(or `images build --offline` without a registry)")
     found["seccomp"] = seccomp_profile()[1]
-    found["user"] = SANDBOX_USER
+    found["user"] = stage_user()
     found["network"] = "none"
     found["root_filesystem"] = "read-only"
     gpu, why = nvidia_runtime()

@@ -58,7 +58,9 @@ def sandbox_owner() -> tuple[int, int]:
     host uid/gid 65534 (bwrap "mapped" mode, or a container user), any other
     runner as itself."""
     if os.geteuid() == 0:
-        return SANDBOX_UID, SANDBOX_GID
+        from .owner import stage_ids
+
+        return stage_ids()  # 65534, or the tenant's uid under `run --stage-uid`
     return os.getuid(), os.getgid()
 
 

@@ -95,6 +95,10 @@ class Engine(ABC):
     """Starts, watches and stops runs. Implementations: local.py, slurm.py."""
 
     name: str
+    # Whether a job keeps running when the server that submitted it dies (a Slurm job does; a local
+    # runner gets SIGTERM from the kernel). After a restart the service keeps watching such jobs;
+    # the others are stopped and their runs marked failed "server restarted".
+    jobs_outlive_server: bool = False
 
     @abstractmethod
     def submit(self, request: RunRequest) -> str:
