@@ -43,7 +43,8 @@ from .base import (
     JobState,
     RunRequest,
 )
-from .command import concurrent_stages, runner_argv
+from .local import command
+from .stages import concurrent_stages
 
 MiB = 1 << 20
 JOB_ID = re.compile(r"^\d+(?:_\d+)?$")
@@ -123,6 +124,8 @@ def account_name(tenant: str, prefix: str = "") -> str:
 
 class SlurmEngine(Engine):
     name = "slurm"
+    jobs_outlive_server = True  # a job runs on whether or not the server that submitted it lives
+    queues_tenants = True  # each tenant's account holds it to its limits (GrpJobs...) and fair share
 
     def __init__(self, *, partition: str | None = None, python: str | None = None,
                  runner_memory: int = 512 * MiB, setup_time: float = 900.0,
@@ -189,7 +192,7 @@ class SlurmEngine(Engine):
         env.update(request.env)
         lines = ["#!/bin/sh", f"# pipcook-sandbox run {request.run_id} of tenant {request.tenant}"]
         lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()) if re.match(r"^[A-Za-z_]\w*$", k)]
-        lines.append("exec " + shlex.join(runner_argv(request, self.python)))
+        lines.append("exec " + shlex.join(command(request, self.python)))
         return "\n".join(lines) + "\n"
 
     def submit(self, request: RunRequest) -> str:
@@ -286,6 +289,12 @@ class SlurmEngine(Engine):
     def capacity(self) -> dict[str, float] | None:
         return None
 
+    def ensure_tenant(self, tenant: str, quotas: dict[str, float | int | None]) -> None:
+        users = None
+        if self.job_user is not None:
+            users = [pwd.getpwuid(os.geteuid()).pw_name, self.job_user.pw_name]
+        ensure_account(tenant, quotas, users=users, prefix=self.account_prefix)
+
 
 def create(**options: object) -> SlurmEngine:
     """The engine, from the server's options (`partition=` from --slurm-partition)."""
@@ -347,6 +356,14 @@ def ensure_account(tenant: str, quotas: Mapping[str, float | int | None] | None 
     _call(["sacctmgr", "-i", "modify", "account", "where", f"name={name}", "user=", "set", *settings],
           check=False)  # "Nothing modified" (exit 1) when the limits are already as asked
     return name
+
+
+def tenant_quotas(*, max_running: int, max_queued: int, cpus: float, gpus: int) -> dict[str, float | int | None]:
+    """A service tenant's quotas as Slurm association limits: its max-running becomes GrpJobs (more
+    of its jobs wait, AssocGrpJobsLimit), running plus queued its GrpSubmitJobs, and one job may ask
+    for at most the CPUs (`--cpus-per-task`) and GPUs a run of it may have."""
+    return {"max_jobs": max_running, "max_submit": max_running + max_queued,
+            "job_cpus": max(1, math.ceil(cpus)), "job_gpus": gpus}
 
 
 def account_limits(tenant: str, prefix: str = "") -> dict[str, str]:

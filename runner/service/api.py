@@ -91,6 +91,8 @@ class RunInfo(BaseModel):
     exit_code: int | None = None
     artifacts: list[str] = Field(default_factory=list)
     transitions: list[Transition] = Field(default_factory=list)
+    job: dict[str, Any] | None = Field(None, description="While running: the engine's job, its state and reason "
+                                       "(e.g. Slurm holding it: pending, AssocGrpJobsLimit)")
 
 
 class RunList(BaseModel):
@@ -173,7 +175,15 @@ def create_app(service: Service) -> FastAPI:
             limits={k: run[k] for k in ("cpus", "memory", "disk", "timeout", "pids", "gpus")},
             stages=summary.stages, progress=summary.progress, metrics=summary.metrics, error=run["error"],
             exit_code=run["exit_code"], artifacts=list_artifacts(workspace(run)) if detail else [],
-            transitions=[Transition(**t) for t in db.transitions(run["id"])] if detail else [])
+            transitions=[Transition(**t) for t in db.transitions(run["id"])] if detail else [],
+            job=job_info(run))
+
+    def job_info(run: dict[str, Any]) -> dict[str, Any] | None:
+        seen = service.scheduler.job_states.get(run["id"]) if service.scheduler else None
+        if run["state"] != RUNNING or not run["job_id"]:
+            return None
+        return {"engine": service.engine.name, "id": run["job_id"], "state": seen.state if seen else None,
+                "reason": seen.reason if seen else None}
 
     @app.middleware("http")
     async def cap_body(request: Request, call_next: Any) -> Any:

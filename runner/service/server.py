@@ -32,6 +32,7 @@ class ServerOptions:
     capacity_gpus: int | None = None
     allow_private: tuple[str, ...] = ()
     slurm_partition: str | None = None
+    slurm_job_memory: int | None = None  # at most this --mem per job (default: stages x memory + the runner)
     debug: bool = False
 
 
@@ -73,6 +74,8 @@ def _engine_options(opts: ServerOptions) -> dict[str, object]:
     options: dict[str, object] = {}
     if opts.slurm_partition:
         options["partition"] = opts.slurm_partition
+    if opts.slurm_job_memory:
+        options["job_memory_cap"] = opts.slurm_job_memory
     return options
 
 
