@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, require_bwrap, sandbox_processes, write_pipeline
+from conftest import (
+    REPO,
+    require_bwrap,
+    require_slurm,
+    sandbox_processes,
+    write_pipeline,
+)
 from pipcook_sandbox.runner.engines import get_engine
 from pipcook_sandbox.runner.engines import slurm as slurm_engine
 from pipcook_sandbox.runner.engines.base import (
@@ -68,33 +74,9 @@ def train(runtime, options, ctx):
 '''
 
 
-def slurm_up() -> str | None:
-    """None when a controller answers and a node is idle or mixed; else why not."""
-    for tool in ("sbatch", "squeue", "sacct", "sacctmgr", "scontrol"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` is not installed"
-    try:
-        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20, check=False)
-        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=20,
-                               check=False)
-    except subprocess.TimeoutExpired:
-        return "slurmctld does not answer within 20 s"
-    if "UP" not in ping.stdout:
-        return f"slurmctld is not up ({(ping.stdout + ping.stderr).strip()})"
-    if not re.search(r"^(idle|mixed|allocated)", nodes.stdout, re.MULTILINE):
-        return f"no usable node (sinfo: {nodes.stdout.strip() or nodes.stderr.strip()})"
-    return None
-
-
 @pytest.fixture(scope="module")
 def cluster() -> None:
-    why = slurm_up()
-    if why is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"Slurm is required in CI and is not usable: {why}. .ci/start-slurm.sh must start it "
-                    "(logs in /var/log/slurm)")
-    pytest.skip(f"Slurm tests SKIPPED: {why} (run .ci/start-slurm.sh as root)")
+    require_slurm()
 
 
 @pytest.fixture(scope="module")

@@ -91,8 +91,9 @@ class RunInfo(BaseModel):
     exit_code: int | None = None
     artifacts: list[str] = Field(default_factory=list)
     transitions: list[Transition] = Field(default_factory=list)
-    job: dict[str, Any] | None = Field(None, description="While running: the engine's job, its state and reason "
-                                       "(e.g. Slurm holding it: pending, AssocGrpJobsLimit)")
+    job: dict[str, Any] | None = Field(None, description="The engine's job (its id: a Slurm job id for sacct) and, "
+                                       "while running, its state and reason (e.g. Slurm holding it: pending, "
+                                       "AssocGrpJobsLimit)")
 
 
 class RunList(BaseModel):
@@ -179,9 +180,9 @@ def create_app(service: Service) -> FastAPI:
             job=job_info(run))
 
     def job_info(run: dict[str, Any]) -> dict[str, Any] | None:
-        seen = service.scheduler.job_states.get(run["id"]) if service.scheduler else None
-        if run["state"] != RUNNING or not run["job_id"]:
+        if not run["job_id"]:
             return None
+        seen = service.scheduler.job_states.get(run["id"]) if service.scheduler and run["state"] == RUNNING else None
         return {"engine": service.engine.name, "id": run["job_id"], "state": seen.state if seen else None,
                 "reason": seen.reason if seen else None}
 

@@ -119,7 +119,9 @@ def serve(opts: ServerOptions) -> None:
     except KeyboardInterrupt:
         pass  # uvicorn re-raises the SIGINT/SIGTERM it stopped for; the stop below is the orderly end: exit 0
     finally:
-        _say("pipcook-sandbox server: stopping (running runs are stopped and marked failed)")
+        _say("pipcook-sandbox server: stopping " + ("(running jobs go on; the next start watches them again)"
+                                                     if engine.jobs_outlive_server else
+                                                     "(running runs are stopped and marked failed)"))
         service.stop()
         service.db.close()
         sock.close()
