@@ -273,7 +273,7 @@ def test_submit_refuses_a_tenant_slurm_cannot_name(engine: slurm_engine.SlurmEng
 
 def test_submit_under_an_unknown_account_is_a_clear_error(engine: slurm_engine.SlurmEngine, tmp_path: Path) -> None:
     req = request(tmp_path, "noaccount", f"pcsb-missing-{secrets.token_hex(3)}")
-    with pytest.raises(slurm_engine.EngineError, match="sbatch"):
+    with pytest.raises(slurm_engine.EngineError, match="does not exist or this user may not use it"):
         engine.submit(req)
 
 
@@ -292,9 +292,15 @@ def test_tenant_account_limits_follow_the_quotas(cluster: None) -> None:
         assert held["GrpJobs"] == "2"
         assert set(held["GrpTRES"].split(",")) == {"cpu=2", "mem=1G"}
         assert held["MaxTRESPerJob"] == "gres/gpu=1"
-        slurm_engine.ensure_account(name, {"max_jobs": 3})  # checks and updates; limits not named are cleared
+        slurm_engine.ensure_account(name, {"max_jobs": 3})  # checks and updates; limits not named stay
+        held = slurm_engine.account_limits(name)
+        assert (held["GrpJobs"], held["MaxTRESPerJob"]) == ("3", "gres/gpu=1")
+        assert set(held["GrpTRES"].split(",")) == {"cpu=2", "mem=1G"}
+        slurm_engine.ensure_account(name, {"cpus": None, "memory": None, "job_gpus": None})  # None clears
         held = slurm_engine.account_limits(name)
         assert (held["GrpJobs"], held["GrpTRES"], held["MaxTRESPerJob"]) == ("3", "", "")
+        with pytest.raises(slurm_engine.EngineError, match="unknown Slurm quota"):
+            slurm_engine.ensure_account(name, {"max_jobz": 1})
     finally:
         assert slurm_engine.remove_account(name)
     assert not slurm_engine.remove_account(name)

@@ -29,6 +29,8 @@ import re
 import shlex
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Iterable, Mapping
 
 from .base import (
@@ -130,7 +132,8 @@ class SlurmEngine(Engine):
     def __init__(self, *, partition: str | None = None, python: str | None = None,
                  runner_memory: int = 512 * MiB, setup_time: float = 900.0,
                  job_memory_cap: int | None = None, account_prefix: str = "",
-                 job_user: str | None = None, sbatch_args: Iterable[str] = ()) -> None:
+                 job_user: str | None = None, sbatch_args: Iterable[str] = (),
+                 poll_interval: float = 1.0) -> None:
         self.partition = partition
         self.python = python  # the runner's interpreter on the compute nodes (default: ours)
         self.runner_memory = runner_memory  # the runner itself and its artifact processors
@@ -138,6 +141,9 @@ class SlurmEngine(Engine):
         self.job_memory_cap = job_memory_cap  # what the partition allows one job, if less than the sum
         self.account_prefix = account_prefix
         self.sbatch_args = list(sbatch_args)
+        self.poll_interval = poll_interval
+        self._seen: dict[str, tuple[float, JobState]] = {}  # job id -> (when asked, what Slurm said)
+        self._lock = threading.Lock()  # the scheduler polls, the API thread may cancel
         # Run jobs as this user instead of the server's (sbatch --uid: the server must be root).
         # Its runner is then unprivileged: stages run as that user, per-stage memory limits come
         # from the job's delegated memory cgroup, pids/cpu from RLIMIT_NPROC and the job's cpuset.
@@ -198,7 +204,16 @@ class SlurmEngine(Engine):
     def submit(self, request: RunRequest) -> str:
         script = self.job_script(request)
         (request.run_dir / "slurm-job.sh").write_text(script)
-        out = _call(["sbatch", *self.job_options(request)], input=script).strip()
+        options = self.job_options(request)
+        try:
+            out = _call(["sbatch", *options], input=script).strip()
+        except EngineError as exc:
+            if "Invalid account" in str(exc):
+                account = next(o for o in options if o.startswith("--account=")).split("=", 1)[1]
+                raise EngineError(f"Slurm refused run {request.run_id} of tenant {request.tenant}: its account "
+                                  f"{account!r} does not exist or this user may not use it ({exc}); "
+                                  f"`pipcook-sandbox tenants add {request.tenant} --slurm-account` makes it") from None
+            raise
         job_id = out.split(";")[0].strip()  # --parsable: "ID" or "ID;CLUSTER"
         if not JOB_ID.match(job_id):
             raise EngineError(f"sbatch accepted run {request.run_id} but answered {out!r}, not a job id")
@@ -210,7 +225,12 @@ class SlurmEngine(Engine):
         """Job id -> (Slurm state, reason) for the jobs slurmctld still holds."""
         if not job_ids:
             return {}
-        out = _call(["squeue", "-h", "-t", "all", "-o", "%i|%T|%r", "-j", ",".join(job_ids)], check=False)
+        try:
+            out = _call(["squeue", "-h", "-t", "all", "-o", "%i|%T|%r", "-j", ",".join(job_ids)])
+        except EngineError as exc:
+            if "Invalid job id" not in str(exc):  # a lone id slurmctld has forgotten; else it is down
+                raise
+            out = ""
         found = {}
         for line in out.splitlines():
             parts = line.strip().split("|")
@@ -222,8 +242,7 @@ class SlurmEngine(Engine):
         """Job id -> (state, exit code, reason) from the accounting database."""
         if not job_ids:
             return {}
-        out = _call(["sacct", "-X", "-n", "-P", "-o", "JobID,State,ExitCode,Reason",
-                     "-j", ",".join(job_ids)], check=False)
+        out = _call(["sacct", "-X", "-n", "-P", "-o", "JobID,State,ExitCode,Reason", "-j", ",".join(job_ids)])
         found = {}
         for line in out.splitlines():
             parts = line.strip().split("|")
@@ -266,11 +285,26 @@ class SlurmEngine(Engine):
         return result
 
     def poll(self, job_id: str) -> JobState:
+        """The job's state, at most `poll_interval` seconds old. The service polls every running
+        run several times a second; slurmctld gets one `squeue` (and one `sacct` for jobs that
+        left it) per interval for all the jobs asked about lately, not one per job per poll."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._seen.get(job_id)
+            if hit is not None and (hit[1].final or now - hit[0] < self.poll_interval):
+                return hit[1]
+            for old in [j for j, (t, state) in self._seen.items() if now - t > 600]:
+                del self._seen[old]  # not asked about for ten minutes: forgotten
+            batch = {job_id, *(j for j, (t, state) in self._seen.items() if not state.final)}
         try:
-            return self._states([job_id])[job_id]
+            states = self._states(sorted(batch))
         except EngineError as exc:
             # Never raise for a job: a controller that does not answer leaves the run as it was.
             return JobState(RUNNING, reason=f"unknown: {exc}")
+        with self._lock:
+            for j, state in states.items():
+                self._seen[j] = (now, state)
+        return states[job_id]
 
     def recover(self, job_ids: list[str]) -> dict[str, JobState]:
         """One squeue and one sacct call for every job the service had running."""
@@ -285,6 +319,8 @@ class SlurmEngine(Engine):
         if not JOB_ID.match(job_id):
             raise EngineError(f"cannot cancel {job_id!r}: not a Slurm job id")
         _call(["scancel", job_id], check=False)
+        with self._lock:
+            self._seen.pop(job_id, None)  # the next poll asks Slurm again
 
     def capacity(self) -> dict[str, float] | None:
         return None
@@ -304,15 +340,18 @@ def create(**options: object) -> SlurmEngine:
 # --- tenant accounts -----------------------------------------------------------------------
 
 
-def _tres(cpus: float | None, memory: int | None, gpus: int | None) -> str:
-    parts = []
-    if cpus is not None:
-        parts.append(f"cpu={math.ceil(cpus)}")
-    if memory is not None:
-        parts.append(f"mem={math.ceil(memory / MiB)}M")
-    if gpus is not None:
-        parts.append(f"gres/gpu={int(gpus)}")
-    return ",".join(parts)
+_TRES = {"cpus": ("GrpTRES", "cpu"), "memory": ("GrpTRES", "mem"), "gpus": ("GrpTRES", "gres/gpu"),
+         "job_cpus": ("MaxTRESPerJob", "cpu"), "job_memory": ("MaxTRESPerJob", "mem"),
+         "job_gpus": ("MaxTRESPerJob", "gres/gpu")}
+_PLAIN = {"max_jobs": "GrpJobs", "max_submit": "GrpSubmitJobs", "fairshare": "Fairshare"}
+
+
+def _value(key: str, value: float | None) -> str:
+    if value is None:
+        return "-1"  # sacctmgr: clear the limit
+    if key.endswith("memory"):
+        return f"{math.ceil(value / MiB)}M"
+    return str(math.ceil(value))
 
 
 def ensure_account(tenant: str, quotas: Mapping[str, float | int | None] | None = None, *,
@@ -320,17 +359,21 @@ def ensure_account(tenant: str, quotas: Mapping[str, float | int | None] | None 
                    qos: str | None = None) -> str:
     """Create the tenant's Slurm account, or check and update it; returns its name.
 
-    `quotas` (any may be missing or None, meaning unlimited):
+    `quotas`: each key present sets that limit (None clears it); limits whose key is
+    absent are left as they are, so an operator's own `sacctmgr` settings survive:
       max_jobs        GrpJobs: the tenant's jobs running at once (more wait, AssocGrpJobsLimit)
       max_submit      GrpSubmitJobs: jobs queued or running at once
       cpus, memory, gpus              GrpTRES: all the tenant's running jobs together
       job_cpus, job_memory, job_gpus  MaxTRESPerJob: any one job
-      fairshare       Fairshare: the tenant's share of the cluster
+      fairshare       Fairshare: the tenant's share of the cluster (a new account has 1)
     `users` are the Slurm users whose jobs may run under it (default: this process's
-    user, the one the server submits as; add the engine's `job_user` if it has one). Needs Slurm operator rights (root or
-    AdminLevel=Operator)."""
+    user, the one the server submits as; add the engine's `job_user` if it has one).
+    Needs Slurm operator rights (root or AdminLevel=Operator)."""
     name = account_name(tenant, prefix)
     q = dict(quotas or {})
+    unknown = set(q) - set(_TRES) - set(_PLAIN)
+    if unknown:
+        raise EngineError(f"unknown Slurm quota(s) for tenant {tenant!r}: {', '.join(sorted(unknown))}")
     who = list(users) if users is not None else [pwd.getpwuid(os.geteuid()).pw_name]
     have = _call(["sacctmgr", "-n", "-P", "show", "account", name, "format=account"]).split()
     if name not in have:
@@ -341,20 +384,24 @@ def ensure_account(tenant: str, quotas: Mapping[str, float | int | None] | None 
         if user not in associated:
             _call(["sacctmgr", "-i", "add", "user", user, f"account={name}"])
 
-    def limit(value: object) -> str:
-        return "-1" if value is None else str(int(value))  # type: ignore[call-overload]
-
-    # Limits on the account's own association bind all its users together; -1 clears one.
-    settings = [f"GrpJobs={limit(q.get('max_jobs'))}", f"GrpSubmitJobs={limit(q.get('max_submit'))}",
-                f"Fairshare={limit(q.get('fairshare', 1))}"]
-    grp = _tres(q.get("cpus"), q.get("memory"), q.get("gpus"))  # type: ignore[arg-type]
-    per_job = _tres(q.get("job_cpus"), q.get("job_memory"), q.get("job_gpus"))  # type: ignore[arg-type]
-    settings.append(f"GrpTRES={grp or 'cpu=-1,mem=-1,gres/gpu=-1'}")
-    settings.append(f"MaxTRESPerJob={per_job or 'cpu=-1,mem=-1,gres/gpu=-1'}")
+    # Limits on the account's own association (user=) bind all its users together.
+    settings = [f"{_PLAIN[k]}={_value(k, v)}" for k, v in q.items() if k in _PLAIN]
+    tres: dict[str, list[str]] = {}
+    for key, value in q.items():
+        if key in _TRES:
+            field, unit = _TRES[key]
+            tres.setdefault(field, []).append(f"{unit}={_value(key, value)}")
+    settings += [f"{field}={','.join(parts)}" for field, parts in tres.items()]
     if qos:
         settings += [f"QOS+={qos}", f"DefaultQOS={qos}"]
-    _call(["sacctmgr", "-i", "modify", "account", "where", f"name={name}", "user=", "set", *settings],
-          check=False)  # "Nothing modified" (exit 1) when the limits are already as asked
+    if settings:
+        argv = ["sacctmgr", "-i", "modify", "account", "where", f"name={name}", "user=", "set", *settings]
+        done = subprocess.run([_tool("sacctmgr"), *argv[1:]], capture_output=True, text=True, timeout=30,
+                              check=False)
+        said = (done.stdout + done.stderr).strip()
+        if done.returncode != 0 and "Nothing modified" not in said:  # limits already as asked: exit 1, fine
+            raise EngineError(f"`sacctmgr modify account {name}` failed (exit {done.returncode}): "
+                              f"{' '.join(said.splitlines()[-3:]) or 'no message'}")
     return name
 
 
