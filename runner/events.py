@@ -5,7 +5,6 @@ them in the run's events.jsonl and serves them as server-sent events), its
 clients (`logs -f`) and a live terminal display. Each line is an object with
 `event` (the kind), `time` (Unix seconds) and the kind's own fields:
 
-    run       {"workspace": str}                         the run has started
     stage     {"stage": str, "status": "started"|"exited", "code": int|None}
     progress  {"value": float 0..100, "extra": {str: number|str}}
     metrics   {"stage": str, "step": int|None, "metrics": {str: number|str}}
@@ -26,7 +25,7 @@ import threading
 import time
 from typing import IO, Any
 
-KINDS = ("run", "stage", "progress", "metrics", "log", "verdict")
+KINDS = ("stage", "progress", "metrics", "log", "verdict")
 SUCCEEDED, FAILED, INTERRUPTED = "succeeded", "failed", "interrupted"
 MAX_LINE = 64 << 10  # a reader ignores longer lines: no event of ours comes near it
 

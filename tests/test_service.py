@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import require_bwrap
 
 try:
@@ -331,3 +330,48 @@ def test_tenant_commands_rotate_and_remove(svc: ServerProcess, web: Server) -> N
     with svc.client(new) as client:
         assert client.get("/v1/runs").status_code == 401
     assert "dave" not in cli("tenants", "list", "--data", str(svc.data)).stdout
+
+
+def test_events_resume_from_last_event_id(svc: ServerProcess, tokens: dict, web: Server) -> None:
+    url = serve_tiny(web)
+    with svc.client(tokens["alice"]) as client:
+        run_id = submit(client, {"pipeline_url": url})
+        wait_state(client, run_id, ("succeeded", "failed"))
+
+        def read(headers: dict) -> list[tuple[str, str]]:
+            seen, last_id = [], ""
+            with client.stream("GET", f"/v1/runs/{run_id}/events", headers=headers) as stream:
+                for line in stream.iter_lines():
+                    if line.startswith("id:"):
+                        last_id = line[3:].strip()
+                    elif line.startswith("event:"):
+                        seen.append((line[6:].strip(), last_id))
+            return seen
+
+        everything = read({})
+        resumed = read({"Last-Event-ID": everything[2][1]})
+    assert [kind for kind, _ in resumed] == [kind for kind, _ in everything[3:]]
+
+
+def test_removing_a_tenant_stops_its_running_and_queued_runs(svc: ServerProcess, web: Server) -> None:
+    import sqlite3
+
+    token = add_tenant(svc.data, "frank", "--cpus", "0.5", "--memory", "512m", "--max-running", "1")
+    serve_tiny(web)
+    slow = serve_script(web, "/slow/model.py", SLOW_MODEL)
+    body = {"pipeline": pipeline(web.url("/tiny/datasource.py"), slow)}
+    with svc.client(token) as client:
+        running = submit(client, body)
+        wait_for(lambda: run_state(client, running)["stages"].get("model") == "running", 120, "the model stage")
+        queued = submit(client, body)
+    assert cli("tenants", "remove", "frank", "--data", str(svc.data)).returncode == 0
+
+    def states() -> dict[str, str]:
+        db = sqlite3.connect(svc.data / "service.db")
+        try:
+            return dict(db.execute("SELECT id, state FROM runs WHERE tenant = 'frank'"))
+        finally:
+            db.close()
+
+    wait_for(lambda: states() == {running: "canceled", queued: "canceled"}, 120, "frank's runs to be canceled")
+    assert processes_mentioning(f"/runs/{running}/") == []

@@ -9,18 +9,26 @@ by B's uid.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import require_bwrap, require_docker
 
 try:
     from httpserver import Server, start_server
-    from servicekit import PROBE, ServerProcess, add_tenant, pipeline, serve_script, serve_tiny, tenant_uid, wait_state
+    from servicekit import (
+        PROBE,
+        ServerProcess,
+        add_tenant,
+        pipeline,
+        serve_script,
+        serve_tiny,
+        tenant_uid,
+        wait_state,
+    )
 except ImportError:
     from tests.httpserver import Server, start_server
     from tests.servicekit import (
@@ -48,18 +56,18 @@ def web() -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module", params=["bwrap", "docker"])
-def two_tenants(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, web: Server):
+def two_tenants(request: pytest.FixtureRequest, web: Server):
     if os.geteuid() != 0:
         pytest.skip("per-tenant uids need a root server")
     if request.param == "bwrap":
         require_bwrap()
     else:
         require_docker()
-    data = tmp_path_factory.mktemp(f"sep-{request.param}") / "data"
-    # pytest's temp dirs are 0700 root: open them so that only the service's own modes keep tenant A
-    # out of tenant B's files (else the host-level test would pass for the wrong reason)
-    for parent in (data.parent, data.parent.parent, data.parent.parent.parent):
-        os.chmod(parent, 0o755)
+    # Not under pytest's temp dirs: they are 0700 root, and the host-level test would pass for the wrong
+    # reason. Here only the service's own modes keep tenant A out of tenant B's files.
+    base = Path(tempfile.mkdtemp(prefix=f"pcsb-test-sep-{request.param}-"))
+    os.chmod(base, 0o755)
+    data = base / "data"
     tokens = {"a": add_tenant(data, "tenant-a"), "b": add_tenant(data, "tenant-b")}
     server = ServerProcess(data, "--isolation", request.param).start()
     try:
@@ -74,7 +82,10 @@ def two_tenants(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
         assert (workspace_b / "pipeline.json").is_file()
         yield server, tokens, workspace_b
     finally:
-        assert server.stop() == 0, server.log.read_text()[-3000:]
+        try:
+            assert server.stop() == 0, server.log.read_text()[-3000:]
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def _probe_lines(server: ServerProcess, token: str, web: Server, target: Path) -> dict[str, str]:
@@ -109,34 +120,53 @@ def test_a_stage_runs_as_its_tenants_own_uid(two_tenants, web: Server) -> None:
     assert uid_a not in (0, 65534)
 
 
+def _as_uid(uid: int, attempts: dict) -> list[str]:
+    """Run each attempt in a forked child that has become host UID (no groups); its outcomes."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only plain os calls, then _exit
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            lines = []
+            for what, attempt in attempts.items():
+                try:
+                    attempt()
+                    lines.append(f"{what} ALLOWED")
+                except PermissionError:
+                    lines.append(f"{what} DENIED")
+                except OSError as exc:
+                    lines.append(f"{what} ERROR {exc.errno}")
+            os.write(write_end, "\n".join(lines).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    return out.splitlines()
+
+
 def test_tenant_as_uid_outside_any_sandbox_cannot_reach_tenant_bs_files(two_tenants) -> None:
     """Where a kernel-level escape from A's sandbox would land: a process of A's uid on the host."""
     server, _, workspace_b = two_tenants
     uid_a = tenant_uid(server.data, "tenant-a")
-    code = (
-        "import os, sys\n"
-        "target = sys.argv[1]\n"
-        "outcomes = []\n"
-        "for what, fn in (('list', lambda: os.listdir(target)),\n"
-        "                 ('read', lambda: open(os.path.join(target, 'pipeline.json'), 'rb').read()),\n"
-        "                 ('write', lambda: open(os.path.join(target, 'planted.txt'), 'w').write('x')),\n"
-        "                 ('list-tenant', lambda: os.listdir(os.path.dirname(os.path.dirname(os.path.dirname(target))))),\n"
-        "                 ('list-tenants', lambda: os.listdir(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(target))))))):\n"
-        "    try:\n"
-        "        fn(); outcomes.append(what + ' ALLOWED')\n"
-        "    except PermissionError:\n"
-        "        outcomes.append(what + ' DENIED')\n"
-        "print('\\n'.join(outcomes))\n"
-    )
-
-    def become_a() -> None:
-        os.setgroups([])
-        os.setgid(uid_a)
-        os.setuid(uid_a)
-
-    done = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(workspace_b)], capture_output=True, text=True,
-                          preexec_fn=become_a, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[:5] == ["list DENIED", "read DENIED", "write DENIED", "list-tenant DENIED",
-                                           "list-tenants DENIED"]
+    run_b = workspace_b.parent
+    tenant_b = run_b.parent.parent
+    attempts = {
+        "list": lambda: os.listdir(workspace_b),
+        "read": lambda: open(workspace_b / "pipeline.json", "rb").read(),
+        "write": lambda: open(workspace_b / "planted.txt", "w").write("x"),
+        "read-events": lambda: open(run_b / "events.jsonl", "rb").read(),
+        "list-tenant": lambda: os.listdir(tenant_b),
+        "list-cache": lambda: os.listdir(tenant_b / "cache"),
+        "list-tenants": lambda: os.listdir(tenant_b.parent),
+    }
+    outcomes = _as_uid(uid_a, attempts)
+    assert outcomes == [f"{what} DENIED" for what in attempts]
     assert not (workspace_b / "planted.txt").exists()
+    # the control: A's uid can reach its own tenant directory (the denials above are B's modes at work)
+    tenant_a = tenant_b.parent / "tenant-a"
+    assert _as_uid(uid_a, {"list-own": lambda: os.listdir(tenant_a)}) == ["list-own ALLOWED"]

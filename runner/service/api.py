@@ -12,12 +12,13 @@ import json
 import os
 import re
 import stat
+import threading
 import time
 import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
@@ -35,6 +36,7 @@ from .scheduler import Scheduler, run_dir
 
 STAGE_RE = re.compile(r"^(datasource|model|dataflow-[0-9]{1,3}|runner)$")
 SSE_POLL = 0.2
+FETCHES_PER_TENANT = 2  # pipeline_url downloads a tenant may have in flight (each holds a worker thread)
 
 
 # --- models --------------------------------------------------------------------------
@@ -42,19 +44,19 @@ SSE_POLL = 0.2
 
 class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    cpus: float | None = Field(None, description="CPUs per stage (at most the tenant's quota)")
-    memory: int | str | None = Field(None, description="Memory per stage: bytes, or a size like 512m")
-    disk: int | str | None = Field(None, description="All a stage may write: bytes, or a size like 1g")
-    timeout: float | None = Field(None, description="Wall-clock seconds per stage")
-    pids: int | None = Field(None, description="Processes and threads per stage")
+    cpus: float | None = Field(default=None, description="CPUs per stage (at most the tenant's quota)")
+    memory: int | str | None = Field(default=None, description="Memory per stage: bytes, or a size like 512m")
+    disk: int | str | None = Field(default=None, description="All a stage may write: bytes, or a size like 1g")
+    timeout: float | None = Field(default=None, description="Wall-clock seconds per stage")
+    pids: int | None = Field(default=None, description="Processes and threads per stage")
 
 
 class RunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    pipeline: dict[str, Any] | None = Field(None, description="An inline pipeline (absolute http(s) references only)")
-    pipeline_url: str | None = Field(None, max_length=2000, description="An http(s) URL of a pipeline file")
+    pipeline: dict[str, Any] | None = Field(default=None, description="An inline pipeline (absolute http(s) references only)")
+    pipeline_url: str | None = Field(default=None, max_length=2000, description="An http(s) URL of a pipeline file")
     limits: Limits | None = None
-    gpu: bool | int = Field(False, description="GPUs for the model stage (true = 1)")
+    gpu: bool | int = Field(default=False, description="GPUs for the model stage (true = 1)")
 
     @model_validator(mode="after")
     def one_source(self) -> RunCreate:
@@ -65,7 +67,7 @@ class RunCreate(BaseModel):
 
 class RunAccepted(BaseModel):
     id: str
-    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    status: str = Field(description="queued, running, succeeded, failed or canceled")
 
 
 class Transition(BaseModel):
@@ -83,11 +85,11 @@ class RunInfo(BaseModel):
     started: float | None = None
     ended: float | None = None
     limits: dict[str, Any]
-    queue_position: int | None = Field(None, description="Runs of this tenant ahead of it in the queue")
+    queue_position: int | None = Field(default=None, description="Runs of this tenant ahead of it in the queue")
     stages: dict[str, str] = Field(default_factory=dict, description="Each stage's state, from the run's events")
     progress: float | None = None
     metrics: dict[str, Any] = Field(default_factory=dict, description="The latest value of each metric")
-    error: str | None = Field(None, description="Why it failed, in one paragraph")
+    error: str | None = Field(default=None, description="Why it failed, in one paragraph")
     exit_code: int | None = None
     artifacts: list[str] = Field(default_factory=list)
     transitions: list[Transition] = Field(default_factory=list)
@@ -152,6 +154,21 @@ def create_app(service: Service) -> FastAPI:
                   description="Runs untrusted machine-learning pipelines for many tenants, each stage sandboxed.")
     app.state.service = service
     db = service.db
+    fetching: dict[str, int] = {}
+    fetching_lock = threading.Lock()
+
+    def fetch_for(tenant: tenants_mod.Tenant, url: str) -> dict[str, Any]:
+        """A slow server named by one tenant must not hold every worker thread: a few fetches each."""
+        with fetching_lock:
+            if fetching.get(tenant.name, 0) >= FETCHES_PER_TENANT:
+                raise submit_mod.Rejected(429, f"tenant {tenant.name!r} has {FETCHES_PER_TENANT} pipeline_url "
+                                               "downloads in flight already; wait for them to finish")
+            fetching[tenant.name] = fetching.get(tenant.name, 0) + 1
+        try:
+            return submit_mod.fetch_pipeline(url, service.allow_private)
+        finally:
+            with fetching_lock:
+                fetching[tenant.name] -= 1
 
     def own_run(run_id: str, tenant: tenants_mod.Tenant) -> dict[str, Any]:
         run = db.run(run_id, tenant.name) if len(run_id) <= 64 else None
@@ -208,7 +225,7 @@ def create_app(service: Service) -> FastAPI:
                 source = "inline"
             else:
                 assert body.pipeline_url is not None
-                pipeline = submit_mod.fetch_pipeline(body.pipeline_url, service.allow_private)
+                pipeline = fetch_for(tenant, body.pipeline_url)
                 source = body.pipeline_url
             limits = body.limits or Limits()
             try:
