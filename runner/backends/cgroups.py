@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT_NAME = "pipcook-sandbox"
 LEAF_NAME = "pipcook-runner"
@@ -454,13 +455,13 @@ def create(name: str, *, memory: int, pids: int, cpus: float, version: int | Non
 
 def _kernel_at_least(major: int, minor: int) -> bool:
     m = re.match(r"(\d+)\.(\d+)", os.uname().release)
-    return bool(m) and (int(m.group(1)), int(m.group(2))) >= (major, minor)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= (major, minor)
 
 
 def available() -> dict:
     """What works here, for `doctor`."""
     base2 = _v2_base()
-    v2 = None
+    v2: dict[str, Any] | None = None
     if base2 is not None:
         v2 = {"base": str(base2), "writable": os.access(base2, os.W_OK),
               "controllers": _v2_controllers(base2),
@@ -476,7 +477,7 @@ def available() -> dict:
     version = None
     if n2 >= 0 or n1 > 0:
         version = 2 if n2 >= n1 else 1
-    usable = (v2["controllers"] if version == 2 else _v1_controllers()) if version else []
+    usable = (v2["controllers"] if version == 2 and v2 else _v1_controllers()) if version else []
     missing = [c for c in CONTROLLERS if c not in usable]
     return {
         "version": version,
