@@ -101,7 +101,7 @@ class Cluster:
     def start(self) -> Cluster:
         self.server.start()
         self.tokens[self.capped] = add_tenant(self.server.data, self.capped, "--slurm-account", "--max-running", "1",
-                                              "--memory", "256m", "--cpus", "1", "--gpus", "1")
+                                              "--max-queued", "2", "--memory", "256m", "--cpus", "1", "--gpus", "1")
         self.tokens[self.free] = add_tenant(self.server.data, self.free, "--max-running", "2", "--memory", "1g",
                                             "--cpus", "1", "--gpus", "1")
         return self
@@ -183,6 +183,17 @@ def test_a_tenant_over_grpjobs_waits_while_the_other_runs_and_cancel_reaches_sca
              "Slurm to hold the capped tenant's second job (AssocGrpJobsLimit)")
     assert cluster.job(cluster.capped, second)["state"] == "pending"
     other = cluster.submit(cluster.free, {"pipeline_url": url})
+    # Runs waiting in Slurm count against the tenant's room: max-running 1 + max-queued 2, then 429
+    # (not a run that fails when sbatch meets the account's GrpSubmitJobs).
+    third = cluster.submit(cluster.capped, {"pipeline_url": url})
+    third_job = cluster.job(cluster.capped, third)["id"]  # handed to Slurm, which holds it
+    with cluster.client(cluster.capped) as client:
+        refused = client.post("/v1/runs", json={"pipeline_url": url})
+        assert refused.status_code == 429, refused.text
+        assert "max-running 1 + max-queued 2" in refused.json()["detail"]
+        assert client.post(f"/v1/runs/{third}/cancel").status_code == 202  # cancelled while Slurm holds it
+    assert cluster.wait(cluster.capped, third, timeout=120)["status"] == "canceled"
+    assert _sacct(third_job, "State").startswith("CANCELLED")
     assert cluster.wait(cluster.free, other)["status"] == "succeeded"  # the other tenant ran meanwhile
     assert cluster.job(cluster.capped, second)["state"] == "pending"
 

@@ -237,7 +237,8 @@ def create_app(service: Service) -> FastAPI:
                 raise submit_mod.Rejected(422, str(exc)) from None
             decided = submit_mod.decide_limits(tenant, asked, service.engine.capacity(),
                                                submit_mod.stage_count(pipeline))
-            run = submit_mod.enqueue(db, service.data, tenant, pipeline, source, decided)
+            run = submit_mod.enqueue(db, service.data, tenant, pipeline, source, decided,
+                                     engine_queues=service.engine.queues_tenants)
         except submit_mod.Rejected as exc:
             raise HTTPException(exc.status, str(exc)) from None
         assert service.scheduler is not None
