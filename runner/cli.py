@@ -2,22 +2,38 @@
 
 Every failure reaches the user as one paragraph naming the stage, the script
 and the cause; `--debug` adds the traceback. Exit status: 0 success, 1 a
-failed run or bad input, 2 a usage error (click), 130 interrupted.
+failed run or bad input, 2 a usage error (a bad flag or value), 130
+interrupted (SIGINT), 143 terminated (SIGTERM).
 """
 from __future__ import annotations
 
 import functools
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from .errors import PipcookError
+from .errors import PipcookError, UsageError
 
 ISOLATIONS = ("bwrap", "docker", "none")
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that the same orderly teardown as Ctrl-C runs."""
+
+
+# Set by the SIGTERM handler: the teardown code turns any signal into `Interrupted`, this says which.
+_terminated: list[bool] = []
+
+
+def _on_sigterm(*_: Any) -> None:
+    _terminated.append(True)
+    raise Terminated()
 
 
 def _say(message: str) -> None:
@@ -34,11 +50,17 @@ def handle_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = kwargs.get("debug", False)
-        # SIGTERM gets the same orderly teardown as Ctrl-C
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        # SIGTERM gets the same orderly teardown as Ctrl-C, and its own status and word
+        signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return fn(*args, **kwargs)
+        except UsageError as exc:  # a bad value found after parsing: a usage error like click's
+            raise click.UsageError(str(exc)) from None
         except PipcookError as exc:
+            from .orchestrator import Interrupted
+
+            if isinstance(exc, Interrupted) or _terminated:
+                _stopped(exc.cause if isinstance(exc, Interrupted) else "")
             tb = getattr(exc, "traceback", "")
             if debug:
                 traceback.print_exc()
@@ -47,14 +69,11 @@ def handle_errors(fn: Callable) -> Callable:
             click.secho(f"error: {exc}", err=True, fg="red")
             if tb and not debug:
                 _say("(run with --debug for the script's traceback)")
-            from .orchestrator import Interrupted
-
-            sys.exit(130 if isinstance(exc, Interrupted) else 1)
+            sys.exit(1)
         except click.ClickException:
             raise  # usage errors: click prints them with the usage line, exit status 2
         except KeyboardInterrupt:
-            click.secho("error: interrupted (Ctrl-C)", err=True, fg="red")
-            sys.exit(130)
+            _stopped("")
         except Exception as exc:  # a bug of ours: still one paragraph, traceback on request
             if debug:
                 traceback.print_exc()
@@ -63,6 +82,25 @@ def handle_errors(fn: Callable) -> Callable:
             sys.exit(1)
 
     return wrapper
+
+
+def _stopped(cause: str) -> None:
+    """Exit for a signal: 130 and "interrupted" for SIGINT (Ctrl-C), 143 and "terminated" for SIGTERM."""
+    detail = cause.split(": ", 1)[1] if ": " in cause else ""
+    if _terminated:
+        click.secho("error: terminated (SIGTERM)" + (f": {detail}" if detail else ""), err=True, fg="red")
+        sys.exit(EXIT_TERMINATED)
+    click.secho("error: interrupted (Ctrl-C)" + (f": {detail}" if detail else ""), err=True, fg="red")
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def _limits(memory: str | None, cpus: float | None, pids: int | None, disk: str | None, timeout: float | None) -> Any:
+    from .limits import from_options
+
+    try:
+        return from_options(memory, cpus, pids, disk, timeout, warn=_warn)
+    except UsageError as exc:  # exit 2 with click's usage line, like any other bad value
+        raise click.UsageError(str(exc)) from None
 
 
 def limit_options(fn: Callable) -> Callable:
@@ -91,32 +129,6 @@ def common_options(fn: Callable) -> Callable:
     ]):
         fn = option(fn)
     return fn
-
-
-def _progress_printer(quiet: bool) -> tuple[Callable[[float, dict], None], Callable[[], None]]:
-    """A tqdm bar on a terminal; a line per 10% otherwise (logs, CI)."""
-    from tqdm import tqdm
-
-    if sys.stderr.isatty() and not quiet:
-        bar = tqdm(total=100, desc="training", unit="%", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}] {postfix}",
-                   file=sys.stderr, leave=True)
-
-        def update(value: float, extra: dict) -> None:
-            bar.n = value
-            if extra:
-                bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in extra.items()}, refresh=False)
-            bar.refresh()
-
-        return update, bar.close
-    last = [-10.0]
-
-    def update_lines(value: float, extra: dict) -> None:
-        if value >= last[0] + 10 or value >= 100 > last[0]:
-            last[0] = value
-            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
-            _say(f"training: {value:.0f}% {shown}".rstrip())
-
-    return update_lines, lambda: None
 
 
 def _isolation_check(isolation: str, debug: bool) -> Callable[[], None]:
@@ -151,7 +163,7 @@ def _isolation_check(isolation: str, debug: bool) -> Callable[[], None]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="pipcook-sandbox", prog_name="pipcook-sandbox")
+@click.version_option(None, "-V", "--version", package_name="pipcook-sandbox", prog_name="pipcook-sandbox")
 def main() -> None:
     """Run machine-learning pipelines whose scripts you do not trust."""
 
@@ -189,9 +201,23 @@ def _private_workspace(output: Path | None, ids: tuple[int, int]) -> Path:
     return root
 
 
+def _parse_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list:
+    from .overrides import parse
+
+    try:
+        return [parse(v) for v in values]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @main.command()
 @click.argument("pipeline")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Workspace directory (default ./pipcook-output-<timestamp>).")
+@click.option("--force", is_flag=True,
+              help="Replace the -o directory if it is the workspace of an earlier run (never anything else).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", callback=_parse_set,
+              help="Override an option: train.NAME (options.train), datasource.NAME, model.NAME or "
+                   "dataflow.N.NAME (a script's query option). Repeatable; recorded in the workspace's pipeline.json.")
 @click.option("-m", "--mirror", metavar="URL", help="Fetch prebuilt frameworks from this mirror.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the run's events on stdout, one JSON object per line (see docs/service.md).")
@@ -201,12 +227,15 @@ def _private_workspace(output: Path | None, ids: tuple[int, int]) -> Path:
 @common_options
 @limit_options
 @handle_errors
-def run(pipeline: str, output: Path | None, mirror: str | None, as_json: bool, stage_uid: str | None, isolation: str,
-        gpu: bool | None, nocache: bool, allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk,
-        timeout) -> None:
-    """Train: run PIPELINE (a path or an http(s) URL), every stage sandboxed."""
-    from .limits import from_options
+def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror: str | None, as_json: bool,
+        stage_uid: str | None, isolation: str, gpu: bool | None, nocache: bool, allow_private: tuple[str, ...],
+        debug: bool, memory, cpus, pids, disk, timeout) -> None:
+    """Train: run PIPELINE (a path or an http(s) URL), every stage sandboxed.
 
+    On a terminal a live table shows every stage (samples sent, epoch, latest metrics, ETA); otherwise one
+    line per event. A summary follows, and the workspace gets report.html (curves, parameters, timings).
+    With --json, stdout carries the run's events as JSON lines and the display goes to stderr only.
+    """
     ids = _stage_owner(stage_uid)
     emitter = None
     if as_json:
@@ -214,35 +243,78 @@ def run(pipeline: str, output: Path | None, mirror: str | None, as_json: bool, s
 
         emitter = Emitter(sys.stdout)
     try:
-        limits = from_options(memory, cpus, pids, disk, timeout)
-        if ids is not None:
-            output = _private_workspace(output, ids)
-        confined = _isolation_check(isolation, debug)
-        from .training import RunOptions, run_pipeline
-
-        confined()
-        if emitter is not None:
-            progress, close = emitter.progress, lambda: None
-            log: Callable[[str], None] = lambda m: (_say(m), emitter.log(m))  # noqa: E731
-            on_event: Callable[[str, str], None] | None = emitter.stage_event
-            on_metrics = emitter.metrics
-        else:
-            progress, close = _progress_printer(quiet=False)
-            log, on_metrics = _say, None
-            on_event = (lambda stage, what: _say(f"[{stage}] {what}")) if debug else None
-        try:
-            ws = run_pipeline(pipeline, RunOptions(output=output, isolation=isolation, gpu=gpu, nocache=nocache,
-                                                   allow_private=allow_private, limits=limits, mirror=mirror, log=log,
-                                                   on_progress=progress, on_event=on_event, on_metrics=on_metrics))
-        finally:
-            close()
+        _run(pipeline, output, force, overrides, mirror, emitter, ids, isolation, gpu, nocache, allow_private,
+             debug, memory, cpus, pids, disk, timeout)
     except BaseException as exc:
         if emitter is not None:
             emitter.verdict(_exit_code(exc), exc if isinstance(exc, PipcookError) else _plain(exc))
         raise
     if emitter is not None:
         emitter.verdict(0)
-    click.secho(f"done: model in {ws.model}", err=True, fg="green")
+
+
+def _run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror: str | None, emitter: Any,
+         ids: tuple[int, int] | None, isolation: str, gpu: bool | None, nocache: bool,
+         allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout) -> None:
+    limits = _limits(memory, cpus, pids, disk, timeout)
+    if ids is not None:
+        output = _private_workspace(output, ids)
+    confined = _isolation_check(isolation, debug)
+    from . import report
+    from .display import Display, Tracker
+    from .training import RunOptions, run_pipeline
+
+    confined()
+    tracker = Tracker()
+    display = Display(tracker, debug=debug)
+    workspaces: list[Any] = []
+
+    def trained(ws: Any) -> None:  # before the artifacts: model/ (and so its zip) carries the report
+        tracker.ended = tracker.ended or time.monotonic()
+        try:
+            report.write(ws, tracker)
+        except OSError as exc:  # a report is never worth a failed run
+            display.log(f"warning: could not write the report: {exc}")
+
+    def made(ws: Any) -> None:
+        workspaces.append(ws)
+        if ids is not None:  # again after --force made it anew
+            _private_workspace(ws.root, ids)
+
+    log: Callable[[str], None] = display.log
+    on_event: Callable[[str, str], None] = display.event
+    if emitter is not None:
+        def log(message: str) -> None:
+            display.log(message)
+            emitter.log(message)
+
+        def on_event(stage: str, what: str) -> None:
+            display.event(stage, what)
+            emitter.stage_event(stage, what)
+
+    display.start()
+    failed = True
+    try:
+        run_pipeline(pipeline, RunOptions(
+            output=output, isolation=isolation, gpu=gpu, nocache=nocache, allow_private=allow_private,
+            limits=limits, mirror=mirror, log=log, on_event=on_event, on_record=display.record,
+            on_progress=emitter.progress if emitter is not None else None,
+            on_metrics=emitter.metrics if emitter is not None else None,
+            force=force, overrides=overrides, on_workspace=made, on_trained=trained,
+            on_artifact=tracker.artifacts.append))
+        failed = False
+    finally:
+        display.close()
+        if workspaces:
+            tracker.ended = time.monotonic()
+            written: Path | None
+            try:
+                written = report.write(workspaces[0], tracker, failed=failed)
+            except OSError as exc:
+                _warn(f"warning: could not write the report: {exc}")
+                written = None
+            display.summary(workspaces[0], written, failed=failed)
+    click.secho(f"done: model in {workspaces[0].model}", err=True, fg="green")
 
 
 def _exit_code(exc: BaseException) -> int:
@@ -250,7 +322,9 @@ def _exit_code(exc: BaseException) -> int:
     from .orchestrator import Interrupted
 
     if isinstance(exc, (KeyboardInterrupt, Interrupted)):
-        return 130
+        return EXIT_TERMINATED if _terminated else EXIT_INTERRUPTED
+    if isinstance(exc, UsageError):
+        return 2
     if isinstance(exc, SystemExit):
         return exc.code if isinstance(exc.code, int) else 1
     if isinstance(exc, click.ClickException):
@@ -260,7 +334,8 @@ def _exit_code(exc: BaseException) -> int:
 
 def _plain(exc: BaseException) -> BaseException | None:
     if isinstance(exc, KeyboardInterrupt):
-        return PipcookError("interrupted (Ctrl-C or SIGTERM): every stage was stopped; the workspace is kept")
+        return PipcookError(("terminated (SIGTERM)" if _terminated else "interrupted (Ctrl-C)")
+                            + ": every stage was stopped; the workspace is kept")
     if isinstance(exc, click.ClickException):
         return PipcookError(exc.format_message())
     if isinstance(exc, SystemExit):
@@ -272,6 +347,7 @@ def _plain(exc: BaseException) -> BaseException | None:
 @click.argument("model")
 @click.option("-s", "--string", "strings", multiple=True, metavar="STRING", help="An input string (one sample each; repeatable).")
 @click.option("-u", "--upload", "files", multiple=True, metavar="FILE", help="An input file, sent as bytes (repeatable).")
+@click.option("-m", "--mirror", metavar="URL", help="Fetch the model's prebuilt framework from this mirror.")
 @click.option("--isolation", type=click.Choice(ISOLATIONS), default="bwrap", show_default=True,
               help="Sandbox for every stage. 'none' runs scripts unconfined: trusted local code only.")
 @click.option("--gpu/--no-gpu", default=False, show_default=True,
@@ -281,15 +357,17 @@ def _plain(exc: BaseException) -> BaseException | None:
 @click.option("--debug", is_flag=True, help="Show tracebacks and each stage's events.")
 @limit_options
 @handle_errors
-def predict(model: str, strings: tuple[str, ...], files: tuple[str, ...], isolation: str, gpu: bool,
-            allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout) -> None:
+def predict(model: str, strings: tuple[str, ...], files: tuple[str, ...], mirror: str | None, isolation: str,
+            gpu: bool, allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout) -> None:
     """Predict: run MODEL (a workspace, model dir, model zip or its http(s) URL) on -s/-u inputs.
 
     Prints {"success": true, "data": [one result per input]} as JSON on stdout.
     """
-    from .limits import from_options
+    limits = _limits(memory, cpus, pids, disk, timeout)
+    if gpu:  # before anything is built: the CUDA framework is gigabytes
+        from .training import require_gpu_host
 
-    limits = from_options(memory, cpus, pids, disk, timeout)
+        require_gpu_host("--gpu", isolation)
     confined = _isolation_check(isolation, debug)
     from .predict import PredictOptions, UsageError, render, run_predict, samples_from
 
@@ -300,13 +378,14 @@ def predict(model: str, strings: tuple[str, ...], files: tuple[str, ...], isolat
     confined()
     on_event = (lambda stage, what: _say(f"[{stage}] {what}")) if debug else None
     results = run_predict(model, samples, PredictOptions(isolation=isolation, gpu=gpu, allow_private=allow_private,
-                                                         limits=limits, log=_say, on_event=on_event))
+                                                         limits=limits, log=_say, on_event=on_event, mirror=mirror))
     click.echo(render(results))
 
 
 @main.command()
 @click.argument("model")
 @click.option("-p", "--port", type=click.IntRange(0, 65535), default=9091, show_default=True, help="TCP port.")
+@click.option("-m", "--mirror", metavar="URL", help="Fetch the model's prebuilt framework from this mirror.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback exposes the model to the network: a warning says so.")
 @click.option("--request-timeout", type=float, default=60.0, show_default=True, metavar="SECONDS",
@@ -319,47 +398,71 @@ def predict(model: str, strings: tuple[str, ...], files: tuple[str, ...], isolat
               help="Give the worker a GPU (CUDA image). The model's own pipeline never turns one on here.")
 @click.option("--allow-private", "allow_private", multiple=True, metavar="HOST",
               help="Allow ctx.download from this loopback/private host. Repeatable.")
+@click.option("--access-log/--no-access-log", default=True, show_default=True,
+              help="One line per request on stderr: client, method, path, status, time.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and the worker's events.")
 @limit_options
 @handle_errors
-def serve(model: str, port: int, host: str, request_timeout: float, max_queue: int, isolation: str, gpu: bool,
-          allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout) -> None:
+def serve(model: str, port: int, mirror: str | None, host: str, request_timeout: float, max_queue: int, isolation: str, gpu: bool,
+          allow_private: tuple[str, ...], access_log: bool, debug: bool, memory, cpus, pids, disk, timeout) -> None:
     """Serve MODEL (a workspace, model dir or model zip) over HTTP, one sandboxed worker kept warm.
 
-    POST /predict, a demo page at /, GET /healthz.
+    POST /predict, a demo page at /, GET /healthz, /info, /report (the training report), /openapi.json, /docs.
     """
-    from .limits import from_options
-
     if request_timeout <= 0:
         raise click.BadParameter("must be positive", param_hint="--request-timeout")
-    limits = from_options(memory, cpus, pids, disk, timeout)
+    limits = _limits(memory, cpus, pids, disk, timeout)
+    if gpu:  # before anything is built: the CUDA framework is gigabytes
+        from .training import require_gpu_host
+
+        require_gpu_host("--gpu", isolation)
     confined = _isolation_check(isolation, debug)
     from .serve import ServeOptions, serve_model
 
     confined()
     serve_model(model, ServeOptions(host=host, port=port, request_timeout=request_timeout, max_queue=max_queue,
                                     isolation=isolation, gpu=gpu, allow_private=allow_private, limits=limits,
-                                    debug=debug, log=_say, warn=_warn))
+                                    debug=debug, log=_say, warn=_warn, mirror=mirror,
+                                    access_log=access_log))
 
 
 @main.command()
+@click.option("--cache", is_flag=True, help="Also prune the download and build caches (scripts, data, frameworks).")
+@click.option("--older-than", metavar="DURATION",
+              help="With --cache: only entries cached longer ago than this, e.g. 30d, 12h, 90m (default: all).")
 @handle_errors
-def clean(debug: bool = False) -> None:
-    """Remove what crashed runs left behind: sandboxes, mounts, cgroups, containers."""
-    from .cleanup import clean_all
+def clean(cache: bool, older_than: str | None, debug: bool = False) -> None:
+    """Remove what crashed runs left behind: sandboxes, mounts, cgroups, containers; --cache prunes caches."""
+    from .cleanup import clean_all, parse_duration, prune_cache
+    from .fetch import cache_dir
 
+    if older_than is not None and not cache:
+        raise click.UsageError("--older-than goes with --cache")
+    age = parse_duration(older_than) if older_than is not None else None
     removed = clean_all()
     for item in removed:
         _say(f"removed {item}")
     _say(f"clean: {len(removed)} leftover(s) removed")
+    if cache:
+        pruned = prune_cache(cache_dir(), age)
+        for item in pruned:
+            _say(f"removed {item}")
+        _say(f"clean: {len(pruned)} cache entr{'y' if len(pruned) == 1 else 'ies'} removed from {cache_dir()}")
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as one JSON object (for scripts).")
 @handle_errors
-def doctor(debug: bool = False) -> None:
+def doctor(as_json: bool, debug: bool = False) -> None:
     """Check this host and print what confinement each backend gives here."""
-    from .doctor import report
+    from .doctor import findings, report
 
+    if as_json:
+        import json
+
+        data = findings()
+        click.echo(json.dumps(data, indent=2, default=str))
+        sys.exit(0 if data["ok"] else 1)
     text, ok = report()
     click.echo(text)
     sys.exit(0 if ok else 1)

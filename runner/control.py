@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
-
 from pipcook_sandbox.sandbox.protocol import CONTROL_CAPS, ProtocolError, pack, unpack
+from zmq.utils.monitor import recv_monitor_message
 
 MAX_VIOLATIONS_LOGGED = 5
 # ZeroMQ queues received messages per connection, counted in messages (up to
@@ -133,6 +132,11 @@ def validate(msg: Any) -> dict:
                 raise ProtocolError("metrics must map short names to numbers")
             clean[k] = float(v) if math.isfinite(v) else None
         return {"op": op, "step": step, "metrics": clean}
+    if op == "moved":  # how many samples a serving stage has sent so far (the live display)
+        samples = msg.get("samples")
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+            raise ProtocolError("moved needs a non-negative integer count of samples")
+        return {"op": op, "samples": samples}
     if op == "sync":
         if not isinstance(msg.get("id"), int) or isinstance(msg["id"], bool):
             raise ProtocolError("sync needs an integer id")

@@ -58,6 +58,20 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def findings() -> dict[str, Any]:
+    """`doctor --json`: {"ok": any backend usable, "backends": {name: {"usable", "problems", "found"}}}."""
+    backends: dict[str, Any] = {}
+    for name in BACKENDS:
+        if name == "none":
+            backends[name] = {"usable": True, "confined": False, "problems": [], "found": {}}
+            continue
+        found = probe(name)
+        issues = problems(name, found)
+        backends[name] = {"usable": not issues, "confined": True, "problems": issues, "found": found}
+    ok = any(b["usable"] for n, b in backends.items() if n != "none")
+    return {"ok": ok, "backends": backends}
+
+
 def report() -> tuple[str, bool]:
     lines, any_ok = [], False
     for name in BACKENDS:

@@ -60,3 +60,8 @@ class PolicyError(FetchError):
 
 class IntegrityError(FetchError):
     """A download's sha256 digest differs from the pin in the pipeline."""
+
+
+class UsageError(PipcookError):
+    """A bad command-line value that is only found out after parsing (e.g. `--set dataflow.3.x` for a
+    pipeline with one dataflow): reported like click's usage errors, with exit status 2."""

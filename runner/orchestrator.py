@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pipcook_sandbox.sandbox as sandbox
-from pipcook_sandbox.sandbox import sdk
 from pipcook_sandbox.runner.backends import base, get_backend, quota
 from pipcook_sandbox.runner.backends.base import Limits, Mount, StageSpec
+from pipcook_sandbox.sandbox import sdk
 
 from . import control as control_mod
 from . import fetch
@@ -85,6 +85,8 @@ class ExecOptions:
     on_progress: Callable[[float, dict], None] | None = None
     on_event: Callable[[str, str], None] | None = None
     on_metrics: Callable[[str, Any, dict], None] | None = None  # (stage, step, metrics) as recorded
+    # every stage event as data (op: started, exited, progress, metrics, moved, ...) for the live display
+    on_record: Callable[[str, str, dict], None] | None = None
 
 
 @dataclass
@@ -241,7 +243,6 @@ def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
         upstream_dir, upstream_name = None, None
         if opts.source is not None:
             import zmq
-
             from pipcook_sandbox.sandbox.boundary import PoolServer, serve_until
 
             src_dir = state / "ipc" / "b-source"
@@ -328,6 +329,8 @@ def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
             )
             handles[plan.name] = backend.start(spec)
             started[plan.name] = time.monotonic()
+            if opts.on_record:
+                opts.on_record(plan.name, "started", {})
             if opts.on_event:
                 opts.on_event(plan.name, "started")
             upstream_dir, upstream_name = out_dir, plan.name
@@ -399,6 +402,8 @@ def _monitor(plans: list[StagePlan], handles: dict, started: dict, volumes: dict
                     code = handle.poll()
                     if code is not None:
                         exited[name] = code
+                        if opts.on_record:
+                            opts.on_record(name, "exited", {"code": code})
                         if opts.on_event:
                             opts.on_event(name, f"exited with code {code}")
                 # A stage that serves its pool waits on its consumers: its time is theirs, and the
@@ -425,6 +430,18 @@ def _monitor(plans: list[StagePlan], handles: dict, started: dict, volumes: dict
         deadline = time.monotonic() + STOP_GRACE
         while time.monotonic() < deadline and any(handles[p.name].poll() is None for p in plans[:-1]):
             time.sleep(0.05)
+        if opts.on_record:  # the serving stages' last counts and their ends, for the display
+            while True:
+                try:
+                    event = control.events.get_nowait()
+                except queue.Empty:
+                    break
+                if event.op == "moved" and event.stage not in violations:
+                    opts.on_record(event.stage, event.op, event.data)
+            for plan in plans[:-1]:
+                code = handles[plan.name].poll()
+                if plan.name not in exited and code is not None:
+                    opts.on_record(plan.name, "exited", {"code": code})
     finally:
         metrics_file.close()
 
@@ -432,6 +449,8 @@ def _monitor(plans: list[StagePlan], handles: dict, started: dict, volumes: dict
 def _on_event(event: Any, by_name: dict, errors: dict, violations: dict, done: set, handles: dict,
               opts: ExecOptions, result: ExecResult, metrics_file: Any) -> None:
     name, op, data = event.stage, event.op, event.data
+    if opts.on_record and name not in violations:
+        opts.on_record(name, op, data)
     if op == "progress" and opts.on_progress:  # shown on the operator's terminal: short and inert
         extra = {control_mod.shown(k, 64): control_mod.shown(v, 200) if isinstance(v, str) else v
                  for k, v in (data.get("extra") or {}).items()}

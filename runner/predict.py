@@ -57,6 +57,7 @@ class Model:
 class PredictOptions:
     isolation: str = "bwrap"
     gpu: bool = False
+    mirror: str | None = None  # -m: prebuilt frameworks from this mirror
     allow_private: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     log: Callable[[str], None] = print
@@ -200,7 +201,7 @@ def prepare(model: Model, tmp: Path, opts: PredictOptions) -> tuple[workspace.Wo
     """A throwaway workspace with the verified scripts, plus the framework and worker site."""
     ws = workspace.create(tmp / "ws")
     run_opts = training.RunOptions(isolation=opts.isolation, gpu=opts.gpu, nocache=True,
-                                   allow_private=opts.allow_private, log=opts.log)
+                                   allow_private=opts.allow_private, log=opts.log, mirror=opts.mirror)
     copies = training.fetch_scripts(model.pipeline, ws, run_opts)  # pins checked here
     framework, worker_site = training.prepare_runtime(model.pipeline, run_opts)
     return ws, copies, framework, worker_site

@@ -22,6 +22,7 @@ import os
 import queue
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -34,7 +35,7 @@ from pipcook_sandbox.runner.backends import base, get_backend
 from pipcook_sandbox.runner.backends.base import Limits, Mount, StageSpec
 
 from . import control as control_mod
-from . import orchestrator, predict, training
+from . import orchestrator, predict, report, training
 from .errors import PipcookError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -71,6 +72,8 @@ class ServeOptions:
     max_body: int = MAX_BODY
     isolation: str = "bwrap"
     gpu: bool = False
+    mirror: str | None = None  # -m: prebuilt frameworks from this mirror
+    access_log: bool = True  # one line per request on stderr (serve --no-access-log turns it off)
     allow_private: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     debug: bool = False
@@ -438,16 +441,53 @@ async def _samples(request: Any, cap: int) -> list[dict]:
     return samples
 
 
-def create_app(service: Service, info: dict) -> Any:
+def _read_report(path: Path | None, cap: int = 16 << 20) -> bytes | None:
+    """The model's report.html if it is a regular file (never through a link), else None."""
+    if path is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        data = f.read(cap + 1)
+    return data if len(data) <= cap else None
+
+
+def create_app(service: Service, info: dict, report_file: Path | None = None) -> Any:
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.responses import FileResponse, JSONResponse
-    from starlette.routing import Mount as RouteMount, Route
+    from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from starlette.routing import Mount as RouteMount
+    from starlette.routing import Route
     from starlette.staticfiles import StaticFiles
+
+    from . import apidocs
 
     opts = service.opts
 
     async def predict_endpoint(request: Any) -> Any:
+        """
+        summary: Run the model on inputs
+        description: >-
+          JSON {"inputs": [strings]} or multipart files (one sample each), at most maxInputs
+          inputs and maxBytes in all (GET /info). The answer holds one result per input, in order.
+        requestBody:
+          content:
+            application/json:
+              schema: {type: object, required: [inputs], properties: {inputs: {type: array, items: {type: string}}}}
+            multipart/form-data:
+              schema: {type: object, properties: {file: {type: array, items: {type: string, format: binary}}}}
+        responses:
+          200: {description: "{success: true, data: [one result per input]}"}
+          400: {description: "{success: false, message}: the request is malformed"}
+          413: {description: "{success: false, message}: the body is larger than maxBytes"}
+          422: {description: "{success: false, message}: the pipeline's scripts failed on these inputs"}
+          503: {description: "{success: false, message}: busy, or the worker is restarting"}
+          504: {description: "{success: false, message}: the request ran past --request-timeout"}
+        """
         try:
             samples = await _samples(request, opts.max_body)
         except BadRequest as exc:
@@ -469,16 +509,52 @@ def create_app(service: Service, info: dict) -> Any:
             service.pending -= 1
 
     async def healthz(request: Any) -> Any:
+        """
+        summary: Whether the model worker is up
+        responses:
+          200: {description: "{ok: true, worker, restarts, pending}"}
+          503: {description: "{ok: false, worker: its state, ...}: starting or restarting"}
+        """
         ready = service.worker.alive()
         body = {"ok": ready, "worker": service.worker.status if not ready else "ready",
                 "restarts": service.restarts, "pending": service.pending}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def info_endpoint(request: Any) -> Any:
+        """
+        summary: What the model is and takes
+        description: >-
+          type (the pipeline's task type), categories, columns (a tabular model's input
+          columns, in order, or null), report (the training report's path or null), maxBytes, maxInputs.
+        responses:
+          200: {description: "{type, categories, columns, report, maxBytes, maxInputs}"}
+        """
         return JSONResponse(info)
 
     async def index(request: Any) -> Any:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-store"})
+
+    async def report_page(request: Any) -> Any:
+        """
+        summary: The training report (curves, parameters, stage timings, test metrics)
+        responses:
+          200: {description: a self-contained HTML page}
+          404: {description: the model was trained without a report}
+        """
+        text = _read_report(report_file)
+        if text is None:
+            return _answer(404, "this model has no training report")
+        # The file came with the model, which may be someone else's: no script of it may run here.
+        return Response(text, media_type="text/html", headers={
+            "Content-Security-Policy": report.CSP + "; sandbox", "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff"})
+
+    async def openapi(request: Any) -> Any:
+        return JSONResponse(apidocs.schema(app.routes, info))
+
+    async def docs(request: Any) -> Any:
+        return HTMLResponse(apidocs.render_docs(apidocs.schema(app.routes, info)),
+                            headers={"Content-Security-Policy": report.CSP})
 
     async def http_error(request: Any, exc: Any) -> Any:
         message = {404: f"not found: {request.method} {request.url.path}",
@@ -496,9 +572,15 @@ def create_app(service: Service, info: dict) -> Any:
         Route("/predict", predict_endpoint, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/info", info_endpoint, methods=["GET"]),
+        Route("/report", report_page, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
+        Route("/docs", docs, methods=["GET"], include_in_schema=False),
         RouteMount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: internal_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: internal_error})
+    if opts.access_log:
+        app.add_middleware(apidocs.AccessLog, log=opts.log)
+    return app
 
 
 # ------------------------------------------------------------------ the command
@@ -533,10 +615,25 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def input_columns(meta: dict) -> list[str] | None:
+    """The input columns of a tabular model, from its dataset meta (`columns`, as sdk.from_csv sets it,
+    or a dataflow's `standardize.columns`); None when the meta names none. The meta was written by
+    the pipeline's scripts: only a short list of short strings is passed on."""
+    found = meta.get("columns")
+    if not isinstance(found, list) and isinstance(meta.get("standardize"), dict):
+        found = meta["standardize"].get("columns")
+    if not isinstance(found, list) or not found or len(found) > 1024 or \
+            not all(isinstance(c, str) and 0 < len(c) <= 128 for c in found):
+        return None
+    return list(found)
+
+
 def model_info(model: predict.Model, opts: ServeOptions) -> dict:
     """What the demo page needs to adapt itself to the model."""
     categories = model.meta.get("categories")
     return {"type": model.type, "categories": categories if isinstance(categories, list) else None,
+            "columns": input_columns(model.meta),
+            "report": "/report" if (model.dir / report.REPORT_NAME).is_file() else None,
             "maxBytes": opts.max_body, "maxInputs": MAX_INPUTS}
 
 
@@ -547,7 +644,7 @@ def serve_model(location: str, opts: ServeOptions) -> None:
         opts.warn(f"WARNING: serving on {opts.host}, not loopback: anyone who can reach this machine can send "
                   "inputs to the model. There is no authentication; put a proxy in front of it.")
     popts = predict.PredictOptions(isolation=opts.isolation, gpu=opts.gpu, allow_private=opts.allow_private,
-                                   limits=opts.limits, log=opts.log)
+                                   limits=opts.limits, log=opts.log, mirror=opts.mirror)
     with predict.open_model(location, opts.allow_private) as model_dir, \
             tempfile.TemporaryDirectory(prefix="pcsb-serve-ws-") as tmp:
         model = predict.load(model_dir)
@@ -557,12 +654,12 @@ def serve_model(location: str, opts: ServeOptions) -> None:
         try:
             worker.start()
             service = Service(worker, opts)
-            config = uvicorn.Config(create_app(service, model_info(model, opts)), log_level="warning",
-                                    access_log=opts.debug, lifespan="off", timeout_graceful_shutdown=5)
+            config = uvicorn.Config(create_app(service, model_info(model, opts), model.dir / report.REPORT_NAME),
+                                    log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5)
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
             opts.log(f"serving {model.type or 'model'} from {location} on http://{shown}:{port}/ "
-                     f"(POST /predict, GET /healthz; Ctrl-C stops)")
+                     f"(POST /predict, GET /healthz, API docs at /docs; Ctrl-C stops)")
             if opts.debug:
                 opts.log(f"serve: the worker's output goes to {worker.log_path}")
             try:

@@ -24,6 +24,7 @@ from urllib.request import url2pathname
 import jsonschema
 from jsonschema import Draft202012Validator
 
+from pipcook_sandbox.runner import validate
 from pipcook_sandbox.runner.errors import SpecError
 
 SCHEMA_RESOURCE = "pipeline-2.0.schema.json"
@@ -367,6 +368,8 @@ def parse_pipeline(data: bytes | str | dict, source: str) -> Pipeline:
     """
     source, base, is_remote = _source_base(source)
     raw = _decode(data, source)
+    # typos first, with a suggestion: "datasorce" is not reported as "datasource is required"
+    validate.check_raw(raw, source, load_schema()["properties"])
     error = jsonschema.exceptions.best_match(_validator().iter_errors(raw))
     if error is not None:
         raise _schema_error(error, source)

@@ -21,7 +21,18 @@ from typing import Any, Callable
 
 from pipcook_sandbox.runner.backends.base import Limits
 
-from . import artifacts, fetch, frameworks, gpus, orchestrator, spec, workspace
+from . import (
+    artifacts,
+    cleanup,
+    fetch,
+    frameworks,
+    gpus,
+    orchestrator,
+    overrides,
+    spec,
+    validate,
+    workspace,
+)
 from .errors import PipcookError
 from .workerenv import ensure_worker_site
 
@@ -39,6 +50,12 @@ class RunOptions:
     on_progress: Callable[[float, dict], None] | None = None
     on_event: Callable[[str, str], None] | None = None
     on_metrics: Callable[[str, Any, dict], None] | None = None
+    on_record: Callable[[str, str, dict], None] | None = None  # every stage event as data (runner/display.py)
+    force: bool = False  # replace an -o directory this runner created (workspace.created_by_us)
+    overrides: list = field(default_factory=list)  # overrides.Override, from --set
+    on_workspace: Callable[[workspace.Workspace], None] | None = None  # the workspace exists
+    on_trained: Callable[[workspace.Workspace], None] | None = None  # model/ is complete, artifacts next
+    on_artifact: Callable[[Path], None] | None = None
 
 
 def model_options(pipeline: spec.Pipeline) -> dict:
@@ -92,6 +109,23 @@ def prepare_runtime(pipeline: spec.Pipeline, opts: RunOptions) -> tuple[Any, Pat
     return framework, worker_site
 
 
+def require_gpu_host(who: str, isolation: str, fix: str = "run without --gpu",
+                     log: Callable[[str], None] | None = None) -> None:
+    """Refuse a GPU request where this process was given no GPU (a host without an NVIDIA device, or a
+    batch job allocated none of them: runner/gpus.py), before anything is built or started (`run`,
+    `predict` and `serve` say it the same way). `log` hears which GPUs the model stage will get."""
+    if isolation == "none":
+        return
+    given = gpus.given()
+    if not given.devices:
+        where = ("this host has no NVIDIA GPU (no /dev/nvidia0)" if not gpus.candidates()
+                 else f"this process was given none of the host's GPUs ({given.why})")
+        raise PipcookError(f"a GPU was requested by {who}, but {where}; {fix}, or run on a host (or in a job) "
+                           "with a GPU and its driver")
+    if log is not None:
+        log(f"GPU: the model stage gets {', '.join(given.devices)} ({given.why})")
+
+
 def check_gpu(pipeline: spec.Pipeline, opts: RunOptions) -> RunOptions:
     """`opts` with `gpu` decided, before anything is fetched or started.
 
@@ -109,15 +143,8 @@ def check_gpu(pipeline: spec.Pipeline, opts: RunOptions) -> RunOptions:
     if opts.gpu is None and not from_file:
         return dataclasses.replace(opts, gpu=False)
     who = "--gpu" if opts.gpu else "the pipeline file (options.train.gpu, not the command line)"
-    if opts.isolation != "none":
-        given = gpus.given()
-        if not given.devices:
-            where = ("this host has no NVIDIA GPU (no /dev/nvidia0)" if not gpus.candidates()
-                     else f"this process was given none of the host's GPUs ({given.why})")
-            raise PipcookError(f"a GPU was requested by {who}, but {where}; "
-                               + ("run without --gpu" if opts.gpu else "pass --no-gpu to train on the CPU")
-                               + ", or run on a host (or in a job) with a GPU and its driver")
-        opts.log(f"GPU: the model stage gets {', '.join(given.devices)} ({given.why})")
+    require_gpu_host(who, opts.isolation, "run without --gpu" if opts.gpu else "pass --no-gpu to train on the CPU",
+                     log=opts.log)
     if opts.gpu is None:
         opts.log(f"GPU: requested by {who}; pass --no-gpu to refuse it")
     return dataclasses.replace(opts, gpu=True)
@@ -125,15 +152,19 @@ def check_gpu(pipeline: spec.Pipeline, opts: RunOptions) -> RunOptions:
 
 def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
     pipeline = spec.load_pipeline(location, fetch_bytes=functools.partial(fetch.fetch_bytes, allow_private=opts.allow_private))
+    pipeline = overrides.apply(pipeline, opts.overrides)
+    validate.preflight(pipeline)  # processors and their options: a typo fails now, not after training
     opts = check_gpu(pipeline, opts)  # --gpu / --no-gpu, else options.train.gpu
-    if opts.isolation == "docker":  # containers left by runners that crashed or were killed
-        from pipcook_sandbox.runner.backends import docker as docker_backend
-
-        for item in docker_backend.clean_leftovers():
-            opts.log(f"removed {item}")
-    ws = workspace.create(opts.output)
+    # what runners that crashed or were killed (kill -9) left behind: sandboxes, mounts, cgroups, containers
+    for item in cleanup.clean_all(only=(opts.isolation,)):
+        opts.log(f"removed {item} (left by a runner that is gone)")
+    ws = workspace.create(opts.output, force=opts.force)
     workspace.write_json(ws.pipeline, spec.pipeline_to_json(pipeline))
+    for override in opts.overrides:
+        opts.log(f"override: {override}")
     opts.log(f"workspace: {ws.root}")
+    if opts.on_workspace:
+        opts.on_workspace(ws)
     copies = fetch_scripts(pipeline, ws, opts)
     framework, worker_site = prepare_runtime(pipeline, opts)
     if framework is not None:
@@ -144,9 +175,13 @@ def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
         isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu, nocache=opts.nocache,
         allow_private=opts.allow_private, task_type="train", framework=framework, worker_site=worker_site,
         pipeline_options=dict(pipeline.options), on_progress=opts.on_progress, on_event=opts.on_event,
-        on_metrics=opts.on_metrics))
+        on_record=opts.on_record, on_metrics=opts.on_metrics))
     finish_model_dir(ws, pipeline, copies, result.meta)
-    artifacts.run_all(pipeline.artifact, ws, log=opts.log, isolation=opts.isolation, limits=opts.limits)
+    if opts.on_trained:
+        opts.on_trained(ws)
+    for out in artifacts.run_all(pipeline.artifact, ws, log=opts.log, isolation=opts.isolation, limits=opts.limits):
+        if opts.on_artifact:
+            opts.on_artifact(out)
     return ws
 
 

@@ -4,19 +4,28 @@
 
 The runner creates it, never reuses a non-empty one (a mistyped -o must not
 clobber a previous run), and keeps it whatever happens, so a failed run can
-be inspected.
+be inspected. `run --force` replaces one, but only one this runner created:
+the root holds a marker whose tag is an HMAC, under a key only the host
+user can read, of the directory's device, inode and path. A stage cannot
+forge it (it never sees the key), a copied or moved directory no longer
+matches it, and a link is never followed.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import hmac
 import json
 import os
+import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PipcookError
 
 SUBDIRS = ("scripts", "framework", "data", "cache", "model", "logs")
+MARKER = ".pipcook-sandbox-workspace"
 
 
 @dataclass(frozen=True)
@@ -42,16 +51,76 @@ def default_dir() -> Path:
     return Path.cwd() / f"pipcook-output-{stamp}"
 
 
-def create(root: Path | None) -> Workspace:
+def _key() -> bytes:
+    """The host user's secret for workspace markers (created once, mode 0600, never mounted in a stage)."""
+    import platformdirs
+
+    path = Path(platformdirs.user_state_dir("pipcook-sandbox")) / "workspace.key"
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError):
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    try:
+        os.link(tmp, path)  # first writer wins; a racing runner reads the same key
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    return bytes.fromhex(path.read_text().strip())
+
+
+def _tag(root: Path) -> str:
+    st = os.stat(root, follow_symlinks=False)
+    return hmac.new(_key(), f"{st.st_dev}:{st.st_ino}:{os.path.realpath(root)}".encode(), hashlib.sha256).hexdigest()
+
+
+def created_by_us(root: Path) -> bool:
+    """True only for a real directory (not a link) whose marker this host user's runner wrote for it."""
+    try:
+        if root.is_symlink() or not root.is_dir():
+            return False
+        fd = os.open(root / MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as f:
+        if not os.path.isfile(f"/proc/self/fd/{f.fileno()}"):
+            return False
+        try:
+            data = json.loads(f.read(4096))
+        except ValueError:
+            return False
+    tag = data.get("tag") if isinstance(data, dict) else None
+    return isinstance(tag, str) and hmac.compare_digest(tag, _tag(root))
+
+
+def create(root: Path | None, force: bool = False) -> Workspace:
     root = Path(root) if root else default_dir()
-    root = root.absolute()
+    root = Path(os.path.abspath(root))
+    if root.is_symlink():
+        raise PipcookError(f"output directory {root} is a symbolic link; name a real directory with -o "
+                           "(--force never replaces what a link points to)")
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise PipcookError(f"output directory {root} already exists and is not empty; choose another with -o")
+        if not force:
+            raise PipcookError(f"output directory {root} already exists and is not empty; choose another with -o, "
+                               "or pass --force to replace it if it is a workspace of an earlier run")
+        if not created_by_us(root):
+            raise PipcookError(f"output directory {root} was not created by pipcook-sandbox (it holds no valid "
+                               f"{MARKER} marker), so --force will not replace it; choose another with -o")
+        try:
+            shutil.rmtree(root)
+        except OSError as exc:
+            raise PipcookError(f"--force could not remove the earlier workspace {root}: {exc}") from None
     try:
         root.mkdir(parents=True, exist_ok=True)
         for sub in SUBDIRS:
             (root / sub).mkdir(exist_ok=True)
         (root / "metrics.jsonl").touch()
+        write_json(root / MARKER, {"created_by": "pipcook-sandbox", "tag": _tag(root)})
     except OSError as exc:
         raise PipcookError(f"cannot create the workspace {root}: {exc.strerror}") from None
     return Workspace(root)

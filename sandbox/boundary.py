@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import time
 from typing import Any, Callable
 
 import zmq
@@ -93,6 +94,7 @@ class PoolServer:
         self.sock.bind(endpoint)
         self.streams: dict[str, _Stream] = {}
         self.batch_size: dict[str, int] = {}
+        self.samples_sent = 0  # all splits, all epochs: what the live display shows as samples moved
         self._rr = 0
         self.ring_listener: shmring.Listener | None = None
         self.rings: collections.OrderedDict[bytes, shmring.Ring] = collections.OrderedDict()  # by peer
@@ -220,6 +222,7 @@ class PoolServer:
         per_sample = max(1, size // len(samples))
         self.batch_size[split] = max(1, min(MAX_BATCH_SAMPLES, TARGET_BATCH_BYTES // per_sample))
         stream.pos += len(samples)
+        self.samples_sent += len(samples)
         stream.sent += 1
         stream.credit -= 1
         self.sock.send_multipart([stream.peer, *frames], copy=False)
@@ -430,8 +433,11 @@ class RemotePool:
 
 
 def serve_until(server: PoolServer, should_stop: Callable[[], bool], extra: zmq.Socket | None = None,
-                on_extra: Callable[[], None] | None = None) -> None:
-    """Drive `server` until `should_stop()`; `extra` (the control socket) is polled too."""
+                on_extra: Callable[[], None] | None = None, on_tick: Callable[[], None] | None = None,
+                tick: float = 0.5) -> None:
+    """Drive `server` until `should_stop()`; `extra` (the control socket) is polled too; `on_tick` is
+    called at most every `tick` seconds (the worker reports samples moved with it)."""
+    next_tick = time.monotonic()  # the first report at once, then one per tick
     poller = zmq.Poller()
     poller.register(server.sock, zmq.POLLIN)
     listener = server.ring_listener
@@ -450,3 +456,6 @@ def serve_until(server: PoolServer, should_stop: Callable[[], bool], extra: zmq.
             on_extra()
         if server.has_work():
             server.produce_one()
+        if on_tick is not None and time.monotonic() >= next_tick:
+            next_tick = time.monotonic()  # the first report at once, then one per tick
+            on_tick()

@@ -128,8 +128,16 @@ def run_stage(cfg: dict, control: Any, zctx: Any) -> None:
         pool = _check_pool(_call(fn, script, *args), script, ENTRIES[role])
         server = boundary.PoolServer(zctx, cfg["serve"], pool)
         control.send({"op": "serving"})
+        reported = [0]
+
+        def report_moved() -> None:
+            if server.samples_sent != reported[0]:
+                reported[0] = server.samples_sent
+                control.send({"op": "moved", "samples": server.samples_sent})
+
         try:
-            boundary.serve_until(server, lambda: control.stop_requested, control.socket, control.drain)
+            boundary.serve_until(server, lambda: control.stop_requested, control.socket, control.drain, report_moved)
+            report_moved()  # the final count: the runner reads it while this stage stops
         except boundary.SampleError as exc:
             raise StageFailure(str(exc), kind="sample") from None
         except boundary.UpstreamError as exc:
@@ -274,6 +282,14 @@ def _size_thread_pools(cpus: str | None) -> None:
 
 def main(config_path: str) -> int:
     sys.dont_write_bytecode = True  # scripts and the SDK are read-only mounts
+    # stdout and stderr share the stage's log: line-buffer both so a print() reaches logs/ as it
+    # happens and the two streams keep their order; child processes inherit the same through the env.
+    os.environ["PYTHONUNBUFFERED"] = "1"
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+        except (AttributeError, ValueError):
+            pass
     with open(config_path, encoding="utf-8") as f:
         cfg = json.load(f)
     # Framework first: its numpy (say) must win over the worker's own copy.

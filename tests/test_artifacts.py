@@ -22,6 +22,7 @@ from pipcook_sandbox.runner import artifacts
 from pipcook_sandbox.runner.artifacts import ArtifactError, tfjs_processor, tflite_processor
 
 TFJS_NPM = "@tensorflow/tfjs@4.22.0"
+LABELS = ["daisy", "rose", "sunflower", "tulip"]
 
 BUILD = r'''
 import sys, importlib.util
@@ -92,7 +93,23 @@ def keras_ws(tmp_path_factory) -> Path:
     (ws / "model").mkdir()
     tf_python(BUILD, str(REPO / "examples" / "image-classification" / "model.py"), str(ws / "model" / "model.keras"),
               str(ws / "x.npy"), str(ws / "y.npy"))
+    # what `run` leaves beside the model: labels, the dataset meta, the pipeline (exportmeta.py reads them)
+    (ws / "model" / "labels.json").write_text(json.dumps(LABELS))
+    (ws / "model" / "meta.json").write_text(json.dumps({"type": "image", "dimension": {"x": 16, "y": 16, "z": 3},
+                                                        "categories": LABELS, "size": {"train": 32}}))
+    (ws / "model" / "pipeline.json").write_text(json.dumps({
+        "specVersion": "2.0", "type": "ImageClassification", "datasource": "scripts/datasource.py#sha256=" + "0" * 64,
+        "dataflow": ["scripts/dataflow.py?size=16&size=16#sha256=" + "1" * 64], "model": "scripts/model.py"}))
     return ws
+
+
+def _assert_sidecar(path: Path, fmt: str, model_name: str) -> None:
+    """The labels and preprocessing shipped beside an export."""
+    side = json.loads(path.read_text())
+    assert side["format"] == fmt and side["model"] == model_name and side["type"] == "ImageClassification"
+    assert side["labels"] == LABELS
+    assert side["input"] == {"type": "image", "dimension": {"x": 16, "y": 16, "z": 3}}
+    assert side["dataflow"] == [{"script": "dataflow.py", "options": {"size": ["16", "16"]}}]
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +137,7 @@ def test_tflite_predicts_like_keras(keras_ws):
     expected, got = np.load(keras_ws / "y.npy"), np.load(keras_ws / "tflite-y.npy")
     assert got.shape == expected.shape == (3, 4)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+    _assert_sidecar(out.with_name("model.tflite.json"), "tflite", "model.tflite")
 
 
 @pytest.mark.tf
@@ -141,6 +159,8 @@ def test_tfjs_export_loads_in_node_and_predicts_like_keras(keras_ws, tfjs_node):
     expected = np.load(keras_ws / "y.npy")
     assert result["shape"] == list(expected.shape)
     np.testing.assert_allclose(np.array(result["data"]).reshape(expected.shape), expected, atol=1e-4)
+
+    _assert_sidecar(out / "pipcook.json", "tfjs", "model.json")
 
     # run again: an earlier export at the target is replaced whole
     assert tfjs_processor.process(keras_ws / "model", {"target": "web"}, keras_ws, log=lambda _: None) == out

@@ -41,6 +41,8 @@ GOOD = [
     {"op": "result", "data": [1, "two", {"three": 3}]},
     {"op": "result", "data": []},
     {"op": "sync", "id": 3},
+    {"op": "moved", "samples": 0},
+    {"op": "moved", "samples": 12510},
 ]
 
 
@@ -67,6 +69,11 @@ def test_validate_normalises_metrics_and_errors():
 
 
 BAD = [
+    {"op": "moved"},
+    {"op": "moved", "samples": -1},
+    {"op": "moved", "samples": "12"},
+    {"op": "moved", "samples": True},
+    {"op": "moved", "samples": 1.5},
     None,
     [],
     "progress",

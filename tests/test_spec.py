@@ -132,7 +132,7 @@ def test_bad_spec_version_is_named() -> None:
 def test_unknown_top_level_key_is_named() -> None:
     err = spec_error(with_(dataflows=[]))
     assert err.field == "dataflows"
-    assert "unknown field" in str(err) and "'dataflows'" in str(err)
+    assert "unknown key 'dataflows' (did you mean 'dataflow'?)" in str(err)
     assert "dataflow" in str(err).split("allowed:")[1]
 
 

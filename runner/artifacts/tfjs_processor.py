@@ -32,10 +32,11 @@ from typing import Callable
 from ..cachebuild import build_once, pip_install
 from ..fetch import cache_dir
 from ..frameworks import platform_tag, python_tag
-from . import ArtifactError, confinement, confined, target_path
+from . import ArtifactError, confinement, confined, exportmeta, target_path
 from .tflite_processor import CONVERT_TIMEOUT, framework_for, inside_model, keras_file, private_copy
 
 TFJS_VERSION = "4.22.0"
+SIDECAR = "pipcook.json"  # labels and preprocessing, beside model.json
 SHARD_BYTES = 4 << 20
 
 CONVERT = r'''
@@ -116,7 +117,7 @@ def install_dir(produced: Path, target: Path) -> Path:
         raise ArtifactError(f"artifact target {target} exists and is not a directory; the tfjs export is a directory")
     if target.is_dir():
         names = {p.name for p in target.iterdir()}
-        earlier = "model.json" in names and all(n == "model.json" or n.endswith(".bin") for n in names)
+        earlier = "model.json" in names and all(n in ("model.json", SIDECAR) or n.endswith(".bin") for n in names)
         if names and not earlier:
             raise ArtifactError(f"artifact target {target} is a directory holding other files; "
                                 "name a new directory for the tfjs export")
@@ -134,6 +135,15 @@ def install_dir(produced: Path, target: Path) -> Path:
     return target
 
 
+# The options this processor reads besides `processor`; the runner checks a pipeline's artifact
+# entries against them before any stage starts (runner/validate.py), so a typo fails in a second.
+OPTIONS: dict[str, str] = {
+    "target": "the directory the TensorFlow.js model lands in, relative to the workspace (default artifacts/tfjs)",
+    "model": "the Keras file inside model/ to convert (default model.keras)",
+    "framework": "the TensorFlow framework NAME@VERSION that converts it (default: the pipeline's)",
+}
+
+
 def process(model_dir: Path, options: dict, workspace: Path, log: Callable[[str], None] = print) -> Path:
     target = target_path(Path(workspace), options.get("target"), "tfjs", log)
     with tempfile.TemporaryDirectory(prefix="pcsb-tfjs-") as tmp:
@@ -149,4 +159,6 @@ def process(model_dir: Path, options: dict, workspace: Path, log: Callable[[str]
                                   copy, [framework.site, tfjs_site], produced, CONVERT_TIMEOUT), isolation, limits)
         if not (produced / "model.json").is_file():
             raise ArtifactError("artifact processor 'tfjs': the conversion wrote no model.json")
+        # labels and preprocessing for the web app, beside model.json (exportmeta.py)
+        exportmeta.write(produced / SIDECAR, exportmeta.describe(copy, "tfjs", "model.json"))
         return install_dir(produced, target)

@@ -23,7 +23,7 @@ from typing import Callable
 
 from .. import frameworks
 from ..errors import PipcookError
-from . import ArtifactError, confinement, confined, target_path
+from . import ArtifactError, confinement, confined, exportmeta, target_path
 from .safefiles import regular_files
 
 DEFAULT_FRAMEWORK = "tensorflow@2.21"
@@ -116,6 +116,15 @@ def inside_model(copy_dir: Path, source: Path) -> str:
     return "{model}/" + rel.replace("{", "{{").replace("}", "}}")
 
 
+# The options this processor reads besides `processor`; the runner checks a pipeline's artifact
+# entries against them before any stage starts (runner/validate.py), so a typo fails in a second.
+OPTIONS: dict[str, str] = {
+    "target": "where the .tflite file lands, relative to the workspace (default artifacts/model.tflite)",
+    "model": "the Keras file inside model/ to convert (default model.keras)",
+    "framework": "the TensorFlow framework NAME@VERSION that converts it (default: the pipeline's)",
+}
+
+
 def process(model_dir: Path, options: dict, workspace: Path, log: Callable[[str], None] = print) -> Path:
     target = target_path(Path(workspace), options.get("target"), "model.tflite", log)
     with tempfile.TemporaryDirectory(prefix="pcsb-tflite-") as tmp:
@@ -131,4 +140,7 @@ def process(model_dir: Path, options: dict, workspace: Path, log: Callable[[str]
         produced = out / "model.tflite"
         if not produced.is_file() or produced.is_symlink():
             raise ArtifactError("artifact processor 'tflite': the conversion wrote no model")
-        return replace_file(produced, target)
+        replace_file(produced, target)
+        # labels and preprocessing for the mobile app: model.tflite.json beside it (exportmeta.py)
+        exportmeta.write(target.with_name(target.name + ".json"), exportmeta.describe(copy, "tflite", target.name))
+        return target

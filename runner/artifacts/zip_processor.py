@@ -10,6 +10,11 @@ from . import target_path
 from .safefiles import regular_files
 
 
+# The options this processor reads besides `processor`; the runner checks a pipeline's artifact
+# entries against them before any stage starts (runner/validate.py), so a typo fails in a second.
+OPTIONS: dict[str, str] = {"target": "where the zip lands, relative to the workspace (default artifacts/model.zip)"}
+
+
 def process(model_dir: Path, options: dict, workspace: Path, log: Callable[[str], None] = print) -> Path:
     target = target_path(Path(workspace), options.get("target"), "model.zip", log)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -394,7 +394,7 @@ def list_artifacts(ws: Path) -> list[str]:
 
 def _zip_dir(src: Path, dest: Path) -> None:
     """model/ as a zip: regular files only, links never followed (the stage wrote them)."""
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = dest.with_name(f".{dest.name}.{threading.get_ident()}.tmp")  # two requests at once: two temp files
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
         for root, dirs, files in os.walk(src, followlinks=False):
             for name in files:

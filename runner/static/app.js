@@ -177,6 +177,13 @@ async function main() {
   $("model-type").textContent = info.type || "model";
   document.title = `${info.type || "model"} · pipcook-sandbox`;
   $(`input-${mode}`).hidden = false;
+  if (info.report) $("report-link").hidden = false;
+  if (mode === "table" && Array.isArray(info.columns) && info.columns.length) {
+    // textContent only: the column names come from the pipeline's scripts
+    $("columns").textContent = `Columns, in order: ${info.columns.join(", ")}`;
+    $("columns").hidden = false;
+    $("row").placeholder = info.columns.join(",");
+  }
   if (mode === "image") setupImage();
   $("predict").addEventListener("click", predict);
   for (const id of ["row"]) $(id).addEventListener("keydown", (e) => { if (e.key === "Enter") predict(); });

@@ -44,6 +44,12 @@ def payloads():
     if kind == "unknown op":
         import msgpack
         return [[msgpack.packb({"op": "exec", "cmd": "id"})]]
+    if kind == "negative samples moved":  # the live display's count, from a serving stage
+        import msgpack
+        return [[msgpack.packb({"op": "moved", "samples": -5})]]
+    if kind == "samples moved as text":
+        import msgpack
+        return [[msgpack.packb({"op": "moved", "samples": "\x1b[2J1e99"})]]
     raise ValueError(kind)
 
 
@@ -70,7 +76,7 @@ def train(runtime, options, ctx):
 '''
 
 ATTACKS = ["garbage", "msgpack bomb", "deep nesting", "huge length claim", "many frames", "wrong fields",
-           "unknown op"]
+           "unknown op", "negative samples moved", "samples moved as text"]
 
 
 @pytest.mark.parametrize("kind", ATTACKS)
