@@ -8,6 +8,7 @@ names the offending field.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 import posixpath
@@ -111,6 +112,11 @@ def load_schema() -> dict:
     return json.loads(text)
 
 
+def pipeline_types() -> list[str]:
+    """The values `type` may take (the schema's enum; docs/pipeline.md "Task types" documents each)."""
+    return list(load_schema()["properties"]["type"]["enum"])
+
+
 @lru_cache(maxsize=1)
 def _validator() -> Draft202012Validator:
     return Draft202012Validator(load_schema())
@@ -169,6 +175,13 @@ def _schema_error(err: jsonschema.ValidationError, source: str) -> SpecError:
         if not where:
             return SpecError(f"the pipeline {cause}", source=source)
         return SpecError(cause, field=where, source=source)
+    if kind == "enum":
+        shown = json.dumps(err.instance)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        close = difflib.get_close_matches(str(err.instance), [str(v) for v in err.validator_value], n=1)
+        hint = f" (did you mean {json.dumps(close[0])}?)" if close else ""
+        return SpecError(f"must be one of {', '.join(map(str, err.validator_value))}; got {shown}{hint}",
+                         field=where or None, source=source)
     if kind == "minLength":
         return SpecError("must not be empty", field=where or None, source=source)
     return SpecError(err.message, field=where or None, source=source)

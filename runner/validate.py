@@ -24,6 +24,7 @@ TASK_TYPES = (
     "TabularRegression",
     "ImageSegmentation",
     "TextGeneration",
+    "General",  # anything else: the demo page shows results as JSON (bench/pipelines use it)
 )
 # What the runner reads from `options`; the whole object still goes to the framework's initialize.
 OPTION_KEYS = ("framework", "train")  # the runner reads these; the rest is the framework's

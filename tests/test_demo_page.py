@@ -221,3 +221,98 @@ def test_image_page_choose_and_drop(page, tmp_path):
         assert "input: blue.png" in page.locator("#results li.result").first.inner_text()
         _shot(page, "image-dropped")
         _only_local(page, server.url)
+
+
+DETECT_DATASOURCE = '''
+import os
+from PIL import Image
+from sandbox import sdk
+
+def datasource(options, ctx):
+    path = os.path.join(ctx.workspace.data_dir, "blank.png")
+    Image.new("RGB", (8, 8), (128, 128, 128)).save(path)
+    return sdk.from_lists(train=[{"data": path, "label": None}], meta={"type": "image", "categories": ["blue", "red"]})
+'''
+
+# Finds the red and the blue pixels: a "detector" whose boxes are known exactly, in the image's pixels.
+DETECT_DATAFLOW = '''
+import io
+import numpy as np
+from PIL import Image
+
+def dataflow(pool, options, ctx):
+    def fn(sample):
+        data = sample["data"]
+        img = np.asarray(Image.open(io.BytesIO(data) if isinstance(data, bytes) else data).convert("RGB")).astype(int)
+        boxes = []
+        for mask in ((img[..., 0] > 200) & (img[..., 2] < 80), (img[..., 2] > 200) & (img[..., 0] < 80)):
+            ys, xs = np.nonzero(mask)
+            boxes.append([float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
+                         if len(xs) else [])
+        return {"data": boxes, "label": sample["label"]}
+    return pool.transform(fn)
+'''
+
+DETECT_MODEL = '''
+def train(runtime, options, ctx):
+    pass
+
+def predict(runtime, options, ctx):
+    out = []
+    for s in runtime.dataset.predicted:
+        red, blue = s["data"]
+        out.append([d for d in ({"label": "red", "score": 0.93, "box": red}, {"label": "blue", "score": 0.71, "box": blue})
+                    if d["box"]])
+    return out
+'''
+
+
+def test_object_detection_page_draws_the_boxes(page, tmp_path):
+    """An ObjectDetection model: the page draws each box over the uploaded image, in its label's colour."""
+    from PIL import Image
+
+    pipeline = write_pipeline(tmp_path / "p", datasource=DETECT_DATASOURCE, dataflow=[DETECT_DATAFLOW],
+                              model=DETECT_MODEL, extra={"type": "ObjectDetection"})
+    ws = _train(pipeline, tmp_path / "ws")
+    img = Image.new("RGB", (120, 90), (150, 150, 150))
+    img.paste((230, 20, 20), (30, 20, 70, 60))   # red: box [30, 20, 40, 40]
+    img.paste((20, 30, 235), (85, 50, 105, 80))  # blue: box [85, 50, 20, 30]
+    path = tmp_path / "two.png"
+    img.save(path)
+    with serving(ws, "none", tmp=tmp_path) as server:
+        page.goto(server.url + "/")
+        page.wait_for_selector("#input-image:not([hidden])")
+        assert page.locator("#model-type").inner_text() == "ObjectDetection"
+        assert page.locator("#detections").is_hidden()
+        page.set_input_files("#file", str(path))
+        page.wait_for_function("document.getElementById('preview').naturalWidth === 120")
+        page.click("#predict")
+        page.wait_for_selector("#detections:not([hidden])", timeout=30_000)
+        text = page.locator("#results li.result").first.inner_text()
+        assert "2 objects" in text and "red 93.0% at [30, 20, 40, 40]" in text and "blue 71.0% at [85, 50, 20, 30]" in text
+        assert json.loads(page.locator("#raw").text_content())["data"][0][0]["box"] == [30.0, 20.0, 40.0, 40.0]
+        size = page.evaluate("[document.getElementById('detections').width, document.getElementById('detections').height]")
+        scale = size[0] / 120
+        assert size == [round(120 * scale), round(90 * scale)] and scale > 2  # a small image is shown larger
+
+        shot = Image.open(io.BytesIO(page.locator("#detections").screenshot())).convert("RGB")
+        assert abs(shot.size[0] - size[0]) <= 1 and abs(shot.size[1] - size[1]) <= 1  # sub-pixel layout
+        px = shot.load()
+
+        def colour_near(x: float, y: float, rgb: tuple[int, int, int]) -> bool:
+            """Any pixel within 2 of (x, y) close to `rgb` (the stroke is 3 wide, antialiased)."""
+            return any(sum(abs(a - b) for a, b in zip(px[int(x) + dx, int(y) + dy], rgb)) < 60
+                       for dx in range(-2, 3) for dy in range(-2, 3))
+
+        cyan, magenta = (0, 229, 255), (255, 43, 214)  # the first two box colours: red's box, then blue's
+        x, y, w, h = (v * scale for v in (30, 20, 40, 40))
+        for ex, ey in ((x, y + h / 2), (x + w, y + h / 2), (x + w / 2, y + h), (x + w * 0.75, y)):  # the 4 edges
+            assert colour_near(ex, ey, cyan), (ex, ey)
+        assert not colour_near(x + w / 2, y + h / 2, cyan)  # a box, not a filled square: the image shows inside
+        assert sum(abs(a - b) for a, b in zip(px[int(x + w / 2), int(y + h / 2)], (230, 20, 20))) < 40
+        x, y, w, h = (v * scale for v in (85, 50, 20, 30))
+        for ex, ey in ((x, y + h / 2), (x + w, y + h / 2), (x + w / 2, y + h)):
+            assert colour_near(ex, ey, magenta), (ex, ey)
+        assert not colour_near(10 * scale, 80 * scale, cyan) and not colour_near(10 * scale, 80 * scale, magenta)
+        _shot(page, "object-detection")
+        _only_local(page, server.url)

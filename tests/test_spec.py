@@ -129,6 +129,42 @@ def test_bad_spec_version_is_named() -> None:
     assert "field 'specVersion'" in str(err) and '"2.0"' in str(err) and '"1.0"' in str(err)
 
 
+@pytest.mark.parametrize("kind", ["ImageClassification", "ObjectDetection", "TextClassification",
+                                  "TabularClassification", "TabularRegression", "ImageSegmentation",
+                                  "TextGeneration", "General"])
+def test_every_documented_type_is_accepted(kind: str) -> None:
+    assert parse_pipeline(with_(type=kind), LOCAL).type == kind
+
+
+def test_the_documented_types_are_the_schemas() -> None:
+    """docs/pipeline.md's table of task types lists exactly what the schema accepts."""
+    from pipcook_sandbox.runner.spec import pipeline_types
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "pipeline.md").read_text()
+    table = doc.split("## Task types", 1)[1].split("\n## ", 1)[0]
+    documented = [line.split("`")[1] for line in table.splitlines() if line.startswith("| `")][1:]  # [0]: header
+    assert documented == pipeline_types()
+    # the pre-flight check (runner/validate.py) and the schema's enum are one list
+    from pipcook_sandbox.runner.validate import TASK_TYPES
+
+    assert list(TASK_TYPES) == pipeline_types()
+
+
+@pytest.mark.parametrize("bad, hint", [("ObjectDetector", "ObjectDetection"), ("objectdetection", "ObjectDetection"),
+                                       ("Detection", None), ("", None)])
+def test_an_unknown_type_is_refused_with_the_known_ones(bad: str, hint: str | None) -> None:
+    err = spec_error(with_(type=bad))
+    assert err.field == "type"
+    assert f"unknown task type {bad!r}" in str(err) and "known types: ImageClassification, ObjectDetection," in str(err)
+    if hint:
+        assert f"did you mean '{hint}'" in str(err)
+
+
+def test_type_must_be_a_string() -> None:
+    err = spec_error(with_(type=["ObjectDetection"]))
+    assert err.field == "type" and "must be a string" in str(err)
+
+
 def test_unknown_top_level_key_is_named() -> None:
     err = spec_error(with_(dataflows=[]))
     assert err.field == "dataflows"

@@ -95,9 +95,86 @@ function short(text) {
   return text.length > 60 ? text.slice(0, 57) + "…" : text;
 }
 
+// Object detection: one list of {label, score, box: [x, y, w, h]} per input image.
+function isDetections(result) {
+  return Array.isArray(result) && result.every((d) => d && typeof d === "object" && Array.isArray(d.box) &&
+    d.box.length === 4 && d.box.every((v) => typeof v === "number" && Number.isFinite(v)));
+}
+
+const BOX_COLOURS = ["#00e5ff", "#ff2bd6", "#ffd400", "#39ff14", "#ff7a00", "#7c4dff"];
+
+// The uploaded image on a canvas, each box drawn over it with its label and score; boxes are in
+// the image's own pixels, the canvas shows it scaled to a readable size.
+async function drawDetections(dets) {
+  const canvas = $("detections");
+  const img = $("preview");
+  if (!img.complete || !img.naturalWidth) await img.decode();
+  const w = img.naturalWidth, h = img.naturalHeight;
+  const scale = Math.min(640 / w, 480 / h, Math.max(1, 320 / Math.max(w, h)));
+  canvas.width = Math.round(w * scale);
+  canvas.height = Math.round(h * scale);
+  const g = canvas.getContext("2d");
+  g.imageSmoothingEnabled = scale < 1;
+  g.drawImage(img, 0, 0, canvas.width, canvas.height);
+  const labels = [...new Set(dets.map((d) => String(d.label)))];
+  g.font = "600 13px system-ui, sans-serif";
+  g.textBaseline = "top";
+  for (const d of dets) {
+    const colour = BOX_COLOURS[labels.indexOf(String(d.label)) % BOX_COLOURS.length];
+    const [x, y, bw, bh] = d.box.map((v) => v * scale);
+    g.lineWidth = 3;
+    g.strokeStyle = colour;
+    g.strokeRect(x, y, bw, bh);
+    const score = scoreOf(d);
+    const text = short(String(d.label)) + (score !== null && score >= 0 && score <= 1 ? ` ${(score * 100).toFixed(0)}%` : "");
+    const tw = g.measureText(text).width + 6;
+    const ty = y >= 18 ? y - 18 : y;
+    g.fillStyle = colour;
+    g.fillRect(x - 1.5, ty, tw, 18);
+    g.fillStyle = "#000";
+    g.fillText(text, x + 2, ty + 2);
+  }
+  canvas.hidden = false;
+}
+
+function showDetections(result, name) {
+  const li = document.createElement("li");
+  li.className = "result detections";
+  const head = document.createElement("span");
+  head.className = "label";
+  head.textContent = result.length === 1 ? "1 object" : `${result.length} objects`;
+  li.append(head);
+  const items = document.createElement("ul");
+  items.className = "objects";
+  for (const d of result) {
+    const item = document.createElement("li");
+    const score = scoreOf(d);
+    item.textContent = `${short(d.label)}${score !== null ? ` ${(score * 100).toFixed(1)}%` : ""} at ` +
+      `[${d.box.map((v) => Math.round(v)).join(", ")}]`;
+    items.append(item);
+  }
+  li.append(items);
+  if (name !== undefined) {
+    const from = document.createElement("div");
+    from.className = "muted";
+    from.textContent = `input: ${short(name)}`;
+    li.append(from);
+  }
+  return li;
+}
+
 function showResults(data, names) {
   const list = $("results");
   list.replaceChildren();
+  $("detections").hidden = true;
+  if (mode === "image" && data.length === 1 && isDetections(data[0])) {
+    list.append(showDetections(data[0], names[0]));
+    drawDetections(data[0]).catch((e) => {
+      $("error").textContent = `could not draw the boxes: ${e}`;
+      $("error").hidden = false;
+    });
+    return;
+  }
   data.forEach((result, i) => {
     const li = document.createElement("li");
     li.className = "result";
