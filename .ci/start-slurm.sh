@@ -183,6 +183,10 @@ if ! running /run/slurmd.pid; then
 fi
 
 # --- 4. wait for an idle node registered by this slurmd ----------------------------
+# The daemons write their pid files a moment after they fork into the background.
+for _ in $(seq 100); do running /run/slurmd.pid && running /run/slurmctld.pid && break; sleep 0.1; done
+running /run/slurmctld.pid || fail "slurmctld is not running 10 s after its start"
+running /run/slurmd.pid || fail "slurmd is not running 10 s after its start"
 slurmd_pid=$(cat /run/slurmd.pid)
 slurmd_start=$(stat -c %Y /proc/"$slurmd_pid")
 for _ in $(seq 60); do
