@@ -30,6 +30,7 @@ fail() {
   echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!" >&2
   exit 1
 }
+trap 'fail "line $LINENO: \`$BASH_COMMAND\` failed"' ERR  # set -e alone would stop without a word
 [ "$(id -u)" = 0 ] || fail "must run as root (it installs packages and starts daemons)"
 
 # --- 1. packages -------------------------------------------------------------
