@@ -7,6 +7,9 @@ compute node): then the cache falls back to a private directory under the
 job's temp dir ($SLURM_TMPDIR, $TMPDIR, else /tmp) named
 `pipcook-sandbox-<uid>`, with a one-line notice, instead of crashing.
 
+The runner's state dir (the key of workspace markers) falls back the same way,
+to `<that dir>/state`.
+
 The fallback lives in a directory other users can write, so it is trusted
 only if this process's uid owns it, it is a real directory (not a link) and
 nobody else may write it: otherwise another user could have planted scripts
@@ -75,18 +78,32 @@ def private_temp_cache() -> Path:
 
 def cache_dir() -> Path:
     """The cache root to use now (see the module docstring)."""
-    want = preferred()
+    return _usable_or_fallback(preferred(), "", operator_set=bool(os.environ.get("PIPCOOK_SANDBOX_CACHE")),
+                               what="cache", keep="set PIPCOOK_SANDBOX_CACHE to keep a cache between runs")
+
+
+def state_dir() -> Path:
+    """Where the runner keeps its own small state (the workspace-marker key): the platform's user
+    state dir (~/.local/state/pipcook-sandbox), or without a writable home `<fallback>/state`; a
+    key made there lasts as long as that temp dir, so `--force` may not recognise a workspace of
+    an earlier job (it then refuses, never deletes)."""
+    return _usable_or_fallback(Path(platformdirs.user_state_dir("pipcook-sandbox")), "state", operator_set=False,
+                               what="state dir", keep="give the job's user a writable home to keep it")
+
+
+def _usable_or_fallback(want: Path, sub: str, *, operator_set: bool, what: str, keep: str) -> Path:
     if want in _chosen:
         return _chosen[want]
     why = _usable(want)
     if why is None:
         _chosen[want] = want
         return want
-    if os.environ.get("PIPCOOK_SANDBOX_CACHE"):
+    if operator_set:
         # The operator named it: a silent fallback would hide their mistake.
         raise PipcookError(f"the cache directory PIPCOOK_SANDBOX_CACHE={want} is unusable: {why}")
-    fallback = private_temp_cache()
-    print(f"pipcook-sandbox: notice: cache {want} is unusable ({why}); using {fallback} for this run "
-          "(set PIPCOOK_SANDBOX_CACHE to keep a cache between runs)", file=sys.stderr, flush=True)
+    fallback = private_temp_cache() / sub if sub else private_temp_cache()
+    fallback.mkdir(mode=0o700, exist_ok=True)
+    print(f"pipcook-sandbox: notice: {what} {want} is unusable ({why}); using {fallback} for this run ({keep})",
+          file=sys.stderr, flush=True)
     _chosen[want] = fallback
     return fallback

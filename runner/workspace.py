@@ -53,9 +53,11 @@ def default_dir() -> Path:
 
 def _key() -> bytes:
     """The host user's secret for workspace markers (created once, mode 0600, never mounted in a stage)."""
-    import platformdirs
+    from .cachedir import (
+        state_dir,  # the user's state dir, or a private temp one without a writable home
+    )
 
-    path = Path(platformdirs.user_state_dir("pipcook-sandbox")) / "workspace.key"
+    path = state_dir() / "workspace.key"
     try:
         return bytes.fromhex(path.read_text().strip())
     except (OSError, ValueError):

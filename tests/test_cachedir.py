@@ -83,4 +83,7 @@ def test_a_run_without_a_writable_home_finishes(tmp_path: Path) -> None:
     done = run_cli("run", str(pipeline), "-o", str(tmp_path / "ws"), env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "notice: cache" in done.stderr and str(jobtmp / f"pipcook-sandbox-{os.geteuid()}") in done.stderr
+    # The workspace marker's key (the runner's state dir) falls back the same way.
+    assert "notice: state dir" in done.stderr
+    assert (jobtmp / f"pipcook-sandbox-{os.geteuid()}" / "state" / "workspace.key").is_file()
     assert (tmp_path / "ws" / "model" / "weights.json").is_file()

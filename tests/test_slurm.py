@@ -338,7 +338,8 @@ def job_python(cluster: None) -> str:
     if not py.exists():
         subprocess.run([system, "-m", "venv", str(JOB_VENV)], check=True)
         subprocess.run([str(py), "-m", "pip", "install", "-q", str(REPO)], check=True, timeout=900)
-    else:  # this checkout's code, not the one installed last time
+    else:  # this checkout's code and any dependency it gained, not what was installed last time
+        subprocess.run([str(py), "-m", "pip", "install", "-q", str(REPO)], check=True, timeout=900)
         subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(REPO)],
                        check=True, timeout=300)
     subprocess.run(["chmod", "-R", "a+rX", str(JOB_VENV)], check=True)
