@@ -53,9 +53,8 @@ def default_dir() -> Path:
 
 def _key() -> bytes:
     """The host user's secret for workspace markers (created once, mode 0600, never mounted in a stage)."""
-    from .cachedir import (
-        state_dir,  # the user's state dir, or a private temp one without a writable home
-    )
+    # The user's state dir, or a private temp one where the job's user has no writable home.
+    from .cachedir import state_dir
 
     path = state_dir() / "workspace.key"
     try:
