@@ -12,9 +12,14 @@ the repository's top-level folders:
 """
 from __future__ import annotations
 
-try:
+
+def __getattr__(name: str) -> str:
+    # `__version__` on demand: importing importlib.metadata costs every command ~0.04 s of CPU.
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from importlib.metadata import PackageNotFoundError, version
 
-    __version__ = version("pipcook-sandbox")
-except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-    __version__ = "0+unknown"
+    try:
+        return version("pipcook-sandbox")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0+unknown"

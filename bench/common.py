@@ -14,6 +14,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -72,6 +73,64 @@ def save(name: str, data: dict, argv: list[str] | None = None) -> Path:
     data = {"machine": machine(), "command": " ".join([f"python -m bench.{name}", *args]), **data}
     path.write_text(json.dumps(data, indent=2, default=str))
     return path
+
+
+def _rev(rev: str) -> str:
+    out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", rev], capture_output=True, text=True)
+    return out.stdout.strip() or rev
+
+
+def _dirty() -> bool:
+    out = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                         capture_output=True, text=True)
+    return bool(out.stdout.strip())
+
+
+class Version:
+    """Code to run a command with: the working tree, or a git revision extracted to a temporary dir.
+
+    A benchmark that compares against the previous commit runs both in the same run, interleaved,
+    so the machine's noise hits both alike: `env()` puts the revision's `pipcook_sandbox` first on
+    PYTHONPATH (before the editable install of the working tree)."""
+
+    def __init__(self, rev: str | None = None) -> None:
+        self.rev = rev
+        self.label = f"{_rev('HEAD')}{'+changes' if _dirty() else ''}" if rev is None else _rev(rev)
+        self.tmp: Path | None = None
+        if rev is not None:
+            self.tmp = Path(tempfile.mkdtemp(prefix="pcsb-bench-base-"))
+            src = self.tmp / "src"
+            src.mkdir()
+            archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", rev], check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+            (self.tmp / "pipcook_sandbox").symlink_to(src)  # the package-dir mapping of pyproject.toml
+
+    @property
+    def root(self) -> Path:
+        """The checkout whose `pipcook_sandbox` this version runs."""
+        return REPO_ROOT if self.tmp is None else self.tmp / "src"
+
+    def compile(self) -> None:
+        """Byte-compile the package, as pip does when it installs the wheel: start-up benchmarks then
+        measure what a user runs, whatever PYTHONDONTWRITEBYTECODE says on this machine (stages
+        mount the package read-only and never write bytecode themselves)."""
+        subprocess.run([sys.executable, "-m", "compileall", "-q", *(str(self.root / d) for d in ("runner", "sandbox", "frameworks")),
+                        str(self.root / "__init__.py"), str(self.root / "__main__.py")], check=True, capture_output=True)
+
+    def env(self, base: dict | None = None) -> dict:
+        env = dict(os.environ if base is None else base)
+        if self.tmp is not None:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.tmp), env.get("PYTHONPATH", "")) if p)
+        return env
+
+    def close(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def versions(base: str | None) -> list[Version]:
+    """The working tree, and `base` (a git revision) when given."""
+    return [Version()] + ([Version(base)] if base else [])
 
 
 def fmt_rate(bytes_per_s: float) -> str:

@@ -49,12 +49,12 @@ def throughput(d: dict) -> str:
         rows = []
         for r in d["sandboxed"]:
             if "error" in r:
-                rows.append([r["case"], r["isolation"], "FAILED", "", "", ""])
+                rows.append([r["case"], r["isolation"], r.get("version", ""), "FAILED", "", "", ""])
                 continue
-            rows.append([r["case"], r["isolation"], fmt_rate(r["boundary_Bps"]), f"{r['samples_per_s']:,.0f}",
+            rows.append([r["case"], r["isolation"], r.get("version", "working tree"), fmt_rate(r["boundary_Bps"]), f"{r['samples_per_s']:,.0f}",
                          "-" if r["case"] == "small" else fmt_rate(r["memcpy_Bps"]),
                          "-" if r["case"] == "small" else f"{r['ratio_memcpy']:.2f}"])
-        text += "\n\nBetween two real sandboxes:\n\n" + _md(rows, ["case", "isolation", "boundary", "samples/s",
+        text += "\n\nBetween two real sandboxes:\n\n" + _md(rows, ["case", "isolation", "code", "boundary", "samples/s",
                                                                   "memcpy (in the stage)", "x memcpy"])
     return text
 

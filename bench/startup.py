@@ -26,15 +26,20 @@ hits all of them alike; medians reported):
    script's first line and the whole run's wall time. The stages of a run
    start together, so the model's first line is what a pipeline waits for.
 
+3. `--tiny`: tests/pipelines/tiny (datasource, dataflow, model, a zip
+   artifact) from `pipcook-sandbox run` per isolation against the bare
+   harness, wall and CPU seconds; `--base REV` runs git revision REV's code
+   in turn with the working tree's (issue #17 target 1: bwrap <= 0.6 s).
+
 Overhead = sandboxed - bare. Targets: under 0.3 s per stage for bwrap,
 under 1 s for docker.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -46,7 +51,16 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"
 
-from bench.common import REPO_ROOT, docker_image, median, save, table, tf_framework  # noqa: E402
+from bench.common import (  # noqa: E402
+    REPO_ROOT,
+    Version,
+    docker_image,
+    median,
+    save,
+    table,
+    tf_framework,
+    versions,
+)
 
 FIRST = re.compile(rb"FIRST (\S+) ([0-9.]+)")
 TF_ENV = "import os; os.environ.update(TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='-1', KERAS_BACKEND='tensorflow'); "
@@ -205,13 +219,90 @@ def level_pipeline(isolations: list[str], repeat: int, with_tf: bool) -> dict:
     return out
 
 
+# ----------------------------------------------------------------- level 3: a trivial pipeline, whole
+
+
+TINY = REPO_ROOT / "tests" / "pipelines" / "tiny" / "pipeline.json"
+TINY_TARGET_S = 0.6  # issue #17 target 1: bwrap from the CLI
+
+
+def tiny_once(who: str, version: Version, ws: Path) -> dict:
+    """Wall and CPU seconds (the command and every child it waited for) of one run of tests/pipelines/tiny."""
+    shutil.rmtree(ws, ignore_errors=True)
+    if who == "bare":
+        cmd = [sys.executable, str(REPO_ROOT / "bench" / "bare_harness.py"), str(TINY), "-o", str(ws)]
+    else:
+        cmd = [sys.executable, "-m", "pipcook_sandbox", "run", str(TINY), "-o", str(ws), "--isolation", who]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, cwd=str(REPO_ROOT), env=version.env(), timeout=600)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-1500:].decode(errors='replace')}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall": wall, "cpu": cpu}
+
+
+def level_tiny(isolations: list[str], repeat: int, base: str | None) -> dict:
+    """tests/pipelines/tiny from the CLI per isolation, beside the bare harness (and, with `base`, the
+    same isolations with git revision `base`'s code), every variant once per repeat, in turn."""
+    vers = versions(base)
+    variants = [("bare", vers[0])] + [(iso, v) for v in vers for iso in isolations]
+    runs: dict[str, list[dict]] = {}
+    ws = Path(tempfile.mkdtemp(prefix="pcsb-tiny-ws-"))
+    try:
+        for v in vers:
+            v.compile()
+        for who, v in variants:
+            tiny_once(who, v, ws)  # warm-up: page cache, worker site, framework-free cache
+        for r in range(repeat):
+            order = variants if r % 2 == 0 else variants[::-1]
+            for who, v in order:
+                runs.setdefault(f"{who} {v.label}" if who != "bare" else "bare", []).append(tiny_once(who, v, ws))
+            print(f"[startup] tiny repeat {r + 1}/{repeat}: " + ", ".join(
+                f"{k} {x[-1]['wall']:.2f}s" for k, x in runs.items()), file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)
+        for v in vers:
+            v.close()
+    bare = runs["bare"]
+    out = {}
+    for key, xs in runs.items():
+        out[key] = {
+            "wall": median([x["wall"] for x in xs]), "cpu": median([x["cpu"] for x in xs]),
+            "wall_over_bare": median([x["wall"] - b["wall"] for x, b in zip(xs, bare)]),
+            "cpu_over_bare": median([x["cpu"] - b["cpu"] for x, b in zip(xs, bare)]),
+            "runs": xs,
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-tf", action="store_true", help="skip the `import tensorflow` variants")
     ap.add_argument("--no-pipeline", action="store_true", help="only the backend level")
     ap.add_argument("--backend", action="append", help="only these backends (bwrap, docker, none)")
+    ap.add_argument("--tiny", action="store_true", help="only tests/pipelines/tiny, whole, from the CLI (issue #17 target 1)")
+    ap.add_argument("--base", metavar="REV", help="--tiny: also run git revision REV's code, in turn with the working tree's")
     args = ap.parse_args(argv)
+    if args.tiny:
+        wanted = args.backend or ["none", "bwrap"]
+        isolations = [i for i in ("none", "bwrap", "docker") if i in wanted and (i != "docker" or docker_image())]
+        res = level_tiny(isolations, args.repeat, args.base)
+        rows = []
+        for key, r in res.items():
+            met = "" if not key.startswith("bwrap") else ("met" if r["wall"] <= TINY_TARGET_S else "MISSED")
+            rows.append([key, f"{r['wall']:.2f}", f"{r['wall_over_bare']:+.2f}" if key != "bare" else "",
+                         f"{r['cpu']:.2f}", f"{r['cpu_over_bare']:+.2f}" if key != "bare" else "",
+                         f"<= {TINY_TARGET_S}" if key.startswith("bwrap") else "", met])
+        print(f"\ntests/pipelines/tiny from the command line (medians of {args.repeat}; s; CPU = the command and "
+              "every process it waited for):")
+        print(table(rows, ["runner", "wall", "wall - bare", "CPU", "CPU - bare", "target (wall)", ""]))
+        path = save("startup-tiny", {"repeat": args.repeat, "tiny": res}, argv)
+        print(f"\n(saved {path})")
+        return 0
 
     framework = None if args.no_tf else tf_framework(log=lambda *a, **k: print(*a, file=sys.stderr, **k))
     wanted = args.backend or ["bwrap", "docker", "none"]
@@ -228,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([label, b, f"{r['s']:.3f}", f"{res['bare_s']:.3f}", f"{r['overhead_s']:+.3f}",
                          f"{r['ratio']:.2f}", "yes" if r["overhead_s"] < targets[b] else "NO"])
     print(f"\nBackend start to the script's first line (medians of {args.repeat}; s):")
-    print(table(rows, ["script", "backend", "sandboxed", "bare python", "overhead", "ratio", f"target met"]))
+    print(table(rows, ["script", "backend", "sandboxed", "bare python", "overhead", "ratio", "target met"]))
 
     level2 = {}
     if not args.no_pipeline:

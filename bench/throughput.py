@@ -48,7 +48,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"
 
-from bench.common import REPO_ROOT, fmt_rate, machine, median, save, table  # noqa: E402
+from bench.common import REPO_ROOT, Version, fmt_rate, median, save, table, versions  # noqa: E402
 
 CASES: dict[str, dict] = {
     "small": {"what": "100 B samples", "count": 200_000, "quick": 50_000, "read": 256},
@@ -57,6 +57,9 @@ CASES: dict[str, dict] = {
     "64mib": {"what": "64 MiB uint8 tensors", "count": 12, "quick": 6, "read": 1},
 }
 MEMCPY_REGION = 128 << 20
+# issue #17 target 3, between two bwrap sandboxes: (figure, at least)
+SANDBOX_TARGETS = {"small": ("samples_per_s", 500_000), "image": ("ratio_memcpy", 0.5),
+                   "1mib": ("ratio_memcpy", 0.7), "64mib": ("ratio_memcpy", 0.8)}
 
 
 def make_sample(case: str):
@@ -116,7 +119,6 @@ class Pool:
 def serve(case: str, count: int, endpoint: str) -> None:
     """The upstream stage: serve `count` samples of `case` until the parent goes away."""
     import zmq
-
     from pipcook_sandbox.sandbox.boundary import PoolServer, serve_until
 
     parent = os.getppid()
@@ -200,6 +202,12 @@ class Memcpy:
         return item * self.count / (time.perf_counter() - t)
 
 
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid` so far, from /proc."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def read_all(ds, read: int, count: int) -> None:
     ds.seek(0)
     got = 0
@@ -214,7 +222,6 @@ def read_all(ds, read: int, count: int) -> None:
 
 def run_case(case: str, count: int, repeat: int, tmp: str) -> dict:
     import zmq
-
     from pipcook_sandbox.sandbox.boundary import RemotePool
 
     sample, payload = make_sample(case)
@@ -228,16 +235,22 @@ def run_case(case: str, count: int, repeat: int, tmp: str) -> dict:
     ds = pool.train
     raw = RawSocket(tmp, item, max(1, payload * count // item)) if case != "small" else None
     mem = Memcpy(item, max(1, payload * count // item))
-    rows: dict[str, list[float]] = {"boundary": [], "memcpy": [], "socket": []}
+    rows: dict[str, list[float]] = {"boundary": [], "memcpy": [], "socket": [], "cpu": []}
     try:
         read_all(ds, read, count)  # warm-up: connections, allocator, page cache
         for _ in range(repeat):
+            c = time.process_time()
             rows["memcpy"].append(mem.once())
+            memcpy_cpu = time.process_time() - c
             if raw is not None:
                 rows["socket"].append(raw.once())
-            t = time.perf_counter()
+            t, c, sc = time.perf_counter(), time.process_time(), proc_cpu(server.pid)
             read_all(ds, read, count)
             rows["boundary"].append(payload * count / (time.perf_counter() - t))
+            # On two idle cores the two sides run in parallel: the busier one sets the pace. Its CPU
+            # seconds against memcpy's for the same bytes say that pace whatever the neighbours do.
+            busiest = max(time.process_time() - c, proc_cpu(server.pid) - sc)
+            rows["cpu"].append(memcpy_cpu / busiest if busiest > 0 else float("nan"))
     finally:
         pool.close()
         zctx.destroy(linger=0)
@@ -253,7 +266,7 @@ def run_case(case: str, count: int, repeat: int, tmp: str) -> dict:
     return {
         "case": case, "what": CASES[case]["what"], "count": count, "payload_bytes": payload,
         "boundary_Bps": b, "samples_per_s": b / payload, "memcpy_Bps": m, "socket_Bps": s,
-        "ratio_memcpy": ratio, "socket_ratio_memcpy": sock_ratio,
+        "ratio_memcpy": ratio, "socket_ratio_memcpy": sock_ratio, "cpu_ratio_memcpy": median(rows["cpu"]),
         "ratio_socket": median([x / y for x, y in zip(rows["boundary"], rows["socket"])]) if s else None,
         "runs": rows,
     }
@@ -262,37 +275,67 @@ def run_case(case: str, count: int, repeat: int, tmp: str) -> dict:
 # ----------------------------------------------------------------- through two bwrap sandboxes
 
 
-def run_sandboxed(cases: list[str], repeat: int, quick: bool, isolation: str) -> list[dict]:
-    """bench/pipelines/stream through `pipcook-sandbox run`: the model stage reports what it measured."""
-    out = []
+def sandboxed_once(case: str, count: int, repeat: int, isolation: str, version: Version) -> list[dict] | str:
+    """One `pipcook-sandbox run` of bench/pipelines/stream with `version`'s code: the model stage's
+    per-repeat figures, or the error's tail."""
     pipeline = REPO_ROOT / "bench" / "pipelines" / "stream" / "pipeline.json"
-    for case in cases:
-        count = CASES[case]["quick" if quick else "count"]
-        ws = Path(tempfile.mkdtemp(prefix="pcsb-bench-ws-"))
-        try:
-            spec = json.loads(pipeline.read_text())
-            spec["datasource"] = f"datasource.py?case={case}&count={count}"
-            spec["model"] = f"model.py?case={case}&repeat={repeat}&read={CASES[case]['read']}"
-            tmp_pipeline = pipeline.parent / f".pipeline-{case}-{os.getpid()}.json"
-            tmp_pipeline.write_text(json.dumps(spec))
-            cmd = [sys.executable, "-m", "pipcook_sandbox", "run", str(tmp_pipeline), "-o", str(ws), "--isolation", isolation]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO_ROOT), timeout=900)
-            finally:
-                tmp_pipeline.unlink()
-            if proc.returncode != 0:
-                out.append({"case": case, "isolation": isolation, "error": proc.stderr[-2000:]})
-                continue
-            runs = [json.loads(line) for line in (ws / "metrics.jsonl").read_text().splitlines()]
-            b = [r["boundary_Bps"] for r in runs]
-            m = [r["memcpy_Bps"] for r in runs]
-            out.append({
-                "case": case, "isolation": isolation, "count": count, "boundary_Bps": median(b),
-                "samples_per_s": median([r["samples_per_s"] for r in runs]), "memcpy_Bps": median(m),
-                "ratio_memcpy": median([x / y for x, y in zip(b, m)]), "runs": runs,
-            })
-        finally:
-            shutil.rmtree(ws, ignore_errors=True)
+    ws = Path(tempfile.mkdtemp(prefix="pcsb-bench-ws-"))
+    spec = json.loads(pipeline.read_text())
+    spec["datasource"] = f"datasource.py?case={case}&count={count}"
+    spec["model"] = f"model.py?case={case}&repeat={repeat}&read={CASES[case]['read']}"
+    tmp_pipeline = pipeline.parent / f".pipeline-{case}-{os.getpid()}.json"
+    tmp_pipeline.write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "pipcook_sandbox", "run", str(tmp_pipeline), "-o", str(ws), "--isolation", isolation]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO_ROOT), timeout=900, env=version.env())
+        if proc.returncode != 0:
+            return proc.stderr[-2000:]
+        return [json.loads(line) for line in (ws / "metrics.jsonl").read_text().splitlines()]
+    finally:
+        tmp_pipeline.unlink()
+        shutil.rmtree(ws, ignore_errors=True)
+
+
+def run_sandboxed(cases: list[str], repeat: int, quick: bool, isolation: str, base: str | None = None,
+                  rounds: int = 1) -> list[dict]:
+    """bench/pipelines/stream through `pipcook-sandbox run`: the model stage reports what it measured.
+
+    `rounds` runs of the pipeline per case and version (each measuring `repeat` reads beside its own
+    memcpy), the versions alternating (working tree, then `base`, then base first, ...), so that with
+    `base` (a git revision) the previous code is measured in the same run as the new."""
+    out = []
+    vers = versions(base)
+    try:
+        for case in cases:
+            count = CASES[case]["quick" if quick else "count"]
+            runs: dict[str, list[dict]] = {v.label: [] for v in vers}
+            errors: dict[str, str] = {}
+            for r in range(rounds):
+                for v in (vers if r % 2 == 0 else vers[::-1]):
+                    got = sandboxed_once(case, count, repeat, isolation, v)
+                    if isinstance(got, str):
+                        errors[v.label] = got
+                    else:
+                        runs[v.label].extend(got)
+            for v in vers:
+                label = v.label
+                if not runs[label]:
+                    out.append({"case": case, "isolation": isolation, "version": label, "error": errors.get(label, "")})
+                    continue
+                b = [x["boundary_Bps"] for x in runs[label]]
+                m = [x["memcpy_Bps"] for x in runs[label]]
+                out.append({
+                    "case": case, "isolation": isolation, "version": label, "count": count, "boundary_Bps": median(b),
+                    "samples_per_s": median([x["samples_per_s"] for x in runs[label]]), "memcpy_Bps": median(m),
+                    "ratio_memcpy": median([x / y for x, y in zip(b, m)]),
+                    "recv_cpu_ratio": median([x["recv_cpu_Bps"] / x["memcpy_cpu_Bps"] for x in runs[label]
+                                              if "recv_cpu_Bps" in x]) if "recv_cpu_Bps" in runs[label][0] else None,
+                    "ratio_min": min(x / y for x, y in zip(b, m)), "ratio_max": max(x / y for x, y in zip(b, m)),
+                    "runs": runs[label],
+                })
+    finally:
+        for v in vers:
+            v.close()
     return out
 
 
@@ -306,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer samples and repeats")
     ap.add_argument("--sandbox", action="store_true", help="also through two real bwrap sandboxes")
     ap.add_argument("--isolation", default="bwrap", help="backend for --sandbox (default bwrap)")
+    ap.add_argument("--base", metavar="REV", help="--sandbox: also run git revision REV's code, alternating with "
+                    "the working tree's (the previous commit, say), in the same run")
+    ap.add_argument("--rounds", type=int, default=None, help="--sandbox: pipeline runs per case and version "
+                    "(default 1, or 3 with --base), each measuring --repeat reads")
+    ap.add_argument("--no-local", action="store_true", help="skip the one-process-to-another cases")
     ap.add_argument("--serve", nargs=3, metavar=("CASE", "COUNT", "ENDPOINT"), help=argparse.SUPPRESS)
     ap.add_argument("--raw-send", nargs=3, metavar=("PATH", "ITEM", "COUNT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -321,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     tmp = tempfile.mkdtemp(prefix="pcsb-tp-", dir="/tmp")
     try:
-        for case in cases:
+        for case in ([] if args.no_local else cases):
             count = CASES[case]["quick" if args.quick else "count"]
             r = run_case(case, count, repeat, tmp)
             results.append(r)
@@ -335,22 +383,31 @@ def main(argv: list[str] | None = None) -> int:
                      fmt_rate(r["memcpy_Bps"]), f"{r['ratio_memcpy']:.2f}",
                      fmt_rate(r["socket_Bps"]) if r["socket_Bps"] else "-",
                      f"{r['socket_ratio_memcpy']:.2f}" if r["socket_ratio_memcpy"] else "-",
-                     f"{r['ratio_socket']:.2f}" if r["ratio_socket"] else "-"])
-    print(f"\nBoundary throughput, one process to another over ipc:// (medians of {repeat}):")
-    print(table(rows, ["case", "what", "boundary", "samples/s", "memcpy", "x memcpy", "raw socket",
-                       "socket x memcpy", "x socket"]))
+                     f"{r['ratio_socket']:.2f}" if r["ratio_socket"] else "-", f"{r['cpu_ratio_memcpy']:.2f}"])
+    if rows:
+        print(f"\nBoundary throughput, one process to another over ipc:// (medians of {repeat}):")
+        print(table(rows, ["case", "what", "boundary", "samples/s", "memcpy", "x memcpy", "raw socket",
+                           "socket x memcpy", "x socket", "CPU: memcpy / busier side"]))
     sandboxed = []
     if args.sandbox:
-        sandboxed = run_sandboxed(cases, repeat, args.quick, args.isolation)
+        rounds = args.rounds or (3 if args.base else 1)
+        sandboxed = run_sandboxed(cases, repeat, args.quick, args.isolation, args.base, rounds)
         rows = []
         for r in sandboxed:
             if "error" in r:
-                rows.append([r["case"], r["isolation"], "FAILED", "", "", r["error"].strip().splitlines()[-1][:80]])
+                tail = (r["error"].strip().splitlines() or ["?"])[-1][:80]
+                rows.append([r["case"], r["isolation"], r["version"], "FAILED", "", "", tail, "", ""])
                 continue
-            rows.append([r["case"], r["isolation"], fmt_rate(r["boundary_Bps"]), f"{r['samples_per_s']:,.0f}",
-                         fmt_rate(r["memcpy_Bps"]), f"{r['ratio_memcpy']:.2f}"])
-        print(f"\nBetween two real sandboxes (datasource -> model stage of bench/pipelines/stream):")
-        print(table(rows, ["case", "isolation", "boundary", "samples/s", "memcpy (in stage)", "x memcpy"]))
+            target = SANDBOX_TARGETS.get(r["case"])
+            met = "" if target is None else ("met" if r[target[0]] >= target[1] else "MISSED")
+            rows.append([r["case"], r["isolation"], r["version"], fmt_rate(r["boundary_Bps"]), f"{r['samples_per_s']:,.0f}",
+                         fmt_rate(r["memcpy_Bps"]), f"{r['ratio_memcpy']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})",
+                         "" if target is None else f">= {target[1]:,}{'' if target[0] == 'ratio_memcpy' else '/s'}", met,
+                         "-" if r.get("recv_cpu_ratio") is None else f"{r['recv_cpu_ratio']:.2f}"])
+        print(f"\nBetween two real sandboxes (datasource -> model stage of bench/pipelines/stream; medians of "
+              f"{rounds} runs x {repeat} reads, each read against memcpy measured just before it in the stage):")
+        print(table(rows, ["case", "isolation", "code", "boundary", "samples/s", "memcpy (in stage)",
+                           "x memcpy (min-max)", "target", "", "receiver CPU x memcpy CPU"]))
     path = save("throughput", {"repeat": repeat, "quick": args.quick, "results": results, "sandboxed": sandboxed}, argv)
     print(f"\n(saved {path})")
     return 0

@@ -18,11 +18,18 @@ a batch's ring space is reused once the client returned its credit, which
 it does only after copying the batch out. Without a ring, or when it is
 full, arrays go as frames. PIPCOOK_RING_BYTES=0 turns the ring off.
 
+When every sample of a batch holds an array of one dtype and shape under the
+same key (a batch of images, of feature vectors), that key's arrays go as ONE
+array of shape (N, *shape) in `stacked: {key: array}` and each sample carries
+None in its place; the receiver puts row i back into sample i, a view into
+one private buffer per batch (which therefore lives as long as any of its
+rows is referenced).
+
 Messages client -> server: {op: meta} | {op: ring, token} |
 {op: open, split, gen, pos, credit} | {op: credit, split, gen, n} |
 {op: shuffle, split, seed, req}
 Messages server -> client: {op: meta, meta, sizes, ring?} | {op: batch, split,
-gen, samples} | {op: end, split, gen} | {op: ack, req} | {op: error, message}
+gen, samples, stacked?} | {op: end, split, gen} | {op: ack, req} | {op: error, message}
 """
 from __future__ import annotations
 
@@ -32,10 +39,21 @@ import threading
 import time
 from typing import Any, Callable
 
+import numpy as np
 import zmq
 
 from . import sdk, shmring
-from .protocol import DATA_CAPS, BoundaryTypeError, Caps, ProtocolError, check_message, pack, unpack
+from .protocol import (
+    ALLOWED_KINDS,
+    DATA_CAPS,
+    ArrayStack,
+    BoundaryTypeError,
+    Caps,
+    ProtocolError,
+    check_message,
+    pack,
+    unpack,
+)
 
 SPLITS = sdk.SPLITS
 TARGET_BATCH_BYTES = 4 << 20
@@ -47,6 +65,7 @@ try:
     RING_BYTES = max(0, min(int(os.environ.get("PIPCOOK_RING_BYTES", shmring.DEFAULT_RING)), shmring.MAX_RING))
 except ValueError:
     RING_BYTES = shmring.DEFAULT_RING
+STACK_MAX_BYTES = 64 << 20  # a stacked column stays far below the caps' max_frame whatever the batch
 REQUEST_CAPS = Caps(max_header=64 << 10, max_frame=64 << 10, max_frames=1, max_total=64 << 10, max_items=64)
 
 
@@ -209,8 +228,12 @@ class PoolServer:
             return
         ring = self.rings.get(stream.peer)
         self._writer = ring.reserve() if ring is not None else None
+        msg = {"op": "batch", "split": split, "gen": stream.gen, "samples": samples}
+        stacked = _stack_columns(samples)
+        if stacked is not None:
+            msg["samples"], msg["stacked"] = stacked
         try:
-            frames = self._pack({"op": "batch", "split": split, "gen": stream.gen, "samples": samples}, split)
+            frames = self._pack(msg, split)
         finally:
             writer, self._writer = self._writer, None
         size = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
@@ -243,6 +266,50 @@ class PoolServer:
         except BoundaryTypeError as exc:
             raise SampleError(f"{what} holds a value of type {exc.type_name}, which cannot cross a sandbox boundary") from None
         self.sock.send_multipart([peer, *frames], copy=False)
+
+
+def _stack_columns(samples: list) -> tuple[list, dict] | None:
+    """(samples with None in place of each stacked array, {key: ArrayStack}), or None.
+
+    A key is stacked when every sample of the batch is a dict holding, under that (str) key, a numpy
+    array of the same dtype and shape: images, feature vectors, tensors. The receiver puts row i of
+    the stacked array back into sample i (`_unstack`). Checked on the first sample first, so batches
+    of samples without arrays (text, tables) cost one look at one dict."""
+    if len(samples) < 2 or type(samples[0]) is not dict:
+        return None
+    keys = [(k, v.dtype, v.shape) for k, v in samples[0].items()
+            if type(k) is str and type(v) is np.ndarray and v.dtype.kind in ALLOWED_KINDS]
+    if not keys:
+        return None
+    columns: dict[str, ArrayStack] = {}
+    for key, dtype, shape in keys:
+        column = []
+        for sample in samples:
+            arr = sample.get(key) if type(sample) is dict else None
+            if type(arr) is not np.ndarray or arr.dtype != dtype or arr.shape != shape:
+                break
+            column.append(arr)
+        else:
+            if column[0].nbytes * len(column) <= STACK_MAX_BYTES:
+                columns[key] = ArrayStack(column)
+    if not columns:
+        return None
+    holes = dict.fromkeys(columns)
+    return [{**sample, **holes} for sample in samples], columns
+
+
+def _unstack(samples: list, stacked: Any) -> None:
+    """Put row i of each stacked array into sample i, where the sender left None; ProtocolError otherwise."""
+    if not isinstance(stacked, dict):
+        raise ProtocolError("a batch's stacked columns are not a map")
+    for key, arr in stacked.items():
+        if type(key) is not str or not isinstance(arr, np.ndarray) or arr.ndim < 1 or arr.shape[0] != len(samples):
+            raise ProtocolError(f"stacked column {str(key)[:50]!r} is not an array of one row per sample")
+        for sample in samples:
+            if not isinstance(sample, dict) or key not in sample or sample[key] is not None:
+                raise ProtocolError(f"stacked column {key[:50]!r} has no place in every sample of its batch")
+        for sample, row in zip(samples, arr):
+            sample[key] = row
 
 
 # ----------------------------------------------------------------- client
@@ -412,9 +479,13 @@ class RemotePool:
         frames = self._sock.recv_multipart(copy=False)
         try:
             msg = check_message(unpack(frames, self._caps, self._ring), {"op": str})
+            op = msg["op"]
+            if op == "batch" and msg.get("stacked") is not None:
+                if not isinstance(msg.get("samples"), list):
+                    raise ProtocolError("a batch with stacked columns but no list of samples")
+                _unstack(msg["samples"], msg["stacked"])
         except ProtocolError as exc:
             raise UpstreamError(f"stage {self.upstream!r} sent a malformed message: {exc}") from None
-        op = msg["op"]
         if op == "batch":
             ds = self._datasets.get(msg.get("split"))
             samples = msg.get("samples")

@@ -18,17 +18,24 @@ size-checked before msgpack sees it, msgpack gets per-container length limits,
 only two ext codes are understood and they only ever build numpy arrays of
 plain dtypes. No pickle, anywhere.
 
-Runs inside the sandbox and in the runner; imports only msgpack and numpy.
+Runs inside the sandbox and in the runner; imports only msgpack and numpy, and
+numpy only once an array is encoded or decoded: the runner's control channel
+never carries one, and importing numpy was a quarter of the runner's start-up
+CPU (bench/RESULTS.md). Until numpy is imported no value can be a numpy
+object, so the encoder asks `sys.modules` instead of importing it.
 """
 from __future__ import annotations
 
 import math
 import struct
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-import numpy as np
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PROTOCOL_VERSION = 1
 
@@ -77,6 +84,18 @@ CONTROL_CAPS = Caps(max_header=2 << 20, max_frame=2 << 20, max_frames=1, max_tot
                     max_containers=1 << 17)
 
 
+def _numpy() -> Any:
+    """numpy, imported on first use (see the module's docstring)."""
+    import numpy
+
+    return numpy
+
+
+def _loaded_numpy() -> Any:
+    """numpy if something imported it already, else None: then no value can be a numpy object."""
+    return sys.modules.get("numpy")
+
+
 # ------------------------------------------------------------------ encoding
 
 
@@ -91,7 +110,8 @@ def find_unsupported(obj: Any, where: str = "sample") -> tuple[str, str] | None:
         return ("int outside the 64-bit range", where)
     if obj is None or isinstance(obj, (bool, int, float, str, bytes, bytearray, memoryview)):
         return None
-    if isinstance(obj, (np.ndarray, np.generic)):
+    np = _loaded_numpy()
+    if np is not None and isinstance(obj, (np.ndarray, np.generic)):
         return None if obj.dtype.kind in ALLOWED_KINDS else (f"numpy array of dtype {obj.dtype}", where)
     if isinstance(obj, (list, tuple)):
         for i, item in enumerate(obj):
@@ -110,13 +130,39 @@ def find_unsupported(obj: Any, where: str = "sample") -> tuple[str, str] | None:
     return (_describe(obj), where)
 
 
+class ArrayStack:
+    """N arrays of one dtype and shape that go as ONE array of shape (N, *shape) (sender side only).
+
+    One reference per batch instead of one per array: for a batch of 27 images the per-array work
+    (an ext reference, a ring copy call, a buffer lookup and a decode on the other side) was a third
+    of the boundary's time (bench/RESULTS.md). With a ring the arrays are copied straight into it,
+    next to each other; without one they are stacked into a new array first. The receiver gets an
+    ordinary array and checks it as any other."""
+
+    __slots__ = ("arrays",)
+
+    def __init__(self, arrays: list) -> None:
+        self.arrays = arrays
+
+
 class _Encoder:
     def __init__(self, ring: Any = None) -> None:
         self.frames: list[Any] = []
         self.ring = ring  # a shmring.Writer, or None
 
     def default(self, obj: Any) -> Any:
-        if isinstance(obj, np.ndarray):
+        np = _loaded_numpy()
+        if isinstance(obj, ArrayStack):
+            first = obj.arrays[0]
+            if first.dtype.kind not in ALLOWED_KINDS:
+                raise BoundaryTypeError(f"numpy array of dtype {first.dtype}", "value")
+            if self.ring is not None and first.nbytes * len(obj.arrays) >= INLINE_LIMIT:
+                offset = self.ring.put_stack(obj.arrays)
+                if offset is not None:
+                    shape = [len(obj.arrays), *first.shape]
+                    return msgpack.ExtType(EXT_ARRAY_RING, msgpack.packb([first.dtype.str, shape, offset]))
+            return self.default(np.stack(obj.arrays))
+        if np is not None and isinstance(obj, np.ndarray):
             if obj.dtype.kind not in ALLOWED_KINDS:
                 raise BoundaryTypeError(f"numpy array of dtype {obj.dtype}", "value")
             arr = obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)
@@ -130,7 +176,7 @@ class _Encoder:
                     return msgpack.ExtType(EXT_ARRAY_RING, msgpack.packb([dtype, shape, offset]))
             self.frames.append(memoryview(arr.reshape(-1).view(np.uint8)))
             return msgpack.ExtType(EXT_ARRAY_FRAME, msgpack.packb([dtype, shape, len(self.frames)]))
-        if isinstance(obj, np.generic):
+        if np is not None and isinstance(obj, np.generic):
             return obj.item() if obj.dtype.kind in "biuf" else self.default(np.asarray(obj))
         if isinstance(obj, (bytearray, memoryview)):
             return bytes(obj)
@@ -165,13 +211,14 @@ def _array(dtype: Any, shape: Any, raw: Any, caps: Caps) -> np.ndarray:
     dt, shape, nbytes = _array_meta(dtype, shape)
     if nbytes != len(raw):
         raise ProtocolError(f"array of {dtype} {shape} does not match its {len(raw)} bytes")
-    return np.frombuffer(raw, dtype=dt).reshape(shape)
+    return _numpy().frombuffer(raw, dtype=dt).reshape(shape)
 
 
 def _array_meta(dtype: Any, shape: Any) -> tuple[np.dtype, list, int]:
     """(dtype, shape, byte size) of an array reference, or ProtocolError."""
     if not isinstance(dtype, str) or len(dtype) > 16:
         raise ProtocolError("array dtype is not a short string")
+    np = _numpy()
     try:
         dt = np.dtype(dtype)
     except (TypeError, ValueError):
@@ -251,12 +298,15 @@ def unpack(frames: list[Any], caps: Caps = DATA_CAPS, ring: Any = None) -> Any:
             return ring.copy_out(offset, nbytes).view(dt).reshape(shape)
         raise ProtocolError(f"unknown msgpack extension type {code}")
 
+    # Every list or map takes at least one byte of the header, so a header no longer than the cap
+    # cannot hold more than the cap: then the count (a Python call per container, a third of the
+    # decoding time of a batch of small samples) proves nothing and is skipped.
+    hooks = {"list_hook": count, "object_hook": count} if header.nbytes > caps.max_containers else {}
     try:
         obj = msgpack.unpackb(
             header,
             ext_hook=ext_hook,
-            list_hook=count,
-            object_hook=count,
+            **hooks,
             raw=False,
             strict_map_key=False,
             use_list=True,

@@ -103,6 +103,17 @@ class Writer:
         self.cursor = off + n
         return off
 
+    def put_stack(self, arrays: list) -> int | None:
+        """Copy same-dtype, same-shape arrays next to each other, as one array of shape (N, *shape)."""
+        first = arrays[0]
+        off = -(-self.cursor // ALIGN) * ALIGN
+        n = first.nbytes * len(arrays)
+        if off + n > self.end:
+            return None
+        np.stack(arrays, out=self.ring.buf[off:off + n].view(first.dtype).reshape(len(arrays), *first.shape))
+        self.cursor = off + n
+        return off
+
 
 class Ring:
     """The sender's side: a sealed memfd, mapped read-write, with a FIFO allocator."""

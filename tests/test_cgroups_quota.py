@@ -362,3 +362,40 @@ def test_a_removed_parent_is_made_again() -> None:
         assert again is not None and not again.missing
     finally:
         assert again is not None and again.remove()
+
+
+@needs_root
+def test_volumes_made_together_are_all_there_and_separate(tmp_path: Path) -> None:
+    vols = quota.create_volumes([(tmp_path / f"v{i}", (16 + i) << 20, ["out", f"sub{i}"]) for i in range(4)])
+    try:
+        assert [v.base for v in vols] == [tmp_path / f"v{i}" for i in range(4)]  # in the order asked
+        assert all(v.kind == "loop" and mounts_below(v.mountpoint) for v in vols)
+        assert len({os.stat(v.mountpoint).st_dev for v in vols}) == 4  # four file systems, four quotas
+        assert [v.size for v in vols] == [(16 + i) << 20 for i in range(4)]
+        assert all(v.path(f"sub{i}").is_dir() for i, v in enumerate(vols))
+    finally:
+        for v in vols:
+            v.destroy()
+    assert not any(mounts_below(v.mountpoint) or loops_of(v.image) for v in vols)
+
+
+@needs_root
+def test_one_volume_failing_leaves_none_of_the_others_behind(tmp_path: Path) -> None:
+    wanted = [(tmp_path / f"v{i}", 16 << 20, ["out"] if i != 2 else ["../out"]) for i in range(4)]  # v2 is refused
+    with pytest.raises(ValueError, match="subdirectory"):
+        quota.create_volumes(wanted)
+    for i in (0, 1, 3):
+        base = tmp_path / f"v{i}"
+        assert base.is_dir()  # it was made, then destroyed
+        assert not mounts_below(base) and not (base / "disk.img").exists() and not loops_of(base / "disk.img")
+
+
+@needs_root
+def test_volumes_destroyed_together_are_all_gone(tmp_path: Path) -> None:
+    vols = quota.create_volumes([(tmp_path / f"v{i}", 16 << 20, ["out"]) for i in range(3)])
+    vols.append(quota.create_volume(tmp_path / "w", 8 << 20, ["out"], kind="watch"))
+    quota.destroy_volumes(vols)
+    for v in vols[:3]:
+        assert not mounts_below(v.mountpoint) and not v.image.exists() and not loops_of(v.image)
+    assert not vols[3].mountpoint.exists()
+    quota.destroy_volumes(vols)  # idempotent, as destroy()

@@ -547,3 +547,15 @@ def test_check_message():
     assert check_message({"op": "x", "seed": None}, {"op": str}, {"seed": int})
     with pytest.raises(ProtocolError, match="'seed'"):
         check_message({"op": "x", "seed": 1.5}, {"op": str}, {"seed": int})
+
+
+def test_container_cap_holds_on_either_side_of_the_header_length_shortcut():
+    # unpack counts lists and maps only when the header is longer than the cap (each takes a byte)
+    caps = Caps(max_containers=1000)
+    under = msgpack.packb([*([] for _ in range(990)), b"x" * 100])  # 991 containers in ~1100 bytes: counted, allowed
+    assert len(under) > caps.max_containers and len(unpack([under], caps)) == 991
+    over = msgpack.packb([[] for _ in range(1000)])  # 1001 containers
+    with pytest.raises(ProtocolError, match="lists and maps"):
+        unpack([over], caps)
+    short = msgpack.packb([[] for _ in range(900)])  # shorter than the cap: cannot hold more, not counted
+    assert len(short) <= 1003 and len(unpack([short], caps)) == 900

@@ -377,6 +377,46 @@ def create_volume(base: Path, size: int, subdirs: list[str], *,
     return vol
 
 
+def create_volumes(wanted: list[tuple[Path, int, list[str]]]) -> list[Volume]:
+    """`create_volume(base, size, subdirs)` for each of `wanted`, at the same time; in that order.
+
+    Each loop volume is a mkfs.ext4 and a mount (two processes, ~40 ms on an idle 2-vCPU host, far
+    more on a busy one), and a run makes one per writable stage and one per boundary: made one after
+    another they were a visible part of a short run's start. If any fails, the others are destroyed
+    and the first error is raised: nothing is left mounted."""
+    if len(wanted) <= 1:
+        return [create_volume(*w) for w in wanted]
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(wanted), 4), thread_name_prefix="volume") as pool:
+        futures = [pool.submit(create_volume, *w) for w in wanted]
+        concurrent.futures.wait(futures)
+    failed = next((f.exception() for f in futures if f.exception() is not None), None)
+    if failed is not None:
+        for f in futures:
+            if f.exception() is None:
+                f.result().destroy()
+        raise failed
+    return [f.result() for f in futures]
+
+
+def destroy_volumes(vols: list[Volume]) -> None:
+    """`destroy()` every volume of `vols`, at the same time (umount and losetup, three processes per
+    loop volume, at the end of every run); then raise the first error, if any."""
+    if len(vols) <= 1:
+        for vol in vols:
+            vol.destroy()
+        return
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(vols), 4), thread_name_prefix="volume") as pool:
+        futures = [pool.submit(vol.destroy) for vol in vols]
+        concurrent.futures.wait(futures)
+    failed = next((f.exception() for f in futures if f.exception() is not None), None)
+    if failed is not None:
+        raise failed
+
+
 def _make_subdirs(root: Path, subdirs: list[str], uid: int, gid: int) -> None:
     for sub in subdirs:
         p = root / sub
