@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pipcook_sandbox.sandbox as sandbox
-from pipcook_sandbox.runner.backends import base, get_backend, quota
+from pipcook_sandbox.runner.backends import base, cgroups, get_backend, quota
 from pipcook_sandbox.runner.backends.base import Limits, Mount, StageSpec
 from pipcook_sandbox.sandbox import sdk
 
@@ -361,6 +361,10 @@ def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
             except Exception as exc:  # keep cleaning the rest
                 if opts.on_event:
                     opts.on_event(handle.name, f"cleanup problem: {exc}")
+        try:  # a stage interrupted while it was being started has no handle: its cgroup goes here
+            cgroups.remove_run(run_id)
+        except OSError:
+            pass
         try:
             for name, (vol, mapping) in volumes.items():
                 skipped = vol.copy_out({sub: dest for sub, dest in mapping.items()})

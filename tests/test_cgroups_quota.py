@@ -399,3 +399,19 @@ def test_volumes_destroyed_together_are_all_gone(tmp_path: Path) -> None:
         assert not mounts_below(v.mountpoint) and not v.image.exists() and not loops_of(v.image)
     assert not vols[3].mountpoint.exists()
     quota.destroy_volumes(vols)  # idempotent, as destroy()
+
+
+@needs_root
+def test_a_runs_cgroups_without_a_handle_are_removed() -> None:
+    """A stage interrupted while being started (scancel's SIGTERM) has no handle; the run's end removes it."""
+    run_id = f"{os.getpid()}-{secrets.token_hex(3)}"
+    orphan = cgroups.create(f"{run_id}-dataflow-1", memory=128 << 20, pids=32, cpus=1.0)
+    other = cgroups.create(unique(), memory=128 << 20, pids=32, cpus=1.0)
+    assert orphan is not None and other is not None
+    try:
+        removed = cgroups.remove_run(run_id)
+        assert removed and all(f"{run_id}-dataflow-1" in r for r in removed)
+        assert not any(d.exists() for d in orphan.all_dirs())
+        assert all(d.exists() for d in other.all_dirs())  # another run's stays
+    finally:
+        assert other.remove()

@@ -564,6 +564,22 @@ def remove_leftovers(is_alive: Callable[[int], bool] = pid_alive) -> list[str]:
     return removed
 
 
+def remove_run(run_id: str) -> list[str]:
+    """Kill and remove every stage cgroup of run `run_id` still there: a stage interrupted (SIGTERM,
+    a Slurm scancel) while it was being started has no handle to clean it up. Empty parents go too."""
+    by_name: dict[tuple[int, str], Cgroup] = {}
+    for version, ctrl, parent in _parents():
+        for d in parent.iterdir():
+            if d.is_dir() and d.name.startswith(f"{run_id}-"):
+                by_name.setdefault((version, d.name), Cgroup(d.name, version, {})).dirs[ctrl or ""] = d
+    removed = []
+    for cg in by_name.values():
+        cg.kill_all()
+        if cg.remove():
+            removed += [str(d) for d in cg.all_dirs()]
+    return removed
+
+
 def from_dirs(name: str, version: int, dirs: dict[str, str]) -> Cgroup:
     """Rebuild a handle from recorded paths (crash recovery)."""
     return Cgroup(name, version, {k: Path(v) for k, v in dirs.items()})
