@@ -14,6 +14,11 @@ the calm phase (target <= 1.2x).
 
     python -m bench.service                       # 8 tenants x 20 runs (long: ~1 hour on 2 vCPUs)
     python -m bench.service --tenants 8 --runs 3  # the short setting
+    python -m bench.service --engine slurm ...    # each run a Slurm job (.ci/start-slurm.sh's cluster)
+
+With --engine slurm the service hands every run to Slurm at once, so a run's
+queue wait is measured to its job's start (sacct Start), not to its hand-over,
+and its tenants are Slurm accounts (named b<random>-tN, removed afterwards).
 """
 from __future__ import annotations
 
@@ -117,18 +122,40 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def _job_starts(job_ids: list[str]) -> dict[str, float]:
+    """Slurm job id -> when the job started (epoch seconds), from accounting."""
+    if not job_ids:
+        return {}
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,Start", "-j", ",".join(job_ids)],
+                         capture_output=True, text=True, check=True, env={**os.environ, "SLURM_TIME_FORMAT": "%s"})
+    starts = {}
+    for line in out.stdout.splitlines():
+        job, _, start = line.partition("|")
+        if start.isdigit():
+            starts[job] = float(start)
+    return starts
+
+
 def phase(name: str, args: argparse.Namespace, web: str, hostile: bool) -> dict[str, Any]:
     data = Path(tempfile.mkdtemp(prefix=f"pcsb-bench-service-{name}-"))
     os.chmod(data, 0o755)
-    tokens = {f"t{i}": _cli("tenants", "add", f"t{i}", "--data", str(data / "d"), "--cpus", "0.5", "--memory",
-                            "256m", "--max-running", "2", "--max-queued", str(max(args.runs, 20)))
+    slurm = args.engine == "slurm"
+    # Slurm accounts are the cluster's, not the data dir's: names of their own, made by `tenants add`.
+    prefix = f"b{os.urandom(2).hex()}-" if slurm else ""
+    account = ["--slurm-account"] if slurm else []
+    tokens = {f"{prefix}t{i}": _cli("tenants", "add", f"{prefix}t{i}", "--data", str(data / "d"), "--cpus", "0.5",
+                                    "--memory", "256m", "--max-running", "2", "--max-queued", str(max(args.runs, 20)),
+                                    *account)
               for i in range(args.tenants)}
     if hostile:
-        bad = _cli("tenants", "add", "hostile", "--data", str(data / "d"), "--cpus", "0.5", "--memory", "256m",
-                   "--disk", "64m", "--timeout", "20", "--max-running", "2", "--max-queued", "20")
+        bad = _cli("tenants", "add", f"{prefix}hostile", "--data", str(data / "d"), "--cpus", "0.5", "--memory",
+                   "256m", "--disk", "64m", "--timeout", "20", "--max-running", "2", "--max-queued", "20", *account)
+    engine_args = ["--engine", "slurm"] if slurm else ["--capacity-cpus", str(args.capacity_cpus)]
+    if slurm and args.slurm_partition:
+        engine_args += ["--slurm-partition", args.slurm_partition]
     server = subprocess.Popen([sys.executable, "-m", "pipcook_sandbox", "server", "--port", "0", "--data",
-                               str(data / "d"), "--allow-private", "127.0.0.1", "--capacity-cpus",
-                               str(args.capacity_cpus), "--isolation", args.isolation],
+                               str(data / "d"), "--allow-private", "127.0.0.1", *engine_args,
+                               "--isolation", args.isolation],
                               stdout=subprocess.DEVNULL, stderr=open(data / "server.log", "wb"),
                               stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
@@ -206,14 +233,31 @@ def phase(name: str, args: argparse.Namespace, web: str, hostile: bool) -> dict[
                 client.post(f"/v1/runs/{run['id']}/cancel")
             hostile_runs = client.get("/v1/runs", params={"limit": 1000}).json()["runs"]
     stop_sampling.set()
-    waits = [r["started"] - r["created"] for rs in runs.values() for r in rs if r["started"]]
+    if slurm:  # handed to Slurm at once: the wait is until Slurm started the job
+        starts = _job_starts([r["job"]["id"] for rs in runs.values() for r in rs if r.get("job")])
+        waits = [starts[r["job"]["id"]] - r["created"] for rs in runs.values() for r in rs
+                 if r.get("job") and r["job"]["id"] in starts]
+    else:
+        waits = [r["started"] - r["created"] for rs in runs.values() for r in rs if r["started"]]
     statuses = [r["status"] for rs in runs.values() for r in rs]
     server.send_signal(signal.SIGTERM)
     server.wait(120)
+    if slurm:  # jobs outlive the server: wait for the canceled ones to leave, then drop the accounts
+        names = list(tokens) + ([f"{prefix}hostile"] if hostile else [])
+        for tenant in names:
+            subprocess.run(["scancel", f"--account={tenant}"], capture_output=True, check=False)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and subprocess.run(
+                ["squeue", "-h", "-A", ",".join(names)], capture_output=True, text=True, check=False).stdout.strip():
+            time.sleep(1.0)
     left = _leftovers(data / "d", server.pid)
+    if slurm:
+        left["slurm_cgroups"] = len(list(Path("/sys/fs/cgroup").glob("*/slurm*/**/pipcook-sandbox")))
+        for tenant in names:
+            _cli("tenants", "remove", tenant, "--data", str(data / "d"), "--slurm-account")
     shutil.rmtree(data, ignore_errors=True)
     result = {
-        "phase": name, "tenants": args.tenants, "runs_each": args.runs, "elapsed_s": round(elapsed, 1),
+        "phase": name, "engine": args.engine, "tenants": args.tenants, "runs_each": args.runs, "elapsed_s": round(elapsed, 1),
         "succeeded": statuses.count("succeeded"), "failed": statuses.count("failed"),
         "jain_at_half": round(jain([float(v) for v in (half or {}).values()]), 4), "completed_at_half": half,
         "wait_p50_s": round(percentile(waits, 0.5), 2), "wait_p95_s": round(percentile(waits, 0.95), 2),
@@ -239,6 +283,9 @@ def main() -> None:
     parser.add_argument("--capacity-cpus", type=float, default=2.0)
     parser.add_argument("--isolation", default="bwrap")
     parser.add_argument("--skip-hostile", action="store_true")
+    parser.add_argument("--engine", choices=["local", "slurm"], default="local",
+                        help="slurm: each run a Slurm job (--capacity-cpus is then Slurm's business)")
+    parser.add_argument("--slurm-partition")
     args = parser.parse_args()
     site = Path(tempfile.mkdtemp(prefix="pcsb-bench-site-"))
     for name in ("pipeline.json", "datasource.py", "dataflow.py", "model.py"):
@@ -262,8 +309,9 @@ def main() -> None:
         shutil.rmtree(site, ignore_errors=True)
     out = REPO_ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "service.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out / 'service.json'}")
+    target = out / ("service.json" if args.engine == "local" else f"service-{args.engine}.json")
+    target.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {target}")
 
 
 if __name__ == "__main__":

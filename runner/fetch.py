@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urljoin
 
-import platformdirs
-
-from pipcook_sandbox.runner import localfiles
+from pipcook_sandbox.runner import cachedir, localfiles
 from pipcook_sandbox.runner.errors import FetchError, IntegrityError, PolicyError
 from pipcook_sandbox.runner.netpolicy import check_url, parse_ip_literal, resolve_and_check
 from pipcook_sandbox.runner.spec import ScriptRef, uri_to_path
@@ -46,17 +44,9 @@ tls_verify: ssl.SSLContext | bool = True
 
 
 def cache_dir() -> Path:
-    """Root of the runner's cache (scripts, frameworks), private to the runner's user."""
-    override = os.environ.get("PIPCOOK_SANDBOX_CACHE")
-    if override:
-        root = Path(override).expanduser()
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        if xdg and os.path.isabs(xdg):
-            # platformdirs only honours this on Linux; honour it everywhere.
-            root = Path(xdg) / "pipcook-sandbox"
-        else:
-            root = Path(platformdirs.user_cache_dir("pipcook-sandbox", appauthor=False))
+    """Root of the runner's cache (scripts, frameworks), private to the runner's user; where it is
+    (and its fallback without a writable home): runner/cachedir.py."""
+    root = cachedir.cache_dir()
     if root not in _made_private:
         _make_private(root)
         _made_private.add(root)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import pipcook_sandbox.sandbox as sandbox
-from pipcook_sandbox.runner.backends import base, get_backend, quota
+from pipcook_sandbox.runner.backends import base, cgroups, get_backend, quota
 from pipcook_sandbox.runner.backends.base import Limits, Mount, StageOptions, StageSpec
 from pipcook_sandbox.sandbox import sdk
 from pipcook_sandbox.sandbox.stageconfig import StageConfig
@@ -351,6 +351,10 @@ class Run:
                 handle.cleanup()
             except Exception as exc:  # keep cleaning the rest
                 self.emit(handle.name, "note", text=f"cleanup problem: {exc}")
+        try:  # a stage interrupted while it was being started has no handle: its cgroup goes here
+            cgroups.remove_run(self.run_id)
+        except OSError:
+            pass
 
     def failure(self, stage: str, script: str, seen: Observation) -> StageError | None:
         """The one-paragraph failure of `stage` given what was seen of it; None if it did not fail."""

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from pipcook_sandbox.runner.backends.base import Limits
 
-from . import artifacts, cleanup, fetch, overrides, run, spec, stages, validate, workspace
+from . import artifacts, cleanup, fetch, gpus, overrides, run, spec, stages, validate, workspace
 from .errors import PipcookError
 
 
@@ -48,10 +48,15 @@ class RunOptions:
 
 
 
-def require_gpu_host(who: str, isolation: str, fix: str = "run without --gpu") -> None:
-    """Refuse a GPU request on a host without an NVIDIA device, before anything is built or started
-    (`run`, `predict` and `serve` say it the same way). Under gVisor (the docker backend with
-    PIPCOOK_DOCKER_RUNTIME=runsc) no GPU can be given, whatever the host has."""
+def require_gpu_host(who: str, isolation: str, fix: str = "run without --gpu",
+                     log: Callable[[str], None] | None = None) -> None:
+    """Refuse a GPU request where this process was given no GPU (a host without an NVIDIA device, or a
+    batch job allocated none of them: runner/gpus.py), before anything is built or started (`run`,
+    `predict` and `serve` say it the same way). Under gVisor (the docker backend with
+    PIPCOOK_DOCKER_RUNTIME=runsc) no GPU can be given, whatever the host has. `log` hears which GPUs
+    the model stage will get."""
+    if isolation == "none":
+        return
     if isolation == "docker":
         from pipcook_sandbox.runner.backends import docker as docker_backend
 
@@ -59,9 +64,14 @@ def require_gpu_host(who: str, isolation: str, fix: str = "run without --gpu") -
         if refused:
             raise PipcookError(f"a GPU was requested by {who}, but {refused}: {fix}, or unset "
                                f"{docker_backend.ENV_RUNTIME} to use the GPU under runc")
-    if isolation != "none" and not any(Path("/dev").glob("nvidia[0-9]*")):
-        raise PipcookError(f"a GPU was requested by {who}, but this host has no NVIDIA GPU (no /dev/nvidia0); "
-                           f"{fix}, or run on a host with a GPU and its driver")
+    given = gpus.given()
+    if not given.devices:
+        where = ("this host has no NVIDIA GPU (no /dev/nvidia0)" if not gpus.candidates()
+                 else f"this process was given none of the host's GPUs ({given.why})")
+        raise PipcookError(f"a GPU was requested by {who}, but {where}; {fix}, or run on a host (or in a job) "
+                           "with a GPU and its driver")
+    if log is not None:
+        log(f"GPU: the model stage gets {', '.join(given.devices)} ({given.why})")
 
 
 def check_gpu(pipeline: spec.Pipeline, opts: RunOptions) -> RunOptions:
@@ -81,7 +91,8 @@ def check_gpu(pipeline: spec.Pipeline, opts: RunOptions) -> RunOptions:
     if opts.gpu is None and not from_file:
         return dataclasses.replace(opts, gpu=False)
     who = "--gpu" if opts.gpu else "the pipeline file (options.train.gpu, not the command line)"
-    require_gpu_host(who, opts.isolation, "run without --gpu" if opts.gpu else "pass --no-gpu to train on the CPU")
+    require_gpu_host(who, opts.isolation, "run without --gpu" if opts.gpu else "pass --no-gpu to train on the CPU",
+                     log=opts.log)
     if opts.gpu is None:
         opts.log(f"GPU: requested by {who}; pass --no-gpu to refuse it")
     return dataclasses.replace(opts, gpu=True)

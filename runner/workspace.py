@@ -61,9 +61,10 @@ def default_dir() -> Path:
 
 def _key() -> bytes:
     """The host user's secret for workspace markers (created once, mode 0600, never mounted in a stage)."""
-    import platformdirs
+    # The user's state dir, or a private temp one where the job's user has no writable home.
+    from .cachedir import state_dir
 
-    path = Path(platformdirs.user_state_dir("pipcook-sandbox")) / "workspace.key"
+    path = state_dir() / "workspace.key"
     try:
         return bytes.fromhex(path.read_text().strip())
     except (OSError, ValueError):

@@ -82,6 +82,36 @@ def require_docker():
     return backend_module
 
 
+def slurm_up() -> str | None:
+    """None when a Slurm controller answers and a node can take jobs; else why not."""
+    for tool in ("sbatch", "squeue", "sacct", "sacctmgr", "scontrol", "sinfo"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not installed"
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20, check=False)
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=20,
+                               check=False)
+    except subprocess.TimeoutExpired:
+        return "slurmctld does not answer within 20 s"
+    if "UP" not in ping.stdout:
+        return f"slurmctld is not up ({(ping.stdout + ping.stderr).strip()})"
+    if not any(line.startswith(("idle", "mixed", "allocated")) for line in nodes.stdout.splitlines()):
+        return f"no usable node (sinfo: {nodes.stdout.strip() or nodes.stderr.strip()})"
+    return None
+
+
+def require_slurm() -> None:
+    """In CI a Slurm cluster that is not up is a failure (.ci/start-slurm.sh starts one); elsewhere a
+    skip that says so (listed in the closing banner)."""
+    why = slurm_up()
+    if why is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"Slurm is required in CI and is not usable: {why}. .ci/start-slurm.sh must start it "
+                    "(logs in /var/log/slurm)")
+    pytest.skip(f"Slurm not usable here: {why} (run .ci/start-slurm.sh as root)")
+
+
 def sandbox_processes(marker: str) -> list[str]:
     """Command lines of live processes that mention `marker` (leftover check)."""
     found = []
@@ -126,7 +156,8 @@ def workdir(tmp_path: Path) -> Path:
 
 # Where a skip means a guarantee went unchecked on this host (confinement, Docker, limits).
 _SECURITY_TESTS = ("tests/hostile/", "tests/test_docker_backend.py", "tests/test_bwrap_backend.py",
-                   "tests/test_seccomp.py", "tests/test_cgroups_quota.py", "tests/test_artifact_confinement.py")
+                   "tests/test_seccomp.py", "tests/test_cgroups_quota.py", "tests/test_artifact_confinement.py",
+                   "tests/test_slurm.py", "tests/test_slurm_service.py")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

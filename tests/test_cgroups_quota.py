@@ -335,6 +335,36 @@ def test_bad_subdir_names_refused(tmp_path: Path) -> None:
 
 
 @needs_root
+def test_parent_is_removed_with_the_last_stage() -> None:
+    """<own cgroup>/pipcook-sandbox goes when its last stage does: a directory left in a
+    batch job's cgroup stops the scheduler (Slurm) removing that job's cgroup."""
+    first = cgroups.create(unique(), memory=128 << 20, pids=32, cpus=1.0)
+    second = cgroups.create(unique(), memory=128 << 20, pids=32, cpus=1.0)
+    assert first is not None and second is not None, cgroups.available()
+    parents = {d.parent for d in first.all_dirs()}
+    assert all(p.name == cgroups.ROOT_NAME for p in parents)
+    assert first.remove()
+    assert all(p.is_dir() for p in parents)  # the second stage still lives there
+    assert second.remove()
+    for p in parents:
+        # Gone, unless a concurrent run (another test, another user of this host) has a stage there now.
+        assert not p.exists() or any(c.is_dir() for c in p.iterdir()), p
+
+
+@needs_root
+def test_a_removed_parent_is_made_again() -> None:
+    """A runner whose parent directory vanished (another run's last stage left) still gets its cgroup."""
+    probe = cgroups.create(unique(), memory=128 << 20, pids=32, cpus=1.0)
+    assert probe is not None
+    assert probe.remove()
+    again = cgroups.create(unique(), memory=128 << 20, pids=32, cpus=1.0)
+    try:
+        assert again is not None and not again.missing
+    finally:
+        assert again is not None and again.remove()
+
+
+@needs_root
 def test_volumes_made_together_are_all_there_and_separate(tmp_path: Path) -> None:
     vols = quota.create_volumes([(tmp_path / f"v{i}", (16 + i) << 20, ["out", f"sub{i}"]) for i in range(4)])
     try:
@@ -369,3 +399,19 @@ def test_volumes_destroyed_together_are_all_gone(tmp_path: Path) -> None:
         assert not mounts_below(v.mountpoint) and not v.image.exists() and not loops_of(v.image)
     assert not vols[3].mountpoint.exists()
     quota.destroy_volumes(vols)  # idempotent, as destroy()
+
+
+@needs_root
+def test_a_runs_cgroups_without_a_handle_are_removed() -> None:
+    """A stage interrupted while being started (scancel's SIGTERM) has no handle; the run's end removes it."""
+    run_id = f"{os.getpid()}-{secrets.token_hex(3)}"
+    orphan = cgroups.create(f"{run_id}-dataflow-1", memory=128 << 20, pids=32, cpus=1.0)
+    other = cgroups.create(unique(), memory=128 << 20, pids=32, cpus=1.0)
+    assert orphan is not None and other is not None
+    try:
+        removed = cgroups.remove_run(run_id)
+        assert removed and all(f"{run_id}-dataflow-1" in r for r in removed)
+        assert not any(d.exists() for d in orphan.all_dirs())
+        assert all(d.exists() for d in other.all_dirs())  # another run's stays
+    finally:
+        assert other.remove()

@@ -113,6 +113,9 @@ class StageSpec:
 # these into the user's one-paragraph message.
 REASON_TIMEOUT = "timeout"
 REASON_MEMORY = "memory"
+# Killed for memory below its own limit: the limit of a cgroup above the runner
+# (a batch job's --mem), shared by the runner and all its stages, ran out first.
+REASON_MEMORY_SHARED = "memory-shared"
 REASON_PIDS = "pids"
 REASON_DISK = "disk"
 REASON_OUTPUT = "output"

@@ -45,8 +45,9 @@ Filesystem (a fresh tmpfs root, remounted read-only at the end)
                                       /proc/sys read-only; kcore, keys,
                                       timer_list, sched_debug, ... masked
     /dev                              bwrap's minimal /dev (null, zero, full,
-                                      random, urandom, tty, pts); GPU nodes
-                                      only with spec.gpu
+                                      random, urandom, tty, pts); with
+                                      spec.gpu, only the GPU nodes this
+                                      runner was given (gpus.py)
     /tmp, /dev/shm                    private tmpfs, mode 1777, --size
                                       limits.tmp each (memory-backed: counts
                                       against the memory limit)
@@ -102,6 +103,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from pipcook_sandbox.runner import gpus
 from pipcook_sandbox.runner.errors import PipcookError
 
 from . import base, cgroups, output, owner, quota, seccomp
@@ -109,6 +111,7 @@ from .base import (
     REASON_CANCELLED,
     REASON_DISK,
     REASON_MEMORY,
+    REASON_MEMORY_SHARED,
     REASON_OUTPUT,
     REASON_PIDS,
     REASON_PROTOCOL,
@@ -456,10 +459,9 @@ def build_parts(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd:
     a.add("--dev", "/dev")
     a.made.add("/dev")
     if spec.gpu:
-        for node in sorted(Path("/dev").glob("nvidia*")):
-            a.add("--dev-bind", str(node), str(node))
-        if Path("/dev/dri").is_dir():
-            a.add("--dev-bind", "/dev/dri", "/dev/dri")
+        # Only the GPUs this runner was given (a Slurm job's allocation), not every one of the host.
+        for node in gpus.given().binds():
+            a.add("--dev-bind", node, node)
     a.tmpfs("/tmp", "1777", spec.limits.tmp)
     a.tmpfs("/dev/shm", "1777", spec.limits.tmp)
 
@@ -528,6 +530,7 @@ class BwrapStage:
         self.skipped: list[str] = []  # what copy-out refused
         self.proc: subprocess.Popen | None = None
         self.cgroup: cgroups.Cgroup | None = None
+        self._nproc: int | None = None  # RLIMIT_NPROC where no pids cgroup could be had
         self.volume: quota.Volume | None = None
         self.timeout_used: float | None = None
         self._reason: str | None = None
@@ -614,8 +617,15 @@ class BwrapStage:
         lim = self.limits
         killed = code in (-signal.SIGKILL, 128 + signal.SIGKILL)
         reason = self._reason
+        shared_detail = ""
         if reason is None and code != 0 and self.cgroup is not None and self.cgroup.oom_killed(killed_by_sigkill=killed):
             reason = REASON_MEMORY
+            peak, outer = self.cgroup.memory_peak(), cgroups.enclosing_memory_limit()
+            if peak is not None and outer is not None and peak < lim.memory * 0.9:
+                # Its own limit was never reached: the one above the runner (a batch job's) was.
+                reason = REASON_MEMORY_SHARED
+                shared_detail = (f"the stage peaked at {fmt_bytes(peak)} of its own {fmt_bytes(lim.memory)}; the limit "
+                                 f"of {fmt_bytes(outer)} above the runner, shared by the runner and every stage, ran out")
         if reason is None and code != 0 and self.cgroup is not None and self.cgroup.pids_exhausted():
             reason = REASON_PIDS
         if reason is None and code != 0 and self.volume is not None and (
@@ -624,6 +634,7 @@ class BwrapStage:
         details = {
             REASON_TIMEOUT: f"wall-clock limit {fmt_seconds(self.timeout_used or lim.timeout)}",
             REASON_MEMORY: f"memory limit {fmt_bytes(lim.memory)}",
+            REASON_MEMORY_SHARED: shared_detail,
             REASON_PIDS: f"process limit {lim.pids}",
             REASON_DISK: f"disk quota {fmt_bytes(lim.disk)}",
             REASON_OUTPUT: f"output limit {fmt_bytes(lim.output)}",
@@ -748,13 +759,20 @@ class BwrapStage:
 
         cg_name = _safe(f"{spec.run_id}-{spec.name}")
         self.cgroup = cgroups.create(cg_name, memory=lim.memory, pids=lim.pids, cpus=lim.cpus)
-        if self.cgroup is None:
-            self.degraded.append("no writable cgroup: memory, process and CPU limits are NOT enforced")
-        else:
+        missing = list(cgroups.CONTROLLERS) if self.cgroup is None else list(self.cgroup.missing)
+        if self.cgroup is not None:
             self._save(cgroup={"name": self.cgroup.name, "version": self.cgroup.version,
                                "dirs": {k: str(v) for k, v in self.cgroup.dirs.items()}})
-            if self.cgroup.missing:
-                self.degraded.append(f"cgroup limits NOT enforced: {', '.join(self.cgroup.missing)}")
+        nproc = None
+        if "pids" in missing and os.geteuid() != 0:
+            # Not root (a batch job's user without a delegated pids cgroup): the kernel does enforce
+            # RLIMIT_NPROC, per user, so bound this user's tasks at what it has now plus the stage's share.
+            nproc = cgroups.user_tasks(os.geteuid()) + lim.pids
+        if missing:
+            why = "no writable cgroup" if self.cgroup is None else f"not delegated to uid {os.geteuid()}"
+            self.degraded.append(f"per-stage cgroup limits NOT enforced: {', '.join(missing)} ({why}); "
+                                 f"what holds instead: {cgroups.what_holds(missing, nproc)}")
+        self._nproc = nproc
         if self.mode == "mapped":
             self.degraded += grant_access(spec, owner)
         for d in self.degraded:
@@ -779,7 +797,8 @@ class BwrapStage:
             argv = ["--args", str(args_fd), "--", *command]
             cfg = {
                 "procs": [str(p) for p in (self.cgroup.procs_files if self.cgroup else [])],
-                "rlimits": [["RLIMIT_NOFILE", lim.nofile], ["RLIMIT_FSIZE", lim.disk], ["RLIMIT_CORE", 0]],
+                "rlimits": [["RLIMIT_NOFILE", lim.nofile], ["RLIMIT_FSIZE", lim.disk], ["RLIMIT_CORE", 0]]
+                           + ([["RLIMIT_NPROC", self._nproc]] if self._nproc else []),
                 "clear_groups": os.geteuid() == 0,
                 "bwrap": feats.bwrap,
             }

@@ -37,9 +37,10 @@ import re
 import secrets
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 ROOT_NAME = "pipcook-sandbox"
 LEAF_NAME = "pipcook-runner"
@@ -273,7 +274,27 @@ class Cgroup:
             if not remaining or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
+        if not remaining:
+            for d in self.all_dirs():
+                remove_parent_if_empty(d.parent)
         return not remaining
+
+
+def remove_parent_if_empty(parent: Path) -> bool:
+    """rmdir `<own cgroup>/pipcook-sandbox` once its last stage is gone: a
+    directory left in a cgroup that a batch system (Slurm) made for a job
+    stops it removing that job's cgroup. Another runner's stage inside makes
+    the rmdir fail (EBUSY/ENOTEMPTY), which is fine: the last one out removes
+    it; a runner creating a stage at that moment makes it again (`_mkdir_parent`)."""
+    if parent.name != ROOT_NAME:
+        return False
+    try:
+        parent.rmdir()
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 # --- creating ----------------------------------------------------------------
@@ -330,9 +351,15 @@ def _create_v2(name: str, memory: int, pids: int, cpus: float) -> Cgroup | None:
         return None
     wanted = _v2_controllers(base)
     try:
-        parent, failed = prepare_v2_parent(base, wanted)
-        d = parent / name
-        d.mkdir()
+        for attempt in range(3):
+            parent, failed = prepare_v2_parent(base, wanted)
+            try:
+                d = parent / name
+                d.mkdir()
+                break
+            except FileNotFoundError:  # the last stage of another run removed the parent just now
+                if attempt == 2:
+                    raise
     except OSError:
         return None
     cg = Cgroup(name, 2, {"": d}, missing=[c for c in CONTROLLERS if c not in wanted] + failed)
@@ -345,6 +372,20 @@ def _create_v2(name: str, memory: int, pids: int, cpus: float) -> Cgroup | None:
     return cg
 
 
+def _mkdir_stage(parent: Path, name: str, exist_ok: bool = False) -> Path:
+    """mkdir parent/name, making parent first; another runner's last stage may
+    remove an empty parent between the two mkdirs (remove_parent_if_empty)."""
+    for attempt in range(3):
+        parent.mkdir(exist_ok=True)
+        try:
+            (parent / name).mkdir(exist_ok=exist_ok)
+            return parent / name
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _create_v1(name: str, memory: int, pids: int, cpus: float) -> Cgroup | None:
     dirs: dict[str, Path] = {}
     missing: list[str] = []
@@ -353,10 +394,7 @@ def _create_v1(name: str, memory: int, pids: int, cpus: float) -> Cgroup | None:
         try:
             if base is None:
                 raise OSError(errno.ENOENT, "no hierarchy")
-            parent = base / ROOT_NAME
-            parent.mkdir(exist_ok=True)
-            d = parent / name
-            d.mkdir(exist_ok=True)
+            d = _mkdir_stage(base / ROOT_NAME, name, exist_ok=True)
             dirs[c] = d
         except OSError:
             missing.append(c)
@@ -417,13 +455,13 @@ def create(name: str, *, memory: int, pids: int, cpus: float, version: int | Non
 
 def _kernel_at_least(major: int, minor: int) -> bool:
     m = re.match(r"(\d+)\.(\d+)", os.uname().release)
-    return bool(m) and (int(m.group(1)), int(m.group(2))) >= (major, minor)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= (major, minor)
 
 
 def available() -> dict:
     """What works here, for `doctor`."""
     base2 = _v2_base()
-    v2 = None
+    v2: dict[str, Any] | None = None
     if base2 is not None:
         v2 = {"base": str(base2), "writable": os.access(base2, os.W_OK),
               "controllers": _v2_controllers(base2),
@@ -439,7 +477,7 @@ def available() -> dict:
     version = None
     if n2 >= 0 or n1 > 0:
         version = 2 if n2 >= n1 else 1
-    usable = (v2["controllers"] if version == 2 else _v1_controllers()) if version else []
+    usable = (v2["controllers"] if version == 2 and v2 else _v1_controllers()) if version else []
     missing = [c for c in CONTROLLERS if c not in usable]
     return {
         "version": version,
@@ -520,9 +558,92 @@ def remove_leftovers(is_alive: Callable[[int], bool] = pid_alive) -> list[str]:
         cg.kill_all()
         if cg.remove():
             removed += [str(d) for d in cg.all_dirs()]
+    for _version, _ctrl, parent in _parents():
+        if remove_parent_if_empty(parent):
+            removed.append(str(parent))
+    return removed
+
+
+def remove_run(run_id: str) -> list[str]:
+    """Kill and remove every stage cgroup of run `run_id` still there: a stage interrupted (SIGTERM,
+    a Slurm scancel) while it was being started has no handle to clean it up. Empty parents go too."""
+    by_name: dict[tuple[int, str], Cgroup] = {}
+    for version, ctrl, parent in _parents():
+        for d in parent.iterdir():
+            if d.is_dir() and d.name.startswith(f"{run_id}-"):
+                by_name.setdefault((version, d.name), Cgroup(d.name, version, {})).dirs[ctrl or ""] = d
+    removed = []
+    for cg in by_name.values():
+        cg.kill_all()
+        if cg.remove():
+            removed += [str(d) for d in cg.all_dirs()]
     return removed
 
 
 def from_dirs(name: str, version: int, dirs: dict[str, str]) -> Cgroup:
     """Rebuild a handle from recorded paths (crash recovery)."""
     return Cgroup(name, version, {k: Path(v) for k, v in dirs.items()})
+
+
+# --- what holds where a controller is not delegated -------------------------------
+
+
+def user_tasks(uid: int) -> int:
+    """Processes and threads of `uid` now: what RLIMIT_NPROC counts."""
+    count = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid == uid:
+                count += len(os.listdir(f"/proc/{entry.name}/task"))
+        except OSError:
+            continue
+    return count
+
+
+def enclosing_memory_limit() -> int | None:
+    """The tightest memory limit on the cgroup this process is in or any above it (a
+    batch job's --mem, set on the job's and the step's cgroups), if any."""
+    found: list[int] = []
+    mount2, base2 = _v2_mount(), _v2_base()
+    if mount2 is not None and base2 is not None:
+        d = base2
+        while d != mount2.path and mount2.path in d.parents:
+            text = (_read(d / "memory.max") or "").strip()
+            if text.isdigit():
+                found.append(int(text))
+            d = d.parent
+    mount1, base1 = _v1_mount("memory"), _v1_base("memory")
+    if mount1 is not None and base1 is not None:
+        d = base1
+        while d != mount1.path and mount1.path in d.parents:
+            value = _int(d / "memory.limit_in_bytes")
+            if value is not None and value < (1 << 60):  # "unlimited" is a huge page-rounded number
+                found.append(value)
+            d = d.parent
+    return min(found) if found else None
+
+
+def what_holds(missing: list[str], nproc: int | None) -> str:
+    """One sentence per limit the stage's cgroup could not take: what bounds it instead.
+    `nproc` is the RLIMIT_NPROC the caller set for the stage (None: none set)."""
+    said = []
+    for controller in missing:
+        if controller == "memory":
+            limit = enclosing_memory_limit()
+            said.append(f"memory: {limit >> 20} MiB, the limit of the cgroup the runner is in (a batch job's), "
+                        "for the runner and all its stages together" if limit else
+                        "memory: nothing (no cgroup limit above the runner either)")
+        elif controller == "pids":
+            said.append(f"pids: RLIMIT_NPROC={nproc} for uid {os.geteuid()} (every process and thread of that "
+                        "user, the runner and other stages included)" if nproc else
+                        "pids: nothing (RLIMIT_NPROC does not bind root)")
+        elif controller == "cpu":
+            try:
+                cpus = sorted(os.sched_getaffinity(0))
+            except OSError:
+                cpus = []
+            said.append(f"cpu: the {len(cpus)} CPU(s) this runner may use (its cpuset: a batch job's cores), "
+                        "shared with the other stages" if cpus else "cpu: nothing")
+    return "; ".join(said)

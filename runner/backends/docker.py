@@ -20,7 +20,8 @@ What a stage gets (tests/test_docker_backend.py checks each line):
     processes   init=True: Docker's tini is pid 1 and reaps zombies
     runtime     runc, or another registered runtime (runsc for gVisor) from
                 spec.options.runtime or $PIPCOOK_DOCKER_RUNTIME
-    GPU         spec.gpu (the model stage only): every GPU through the
+    GPU         spec.gpu (the model stage only): the GPUs this runner was
+                given (gpus.py: a Slurm job's allocation) through the
                 NVIDIA Container Toolkit, the CUDA image; a clear error where
                 the host has no NVIDIA runtime. UNTESTED without a GPU.
 
@@ -47,6 +48,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from pipcook_sandbox.runner import gpus
 from pipcook_sandbox.runner.errors import PipcookError as _ErrorBase
 
 from . import base, gvisor, owner, quota
@@ -312,7 +314,10 @@ def container_config(spec: base.StageSpec) -> dict[str, Any]:
         config["ulimits"].append(docker.types.Ulimit(name="nproc", soft=limits.pids, hard=limits.pids))
     if spec.gpu:
         # compute,utility: what CUDA and nvidia-smi need from the driver.
-        config["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu", "compute", "utility"]])]
+        # Only the GPUs this runner was given (a Slurm job's allocation): gpus.py.
+        ids = gpus.docker_device_ids(gpus.given())
+        config["device_requests"] = [docker.types.DeviceRequest(
+            count=-1 if ids is None else 0, device_ids=ids, capabilities=[["gpu", "compute", "utility"]])]
         env.setdefault("NVIDIA_DRIVER_CAPABILITIES", "compute,utility")
     return config
 

@@ -99,6 +99,10 @@ class Engine(ABC):
     # runner gets SIGTERM from the kernel). After a restart the service keeps watching such jobs;
     # the others are stopped and their runs marked failed "server restarted".
     jobs_outlive_server: bool = False
+    # Whether the engine holds each tenant to its own limits (Slurm: the tenant's account's GrpJobs,
+    # GrpTRES, fair share). Then the service hands it every queued run at once and the engine's
+    # queue is the queue; otherwise the service starts a tenant's runs only within its max-running.
+    queues_tenants: bool = False
 
     @abstractmethod
     def submit(self, request: RunRequest) -> str:
@@ -115,6 +119,10 @@ class Engine(ABC):
     def recover(self, job_ids: list[str]) -> dict[str, JobState]:
         """After a server restart: the state of each job the database says was running."""
         return {job_id: self.poll(job_id) for job_id in job_ids}
+
+    def ensure_tenant(self, tenant: str, quotas: dict[str, float | int | None]) -> None:
+        """Make sure the engine knows `tenant` with these quotas (Slurm: its account). Called before
+        a tenant's first run of a server's life and by `tenants add --slurm-account`; raises EngineError."""
 
     def capacity(self) -> dict[str, float] | None:
         """CPUs/memory/GPUs this engine may use at once, or None when the engine queues by itself (Slurm)."""

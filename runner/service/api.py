@@ -94,6 +94,9 @@ class RunInfo(BaseModel):
     exit_code: int | None = None
     artifacts: list[str] = Field(default_factory=list)
     transitions: list[Transition] = Field(default_factory=list)
+    job: dict[str, Any] | None = Field(None, description="The engine's job (its id: a Slurm job id for sacct) and, "
+                                       "while running, its state and reason (e.g. Slurm holding it: pending, "
+                                       "AssocGrpJobsLimit)")
 
 
 class RunList(BaseModel):
@@ -204,7 +207,16 @@ class _Tenancy:
             limits={k: run[k] for k in ("cpus", "memory", "disk", "timeout", "pids", "gpus")},
             stages=summary.stages, progress=summary.progress, metrics=summary.metrics, error=run["error"],
             exit_code=run["exit_code"], artifacts=list_artifacts(self.workspace(run)) if detail else [],
-            transitions=[Transition(**t) for t in self.db.transitions(run["id"])] if detail else [])
+            transitions=[Transition(**t) for t in self.db.transitions(run["id"])] if detail else [],
+            job=self.job_info(run))
+
+    def job_info(self, run: dict[str, Any]) -> dict[str, Any] | None:
+        if not run["job_id"]:
+            return None
+        service = self.service
+        seen = service.scheduler.job_states.get(run["id"]) if service.scheduler and run["state"] == RUNNING else None
+        return {"engine": service.engine.name, "id": run["job_id"], "state": seen.state if seen else None,
+                "reason": seen.reason if seen else None}
 
 
 def _add_body_cap(app: FastAPI) -> None:
@@ -246,7 +258,8 @@ def _add_run_routes(app: FastAPI, service: Service, h: _Tenancy) -> None:
                 raise submit_mod.Rejected(422, str(exc)) from None
             decided = submit_mod.decide_limits(tenant, asked, service.engine.capacity(),
                                                submit_mod.stage_count(pipeline))
-            run = submit_mod.enqueue(db, service.data, tenant, pipeline, source, decided)
+            run = submit_mod.enqueue(db, service.data, tenant, pipeline, source, decided,
+                                     engine_queues=service.engine.queues_tenants)
         except submit_mod.Rejected as exc:
             raise HTTPException(exc.status, str(exc)) from None
         assert service.scheduler is not None

@@ -78,11 +78,14 @@ def _register_server(main: click.Group, handle_errors: Callable[[Callable], Call
     @click.option("--allow-private", "allow_private", multiple=True, metavar="HOST",
                   help="Let pipelines fetch from this loopback/private host (local mirrors, tests). Repeatable.")
     @click.option("--slurm-partition", metavar="NAME", help="With --engine slurm: the partition jobs go to.")
+    @click.option("--slurm-job-memory", metavar="SIZE",
+                  help="With --engine slurm: the most memory (--mem) one run's job asks for, shared by its runner "
+                       "and stages (default: its per-stage memory times its stages, plus 512m for the runner).")
     @click.option("--debug", is_flag=True, help="Show tracebacks and the server's access log.")
     @handle_errors
     def server(host: str, port: int, data: Path | None, engine: str, isolation: str, capacity_cpus: float | None,
                capacity_memory: str | None, capacity_gpus: int | None, allow_private: tuple[str, ...],
-               slurm_partition: str | None, debug: bool) -> None:
+               slurm_partition: str | None, slurm_job_memory: str | None, debug: bool) -> None:
         """Serve the multi-tenant HTTP API: tenants submit runs, each stage runs sandboxed under the tenant's uid."""
         from .server import ServerOptions, serve
 
@@ -91,7 +94,8 @@ def _register_server(main: click.Group, handle_errors: Callable[[Callable], Call
         serve(ServerOptions(host=host, port=port, data=(data or default_data()).absolute(), engine=engine,
                             isolation=isolation, capacity_cpus=capacity_cpus,
                             capacity_memory=_size(capacity_memory, "--capacity-memory"), capacity_gpus=capacity_gpus,
-                            allow_private=allow_private, slurm_partition=slurm_partition, debug=debug))
+                            allow_private=allow_private, slurm_partition=slurm_partition,
+                            slurm_job_memory=_size(slurm_job_memory, "--slurm-job-memory"), debug=debug))
 
 
 def _register_tenants(main: click.Group, handle_errors: Callable[[Callable], Callable]) -> None:
@@ -114,17 +118,28 @@ def _register_tenants(main: click.Group, handle_errors: Callable[[Callable], Cal
     @click.option("--gpus", type=click.IntRange(0), default=0, show_default=True, help="GPUs a run may ask for.")
     @click.option("--uid-base", type=click.IntRange(1000), default=200000, show_default=True,
                   help="Host uids for tenants are allocated upwards from here (never reused).")
+    @click.option("--slurm-account", is_flag=True,
+                  help="Also create (or check and update) the tenant's Slurm account: GrpJobs = max-running, "
+                       "GrpSubmitJobs = max-running + max-queued, MaxTRESPerJob from --cpus and --gpus. "
+                       "A server with --engine slurm does this itself before the tenant's first run.")
     @click.option("--debug", is_flag=True, help="Show tracebacks.")
     @handle_errors
     def tenants_add(name: str, data: Path | None, max_running: int, max_queued: int, cpus: float, memory: str,
-                    disk: str, timeout: float, gpus: int, uid_base: int, debug: bool) -> None:
+                    disk: str, timeout: float, gpus: int, uid_base: int, slurm_account: bool, debug: bool) -> None:
         """Add tenant NAME and print its token (shown this once; only its hash is kept)."""
         from . import tenants as tenants_mod
 
+        if slurm_account:  # before the tenant exists: a cluster that refuses leaves nothing half made
+            from pipcook_sandbox.runner.engines import slurm
+
+            slurm.ensure_account(name, slurm.tenant_quotas(max_running=max_running, max_queued=max_queued,
+                                                           cpus=cpus, gpus=gpus))
         db, root = _open_db(data)
         tenant, token = tenants_mod.add(db, root, name, max_running=max_running, max_queued=max_queued, cpus=cpus,
                                         memory=_size(memory, "--memory") or 0, disk=_size(disk, "--disk") or 0,
                                         timeout=timeout, gpus=gpus, uid_base=uid_base)
+        if slurm_account:
+            click.echo(f"Slurm account {name}: {slurm.account_limits(name)}", err=True)
         click.echo(token)
         click.echo(f"tenant {tenant.name} added (uid {tenant.uid}); give it the token above, it is not shown again",
                    err=True)
@@ -164,9 +179,12 @@ def _register_tenants(main: click.Group, handle_errors: Callable[[Callable], Cal
     @tenants.command("remove")
     @click.argument("name")
     @_data_option
+    @click.option("--slurm-account", is_flag=True,
+                  help="Also delete the tenant's Slurm account (Slurm refuses while it has jobs: retry once the "
+                       "server has cancelled them).")
     @click.option("--debug", is_flag=True, help="Show tracebacks.")
     @handle_errors
-    def tenants_remove(name: str, data: Path | None, debug: bool) -> None:
+    def tenants_remove(name: str, data: Path | None, slurm_account: bool, debug: bool) -> None:
         """Remove NAME: its token stops working, its queued runs are canceled, a running server stops
         its running ones; its files go once none runs."""
         from . import tenants as tenants_mod
@@ -174,6 +192,11 @@ def _register_tenants(main: click.Group, handle_errors: Callable[[Callable], Cal
         db, root = _open_db(data)
         canceled = tenants_mod.remove(db, root, name)
         click.echo(f"tenant {name} removed ({canceled} queued run(s) canceled)", err=True)
+        if slurm_account:
+            from pipcook_sandbox.runner.engines import slurm
+
+            gone = slurm.remove_account(name)
+            click.echo(f"Slurm account {name} {'deleted' if gone else 'did not exist'}", err=True)
 
 
 def _register_client(main: click.Group, handle_errors: Callable[[Callable], Callable]) -> None:

@@ -16,7 +16,9 @@ When the next tenant's run does not fit what is free, nothing else starts
 before it (no backfill): a big run is never starved by small ones. Runs that
 could never fit are refused at submission (422). An engine that queues by
 itself (Slurm: `capacity()` is None) gets every run a tenant's max-running
-allows.
+allows; one that also holds each tenant to its own limits (`queues_tenants`:
+Slurm, through the tenant's account's GrpJobs = its max-running) gets every
+queued run at once, and its queue decides (fair share, QOS, GrpJobs).
 
 One thread does all of it, every SCHEDULE_PERIOD seconds or when woken: the
 local engine's runners get SIGTERM when the thread that started them dies,
@@ -46,6 +48,14 @@ RESTART_GRACE = 60.0  # seconds a stopped runner gets to tear its sandboxes down
 RESTARTED = ("server restarted: the run was stopped when the server went down and is not retried "
              "(its workspace is kept); submit it again")
 STOPPED = "server stopped: the run was stopped when the server shut down (its workspace is kept); submit it again"
+
+
+def tenant_quotas(tenant: tenants_mod.Tenant) -> dict[str, float | int | None]:
+    """What an engine that enforces per-tenant limits (Slurm) is told of a tenant."""
+    from pipcook_sandbox.runner.engines.slurm import tenant_quotas as as_slurm
+
+    return as_slurm(max_running=tenant.max_running, max_queued=tenant.max_queued, cpus=tenant.cpus,
+                    gpus=tenant.gpus)
 
 
 def run_dir(data: Path, tenant: str, run_id: str) -> Path:
@@ -81,6 +91,9 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._served: dict[str, float] = {}  # tenant -> when it last had a run started (monotonic order)
+        self._known_tenants: set[str] = set()  # tenants the engine was told about (ensure_tenant) this life
+        # run id -> what the engine last said of its job (e.g. Slurm holding it: pending, AssocGrpJobsLimit)
+        self.job_states: dict[str, JobState] = {}
         self._turns = 0
 
     # --- life --------------------------------------------------------------------
@@ -160,8 +173,10 @@ class Scheduler:
             if run["cancel_requested"]:
                 self.engine.cancel(run["job_id"])
             state = self.engine.poll(run["job_id"])
+            self.job_states[run["id"]] = state
             if state.final:
                 self._finish(run, state)
+                self.job_states.pop(run["id"], None)
         self._schedule()
 
     def _finish(self, run: dict[str, Any], state: JobState) -> None:
@@ -224,7 +239,9 @@ class Scheduler:
             queues.setdefault(run["tenant"], []).append(run)
         limits = {t.name: t for t in tenants_mod.all_tenants(self.db)}
         while queues:
-            eligible = [t for t in queues if t in limits and per_tenant.get(t, 0) < limits[t].max_running]
+            # An engine that holds each tenant to its own limits (Slurm's GrpJobs) gets every queued run.
+            eligible = [t for t in queues if t in limits
+                        and (self.engine.queues_tenants or per_tenant.get(t, 0) < limits[t].max_running)]
             if not eligible:
                 return
             # least recently served first; never served before all; ties: whose head was submitted first
@@ -258,6 +275,9 @@ class Scheduler:
             account=tenant.name, allow_private=self.allow_private,
             env={"PIPCOOK_SANDBOX_DOWNLOAD_CACHE": str(cache)})
         try:
+            if tenant.name not in self._known_tenants:
+                self.engine.ensure_tenant(tenant.name, tenant_quotas(tenant))
+                self._known_tenants.add(tenant.name)
             job_id = self.engine.submit(request)
         except EngineError as exc:
             if self.db.transition(run["id"], FAILED, expect=(RUNNING,), note="engine refused", error=str(exc)):

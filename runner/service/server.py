@@ -32,6 +32,7 @@ class ServerOptions:
     capacity_gpus: int | None = None
     allow_private: tuple[str, ...] = ()
     slurm_partition: str | None = None
+    slurm_job_memory: int | None = None  # at most this --mem per job (default: stages x memory + the runner)
     debug: bool = False
 
 
@@ -73,6 +74,8 @@ def _engine_options(opts: ServerOptions) -> dict[str, object]:
     options: dict[str, object] = {}
     if opts.slurm_partition:
         options["partition"] = opts.slurm_partition
+    if opts.slurm_job_memory:
+        options["job_memory_cap"] = opts.slurm_job_memory
     return options
 
 
@@ -117,7 +120,9 @@ def serve(opts: ServerOptions) -> None:
     except KeyboardInterrupt:
         pass  # uvicorn re-raises the SIGINT/SIGTERM it stopped for; the stop below is the orderly end: exit 0
     finally:
-        _say("pipcook-sandbox server: stopping (running runs are stopped and marked failed)")
+        _say("pipcook-sandbox server: stopping " + ("(running jobs go on; the next start watches them again)"
+                                                     if engine.jobs_outlive_server else
+                                                     "(running runs are stopped and marked failed)"))
         service.stop()
         service.db.close()
         sock.close()

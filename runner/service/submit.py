@@ -25,7 +25,7 @@ from pipcook_sandbox.runner import fetch, spec
 from pipcook_sandbox.runner.errors import PipcookError
 from pipcook_sandbox.runner.limits import human
 
-from .db import QUEUED, Database
+from .db import QUEUED, RUNNING, Database
 from .scheduler import Needs, run_dir
 from .tenants import Tenant
 
@@ -145,8 +145,12 @@ def new_run_id() -> str:
 
 
 def enqueue(db: Database, data: Path, tenant: Tenant, pipeline: dict[str, Any], source: str,
-            limits: dict[str, Any]) -> dict[str, Any]:
-    """Write the run's directory and queue it, if the tenant's queue has room (else 429)."""
+            limits: dict[str, Any], engine_queues: bool = False) -> dict[str, Any]:
+    """Write the run's directory and queue it, if the tenant's queue has room (else 429).
+
+    `engine_queues`: the engine (Slurm) holds the queue, so runs handed over and waiting there are
+    "running" here; the room is then max-running + max-queued for queued and running together
+    (the tenant's account's GrpSubmitJobs is the same number)."""
     run_id = new_run_id()
     directory = run_dir(data, tenant.name, run_id)
     directory.mkdir(mode=0o700, parents=True)
@@ -157,11 +161,19 @@ def enqueue(db: Database, data: Path, tenant: Tenant, pipeline: dict[str, Any], 
            **limits}
     try:
         with db.transaction() as conn:
-            queued = conn.execute("SELECT count(*) FROM runs WHERE tenant = ? AND state = ?",
-                                  (tenant.name, QUEUED)).fetchone()[0]
-            if queued >= tenant.max_queued:
-                raise Rejected(429, f"tenant {tenant.name!r} has {queued} runs queued, its limit (max-queued "
-                                    f"{tenant.max_queued}); wait for some to start or cancel some")
+            if engine_queues:
+                active = conn.execute("SELECT count(*) FROM runs WHERE tenant = ? AND state IN (?, ?)",
+                                      (tenant.name, QUEUED, RUNNING)).fetchone()[0]
+                if active >= tenant.max_running + tenant.max_queued:
+                    raise Rejected(429, f"tenant {tenant.name!r} has {active} runs queued or running, its limit "
+                                        f"(max-running {tenant.max_running} + max-queued {tenant.max_queued}); "
+                                        "wait for some to finish or cancel some")
+            else:
+                queued = conn.execute("SELECT count(*) FROM runs WHERE tenant = ? AND state = ?",
+                                      (tenant.name, QUEUED)).fetchone()[0]
+                if queued >= tenant.max_queued:
+                    raise Rejected(429, f"tenant {tenant.name!r} has {queued} runs queued, its limit (max-queued "
+                                        f"{tenant.max_queued}); wait for some to start or cancel some")
             columns = ", ".join(run)
             conn.execute(f"INSERT INTO runs ({columns}) VALUES ({', '.join('?' for _ in run)})", tuple(run.values()))
             conn.execute("INSERT INTO transitions (run_id, state, at, note) VALUES (?, ?, ?, ?)",
