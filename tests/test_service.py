@@ -13,36 +13,20 @@ from pathlib import Path
 import pytest
 from conftest import require_bwrap
 
-try:
-    from httpserver import Server, start_server
-    from servicekit import (
-        SLOW_MODEL,
-        ServerProcess,
-        add_tenant,
-        cli,
-        pipeline,
-        processes_mentioning,
-        run_state,
-        serve_script,
-        serve_tiny,
-        wait_for,
-        wait_state,
-    )
-except ImportError:
-    from tests.httpserver import Server, start_server
-    from tests.servicekit import (
-        SLOW_MODEL,
-        ServerProcess,
-        add_tenant,
-        cli,
-        pipeline,
-        processes_mentioning,
-        run_state,
-        serve_script,
-        serve_tiny,
-        wait_for,
-        wait_state,
-    )
+from httpserver import Server, start_server
+from servicekit import (
+    SLOW_MODEL,
+    ServerProcess,
+    add_tenant,
+    cli,
+    pipeline,
+    processes_mentioning,
+    run_state,
+    serve_script,
+    serve_tiny,
+    wait_for,
+    wait_state,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

@@ -12,18 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import require_bwrap
 
-try:
-    from httpserver import Server, start_server
-    from servicekit import ServerProcess, add_tenant, run_state, serve_tiny, wait_state
-except ImportError:
-    from tests.httpserver import Server, start_server
-    from tests.servicekit import (
-        ServerProcess,
-        add_tenant,
-        run_state,
-        serve_tiny,
-        wait_state,
-    )
+from httpserver import Server, start_server
+from servicekit import ServerProcess, add_tenant, run_state, serve_tiny, wait_state
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

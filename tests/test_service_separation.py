@@ -17,30 +17,17 @@ from pathlib import Path
 import pytest
 from conftest import require_bwrap, require_docker
 
-try:
-    from httpserver import Server, start_server
-    from servicekit import (
-        PROBE,
-        ServerProcess,
-        add_tenant,
-        pipeline,
-        serve_script,
-        serve_tiny,
-        tenant_uid,
-        wait_state,
-    )
-except ImportError:
-    from tests.httpserver import Server, start_server
-    from tests.servicekit import (
-        PROBE,
-        ServerProcess,
-        add_tenant,
-        pipeline,
-        serve_script,
-        serve_tiny,
-        tenant_uid,
-        wait_state,
-    )
+from httpserver import Server, start_server
+from servicekit import (
+    PROBE,
+    ServerProcess,
+    add_tenant,
+    pipeline,
+    serve_script,
+    serve_tiny,
+    tenant_uid,
+    wait_state,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.hostile, pytest.mark.timeout(900)]
 

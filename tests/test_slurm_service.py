@@ -16,34 +16,19 @@ import pytest
 from conftest import require_bwrap, require_slurm, sandbox_processes
 from pipcook_sandbox.runner.engines import slurm as slurm_engine
 
-try:
-    from httpserver import Server, start_server
-    from servicekit import (
-        SLOW_MODEL,
-        ServerProcess,
-        add_tenant,
-        cli,
-        pipeline,
-        run_state,
-        serve_script,
-        serve_tiny,
-        wait_for,
-        wait_state,
-    )
-except ImportError:
-    from tests.httpserver import Server, start_server
-    from tests.servicekit import (
-        SLOW_MODEL,
-        ServerProcess,
-        add_tenant,
-        cli,
-        pipeline,
-        run_state,
-        serve_script,
-        serve_tiny,
-        wait_for,
-        wait_state,
-    )
+from httpserver import Server, start_server
+from servicekit import (
+    SLOW_MODEL,
+    ServerProcess,
+    add_tenant,
+    cli,
+    pipeline,
+    run_state,
+    serve_script,
+    serve_tiny,
+    wait_for,
+    wait_state,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 ENDED = ("succeeded", "failed", "canceled")
