@@ -235,7 +235,11 @@ def test_gpu_request_and_missing_nvidia_runtime(backend, tmp_path):
     spec = StageSpec(run_id="test-gpu", name="model", mounts=[], limits=SMALL, log_path=tmp_path / "g.log", gpu=True)
     config = backend.container_config(spec)
     (request,) = config["device_requests"]
-    assert request["Count"] == -1 and "gpu" in request["Capabilities"][0]
+    from pipcook_sandbox.runner import gpus
+
+    ids = gpus.docker_device_ids(gpus.given())  # only the GPUs this runner was given (a Slurm job's)
+    assert (request["Count"] == -1 if ids is None else request["DeviceIDs"] == ids)
+    assert "gpu" in request["Capabilities"][0]
     assert config["image"].startswith("pipcook-sandbox-worker:cuda-")
     ok, _ = backend.nvidia_runtime()
     if ok:

@@ -181,10 +181,10 @@ def test_predict_and_serve_gpu_under_gvisor_are_refused_first(gvisor_engine, tmp
 
 def test_gpu_stage_under_gvisor_is_refused_by_the_backend(gvisor_engine, tmp_path):
     """predict/serve reach the backend directly: start() refuses a GPU stage under gVisor itself."""
-    from pipcook_sandbox.runner.backends.base import Limits, StageSpec
+    from pipcook_sandbox.runner.backends.base import Limits, StageOptions, StageSpec
 
     spec = StageSpec(run_id="gvgpu", name="model", mounts=[], limits=Limits(timeout=30), log_path=tmp_path / "log",
-                     argv=["-c", "pass"], labels={"runtime": "runsc"}, gpu=True)
+                     argv=["-c", "pass"], options=StageOptions(runtime="runsc"), gpu=True)
     with pytest.raises(gvisor_engine.DockerError, match="gVisor"):
         gvisor_engine.start(spec)
 

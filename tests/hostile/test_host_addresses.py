@@ -18,7 +18,7 @@ import sys
 import pytest
 from conftest import REPO, write_pipeline
 
-from .attack import limit_args, private_cache, token
+from .attack import backend_cli, limit_args, private_cache, token
 from .conftest import require_backend
 
 pytestmark = pytest.mark.hostile
@@ -77,10 +77,11 @@ def _attack(tmp_path, isolation: str, address: str, ip_args: list[str]) -> tuple
     url = f"http://{host}:8123/data.txt"
     pipeline = write_pipeline(tmp_path / "pipeline", model=FETCH.replace("__URL__", repr(url)))
     ws = tmp_path / "ws"
+    cli_isolation, gvisor_env = backend_cli(isolation)  # docker-gvisor: --isolation docker under runsc
     cli = [sys.executable, "-m", "pipcook_sandbox", "run", str(pipeline), "-o", str(ws),
-           "--isolation", isolation, *limit_args(timeout="120")]
+           "--isolation", cli_isolation, *limit_args(timeout="120")]
     cfg = {"address": address, "port": 8123, "ip_args": ip_args, "secret": secret, "cli": cli, "cwd": str(REPO)}
-    env_extra = private_cache(tmp_path)
+    env_extra = {**private_cache(tmp_path), **gvisor_env}
     done = subprocess.run(["unshare", "--net", sys.executable, "-c", DRIVER, json.dumps(cfg)], check=False,
                           capture_output=True, text=True, timeout=360, env={**os.environ, **env_extra})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -17,7 +17,7 @@ import stat
 import pytest
 from conftest import run_cli
 
-from .attack import limit_args, private_cache, run_attack
+from .attack import backend_cli, limit_args, private_cache, run_attack
 
 pytestmark = pytest.mark.hostile
 # These runs must succeed (or fail for the attack's reason) on a busy shared host: a long stage timeout.
@@ -62,7 +62,9 @@ def test_workspace_and_cache_are_private_and_stages_still_read(tmp_path, isolati
     for folder in [cache, *(p for p in cache.iterdir() if p.is_dir() and not p.is_symlink())]:
         assert stat.S_IMODE(os.stat(folder).st_mode) & 0o077 == 0, folder
     # The stages (another uid when the runner is root) still read their scripts and the model.
-    proc = run_cli("predict", str(ws), "-s", "1,2,3,4", "--isolation", isolation, *limit_args(timeout="120"), env=env, timeout=300)
+    cli_isolation, extra = backend_cli(isolation)  # docker-gvisor: --isolation docker under runsc
+    proc = run_cli("predict", str(ws), "-s", "1,2,3,4", "--isolation", cli_isolation, *limit_args(timeout="120"),
+                   env={**env, **extra}, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["success"] is True
     assert "may not read" not in proc.stderr, proc.stderr  # no backend warning about unreadable mounts
