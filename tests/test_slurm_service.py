@@ -33,21 +33,7 @@ from servicekit import (
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 ENDED = ("succeeded", "failed", "canceled")
 
-HUNGRY_MODEL = '''
-def train(runtime, options, ctx):
-    hoard = bytearray(600 << 20)
-    for i in range(0, len(hoard), 4096):
-        hoard[i] = 1
-'''
-
-GPU_MODEL = '''
-import json, os
-
-def train(runtime, options, ctx):
-    seen = sorted(n for n in os.listdir("/dev") if n.startswith("fakegpu"))
-    with open(os.path.join(runtime.read_model(), "gpus.json"), "w") as f:
-        json.dump(seen, f)
-'''
+from slurmkit import GPU_MODEL, HUNGRY_MODEL  # noqa: E402  (shared with test_slurm)
 
 
 @pytest.fixture(scope="module")
