@@ -258,11 +258,14 @@ def _parse_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
 @click.option("--stage-uid", metavar="UID[:GID]",
               help="Operator option (root runner): run every stage as this host uid, own the workspace by it, "
                    "mode 0700. The service gives each tenant its own.")
+@click.option("--warm", is_flag=True,
+              help="Boot every stage's sandbox before configuring any, then hand each to its stage "
+                   "(bwrap; docs/warm.md). Each sandbox still serves one stage only.")
 @common_options
 @limit_options
 @handle_errors
 def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror: str | None, as_json: bool,
-        stage_uid: str | None, allow_paths: tuple[str, ...], isolation: str, gpu: bool | None, nocache: bool,
+        stage_uid: str | None, warm: bool, allow_paths: tuple[str, ...], isolation: str, gpu: bool | None, nocache: bool,
         allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout, downloads) -> None:
     """Train: run PIPELINE (a path or an http(s) URL), every stage sandboxed.
 
@@ -278,7 +281,7 @@ def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror
         emitter = Emitter(sys.stdout)
     try:
         _run(pipeline, output, force, overrides, mirror, emitter, ids, isolation, gpu, nocache, allow_private,
-             debug, memory, cpus, pids, disk, timeout, downloads, allow_paths=allow_paths)
+             debug, memory, cpus, pids, disk, timeout, downloads, allow_paths=allow_paths, warm=warm)
     except BaseException as exc:
         if emitter is not None:
             emitter.verdict(_exit_code(exc), exc if isinstance(exc, PipcookError) else _plain(exc))
@@ -290,7 +293,7 @@ def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror
 def _run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror: str | None, emitter: Any,
          ids: tuple[int, int] | None, isolation: str, gpu: bool | None, nocache: bool,
          allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout, downloads,
-         allow_paths: tuple[str, ...] = ()) -> None:
+         allow_paths: tuple[str, ...] = (), warm: bool = False) -> None:
     limits = _limits(memory, cpus, pids, disk, timeout, downloads)
     if ids is not None:
         output = _private_workspace(output, ids)
@@ -336,7 +339,7 @@ def _run(pipeline: str, output: Path | None, force: bool, overrides: list, mirro
             on_record=display.record,
             on_progress=emitter.progress if emitter is not None else None,
             observers=(emitter.observe,) if emitter is not None else (),
-            force=force, overrides=overrides, on_workspace=made, on_trained=trained,
+            force=force, overrides=overrides, on_workspace=made, on_trained=trained, warm=warm,
             on_artifact=tracker.artifacts.append))
         failed = False
     finally:

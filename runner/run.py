@@ -49,6 +49,7 @@ from .errors import Interrupted, StageError
 from .limits import human
 from .statedir import new_state_dir, state_dir  # noqa: F401  (public here too)
 from .verdict import Observation, Stage, judge, stage_failure
+from .warm import WarmError, can_boot_warm
 
 LIB_DIR = Path(sandbox.__file__).resolve().parent
 STOP_GRACE = 5.0
@@ -93,6 +94,10 @@ class ExecOptions:
     observers: tuple[Callable[["RunEvent"], None], ...] = ()
     # every stage event as data (op: started, exited, progress, metrics, moved, ...) for the live display
     on_record: Callable[[str, str, dict], None] | None = None
+    # A root runner's host (uid, gid) for this run's stages (a tenant's); None: the process default.
+    stage_owner: tuple[int, int] | None = None
+    # Boot every stage's sandbox before any stage is configured, then claim them (runner/warm.py).
+    warm: bool = False
 
 
 @dataclass
@@ -233,7 +238,7 @@ class Run:
 
     def volume(self, name: str, size: int, subdirs: list[str], copy_to: dict[str, Path] | None = None) -> Any:
         """A quota volume in the state dir; its `copy_to` subdirs are copied out when the run closes."""
-        vol = quota.create_volume(self.state / name, size, subdirs)
+        vol = quota.create_volume(self.state / name, size, subdirs, owner=self._volume_owner())
         if copy_to:
             self._stack.callback(self._copy_out, name, vol, copy_to)
         else:
@@ -244,9 +249,14 @@ class Run:
         """`volume(name, size, subdirs, copy_to)` for each of `wanted`, made at the same time
         (quota.create_volumes: a mkfs and a mount each); when the run closes, each one's `copy_to`
         subdirs are copied out, then all are destroyed together."""
-        made = quota.create_volumes([(self.state / name, size, subdirs) for name, size, subdirs, _ in wanted])
+        made = quota.create_volumes([(self.state / name, size, subdirs) for name, size, subdirs, _ in wanted],
+                                    owner=self._volume_owner())
         self._stack.callback(self._close_volumes, [(w[0], vol, w[3]) for w, vol in zip(wanted, made)])
         return made
+
+    def _volume_owner(self) -> tuple[int, int] | None:
+        """Who writes the run's volumes: the run's stage owner where one is set (root), else the default."""
+        return self.opts.stage_owner if self.opts.stage_owner is not None and os.geteuid() == 0 else None
 
     def _close_volumes(self, entries: list[tuple[str, Any, dict[str, Path] | None]]) -> None:
         first: BaseException | None = None
@@ -330,13 +340,45 @@ class Run:
         spec = StageSpec(run_id=self.run_id, name=config.stage, mounts=[*mounts, Mount(cfg_path, base.IN_STAGE_CONFIG)],
                          limits=self.opts.limits, log_path=log_path, gpu=config.hints.get("gpu") == "1",
                          labels={"run_id": self.run_id, "stage": config.stage},
-                         options=StageOptions(state_dir=self.state))
+                         options=self.stage_options())
         handle = self.backend.start(spec)
         self.handles[config.stage] = handle
         self.started[config.stage] = time.monotonic()
         self.record(config.stage, "started", {})
         self.emit(config.stage, "started")
         return handle
+
+    def boot_warm(self, config: StageConfig, mounts: list[Mount], log_path: Path) -> Any:
+        """Boot `config`'s sandbox warm (runner/warm.py): every mount of the stage except its
+        stage.json, which arrives with the claim. Discarded at teardown unless claimed."""
+        from .warm import WarmSandbox
+
+        spec = StageSpec(run_id=self.run_id, name=config.stage, mounts=list(mounts), limits=self.opts.limits,
+                         log_path=log_path, gpu=config.hints.get("gpu") == "1",
+                         labels={"run_id": self.run_id, "stage": config.stage}, options=self.stage_options())
+        ctl_dir = next(m.source for m in mounts if m.target == f"{base.IN_IPC}/control")
+        sandbox = WarmSandbox.boot(self.backend, spec, list(config.site_dirs), Path(ctl_dir))
+        self._stack.callback(self._discard_unclaimed, sandbox)
+        return sandbox
+
+    def _discard_unclaimed(self, sandbox: Any) -> None:
+        if not sandbox.claimed:
+            sandbox.discard()
+
+    def claim_warm(self, sandbox: Any, config: StageConfig) -> Any:
+        """Hand the warm `sandbox` to the stage `config` (exactly once); its handle, as start_stage's."""
+        if not self.handles:
+            self._stack.callback(self._stop_stages)
+        self.handles[config.stage] = sandbox.handle  # stopped and cleaned up with the run's stages
+        sandbox.claim(sandbox.key, config)
+        self.started[config.stage] = time.monotonic()
+        self.record(config.stage, "started", {})
+        self.emit(config.stage, "started")
+        return sandbox.handle
+
+    def stage_options(self) -> StageOptions:
+        """The StageOptions of every stage of this run."""
+        return StageOptions(state_dir=self.state, stage_owner=self.opts.stage_owner)
 
     def stop_stage(self, stage: str, reason: str = base.REASON_CANCELLED) -> None:
         self.handles[stage].terminate(reason)
@@ -394,8 +436,26 @@ class _PipelineStarter:
         self.run.control.start()
         upstream = self._source()
         self._make_volumes()
+        if self.run.opts.warm and can_boot_warm(self.run.backend):
+            return self._start_warm(ctl_dirs, upstream)
         for plan in self.plans:
-            upstream = self._start(plan, ctl_dirs[plan.name], upstream)
+            config, mounts, upstream = self._configure(plan, ctl_dirs[plan.name], upstream)
+            self.run.start_stage(config, mounts, self.run.ws.logs / f"{plan.name}.log")
+            self.run.volumes_of[plan.name] = self.volumes.get(plan.name)
+
+    def _start_warm(self, ctl_dirs: dict[str, Path], upstream: tuple[Path, str] | None) -> None:
+        """Boot every stage's sandbox first (they import in parallel), then claim each for its stage."""
+        booted = []
+        for plan in self.plans:
+            config, mounts, upstream = self._configure(plan, ctl_dirs[plan.name], upstream)
+            booted.append((plan, config, self.run.boot_warm(config, mounts, self.run.ws.logs / f"{plan.name}.log")))
+        for plan, config, warm_box in booted:
+            try:
+                self.run.claim_warm(warm_box, config)
+            except WarmError as exc:
+                raise StageError(f"its warm sandbox could not be used: {exc}", stage=plan.name,
+                                 script=plan.script.name) from None
+            self.run.volumes_of[plan.name] = self.volumes.get(plan.name)
 
     def _source(self) -> tuple[Path, str] | None:
         """predict: the runner serves the inputs as the first stage's upstream pool."""
@@ -438,7 +498,9 @@ class _PipelineStarter:
         if not self.data_dirs:  # predict: no datasource ran; show the training data read-only
             self.data_dirs = {"data": ws.data, "cache": ws.cache}
 
-    def _start(self, plan: StagePlan, ctl_dir: Path, upstream: tuple[Path, str] | None) -> tuple[Path, str] | None:
+    def _configure(self, plan: StagePlan, ctl_dir: Path, upstream: tuple[Path, str] | None,
+                   ) -> tuple[StageConfig, list[Mount], tuple[Path, str] | None]:
+        """`plan`'s StageConfig and mounts, and the upstream of the next stage."""
         run, inside = self.run, self.run.inside
         script_in = f"{base.IN_SCRIPTS}/{plan.script.name}"
         mounts = [Mount(plan.script, script_in)]
@@ -460,9 +522,7 @@ class _PipelineStarter:
                 mounts.append(Mount(model_src, f"{base.IN_WORKSPACE}/model", writable=plan.name in self.volumes))
                 fields["workspace"]["model_dir"] = inside(model_src, f"{base.IN_WORKSPACE}/model")
         config = run.base_config(plan.name, plan.role, inside(plan.script, script_in), ctl_dir, mounts, **fields)
-        run.start_stage(config, mounts, run.ws.logs / f"{plan.name}.log")
-        run.volumes_of[plan.name] = self.volumes.get(plan.name)
-        return (out_dir, plan.name) if out_dir is not None else None
+        return config, mounts, (out_dir, plan.name) if out_dir is not None else None
 
 
 class _Monitor:

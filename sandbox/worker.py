@@ -286,7 +286,8 @@ def _size_thread_pools(cpus: str | None) -> None:
         os.environ.setdefault(var, str(n))
 
 
-def main(config_path: str) -> int:
+def setup_process() -> None:
+    """What every worker does first, cold or warm."""
     sys.dont_write_bytecode = True  # scripts and the SDK are read-only mounts
     # stdout and stderr share the stage's log: line-buffer both so a print() reaches logs/ as it
     # happens and the two streams keep their order; child processes inherit the same through the env.
@@ -296,16 +297,30 @@ def main(config_path: str) -> int:
             stream.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
         except (AttributeError, ValueError):
             pass
+
+
+def add_site_dirs(site_dirs: list) -> None:
+    """Framework first: its numpy (say) must win over the worker's own copy. Once per directory."""
+    for path in site_dirs:
+        if isinstance(path, str) and os.path.isdir(path) and path not in sys.path:
+            site.addsitedir(path)
+
+
+def main(config_path: str) -> int:
+    setup_process()
     with open(config_path, encoding="utf-8") as f:
         try:
             cfg = StageConfig.parse(json.load(f))
         except ValueError as exc:  # ConfigError included; the runner wrote it: a mismatch is a bug, said plainly
             print(f"pipcook-sandbox worker: {exc}", file=sys.stderr)
             return 2
-    # Framework first: its numpy (say) must win over the worker's own copy.
-    for path in cfg.site_dirs:
-        if isinstance(path, str) and os.path.isdir(path):
-            site.addsitedir(path)
+    return run_config(cfg)
+
+
+def run_config(cfg: StageConfig) -> int:
+    """Run the stage `cfg` describes to its end; the worker's exit code. A warm sandbox
+    (warmboot.py) calls this once its claim arrived, with its imports already done."""
+    add_site_dirs(cfg.site_dirs)
     # What initialize() may need to know about its sandbox, as plain variables.
     for key, value in cfg.hints.items():
         os.environ[f"PIPCOOK_{key.upper()}"] = str(value)

@@ -83,6 +83,10 @@ class StageOptions:
     uid_mode: str | None = None  # bwrap: "mapped" (root only) | "plain"
     disk_quota: str | None = None  # the writable dirs' quota: "loop" | "watch" (weaker)
     runtime: str | None = None  # docker: the OCI runtime ("runsc": gVisor); None: $PIPCOOK_DOCKER_RUNTIME
+    # A root runner's host (uid, gid) for the stage: a tenant's own (`--stage-uid`); None: the process
+    # default (owner.stage_ids(): 65534). Per stage, not per process, so one process (a warm pool) can
+    # hold sandboxes of several tenants, each keyed and confined by its own uid.
+    stage_owner: tuple[int, int] | None = None
 
 
 UID_MODES = ("mapped", "plain")
@@ -157,6 +161,9 @@ class Backend(abc.ABC):
     translates_paths: ClassVar[bool] = True
     # The worker's own dependencies come with the sandbox (the Docker image) at IN_SITE.
     image_has_site: ClassVar[bool] = False
+    # Can boot a stage's sandbox before the stage is known (runner/warm.py): its mounts are fixed at
+    # boot and a secret reaches the sandbox through its environment alone, never a command line.
+    can_boot_warm: ClassVar[bool] = False
 
     @abc.abstractmethod
     def start(self, spec: StageSpec) -> StageHandle:

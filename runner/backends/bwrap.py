@@ -252,11 +252,12 @@ def uid_mode() -> str:
     return "mapped" if os.geteuid() == 0 else "plain"
 
 
-def sandbox_owner(mode: str | None = None) -> tuple[int, int]:
+def sandbox_owner(mode: str | None = None, chosen: tuple[int, int] | None = None) -> tuple[int, int]:
     """The host uid and gid a stage's processes run as: what must be able
-    to read its mounts, write its volume and connect to its sockets."""
+    to read its mounts, write its volume and connect to its sockets.
+    `chosen`: the stage's StageOptions.stage_owner."""
     if (mode or uid_mode()) == "mapped":
-        return owner.stage_ids()  # 65534, or the tenant's uid (`run --stage-uid`)
+        return owner.resolve(chosen)  # 65534, or the tenant's uid (`run --stage-uid`)
     return os.getuid(), os.getgid()
 
 
@@ -383,9 +384,9 @@ class _Args:
         self.add("--tmpfs", target)
 
 
-def _etc_files(etc: Path) -> dict[str, Path]:
+def _etc_files(etc: Path, chosen: tuple[int, int] | None = None) -> dict[str, Path]:
     etc.mkdir(mode=0o755, exist_ok=True)
-    uid, gid = owner.stage_ids() if os.geteuid() == 0 else (SANDBOX_UID, SANDBOX_GID)
+    uid, gid = owner.resolve(chosen) if os.geteuid() == 0 else (SANDBOX_UID, SANDBOX_GID)
     files = {
         "passwd": "root:x:0:0:root:/root:/usr/sbin/nologin\n"
                   f"nobody:x:{uid}:{gid}:nobody:/tmp:/usr/sbin/nologin\n",
@@ -482,7 +483,7 @@ def build_parts(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd:
     py = str(interp.executable)
     args = list(spec.argv) if spec.argv is not None else list(WORKER_ARGS)
     if mode == "mapped":
-        command = [py, "-I", "-S", "-c", LAUNCHER % owner.stage_ids(), py, *args]
+        command = [py, "-I", "-S", "-c", LAUNCHER % owner.resolve(spec.options.stage_owner), py, *args]
     else:
         command = [py, *args]
     return a.argv, command
@@ -743,7 +744,7 @@ class BwrapStage:
                                "--isolation bwrap: install it (apt-get install bubblewrap) or use --isolation docker")
         if not feats.size:
             self.degraded.append(f"bwrap {feats.version} has no --size: /tmp is capped only by memory")
-        owner = sandbox_owner(self.mode)
+        owner = sandbox_owner(self.mode, spec.options.stage_owner)
 
         writable: dict[str, Path] = {}
         if self.mode == "plain" and os.geteuid() == 0:
@@ -778,7 +779,7 @@ class BwrapStage:
         for d in self.degraded:
             log.warning("stage %s: %s", spec.name, d)
 
-        etc = _etc_files(self.stage_dir / "etc")
+        etc = _etc_files(self.stage_dir / "etc", spec.options.stage_owner)
         sc_fd = os.memfd_create("pipcook-seccomp", os.MFD_CLOEXEC)
         info_r = info_w = block_r = block_w = None
         pipe_r, pipe_w = os.pipe()
@@ -852,7 +853,7 @@ class BwrapStage:
         if not data:
             return  # bwrap failed before cloning; its message is in the log
         child = int(json.loads(data)["child-pid"])
-        uid, gid = owner.stage_ids()
+        uid, gid = owner.resolve(self.spec.options.stage_owner)
         maps = f"0 0 1\n{uid} {uid} 1\n"
         gmaps = f"0 0 1\n{gid} {gid} 1\n"
         try:
@@ -898,6 +899,7 @@ class BwrapBackend(base.Backend):
     """Bubblewrap: namespaces, seccomp, cgroups and quota volumes, no daemon."""
 
     name = NAME
+    can_boot_warm = True  # spec.env reaches bwrap as --setenv in its memfd arguments
 
     def start(self, spec: StageSpec) -> BwrapStage:
         return start(spec)

@@ -60,9 +60,9 @@ SANDBOX_UID, SANDBOX_GID = base.SANDBOX_UID, base.SANDBOX_GID
 SANDBOX_USER = f"{SANDBOX_UID}:{SANDBOX_GID}"
 
 
-def stage_user() -> str:
-    """The container's `user`: 65534, or the tenant's own uid (`run --stage-uid`)."""
-    return "%d:%d" % owner.stage_ids()
+def stage_user(chosen: tuple[int, int] | None = None) -> str:
+    """The container's `user`: 65534, or the tenant's own uid (`run --stage-uid`, StageOptions.stage_owner)."""
+    return "%d:%d" % owner.resolve(chosen)
 
 LABEL = "pipcook-sandbox"
 LABEL_RUN, LABEL_STAGE = f"{LABEL}.run", f"{LABEL}.stage"
@@ -234,9 +234,10 @@ def grant_access(spec: base.StageSpec) -> None:
             continue  # Docker names a missing bind source itself
         if not stat.S_ISDIR(st.st_mode):
             continue
-        if mount.writable and (st.st_uid, st.st_gid) != owner.stage_ids():
+        ids = owner.resolve(spec.options.stage_owner)
+        if mount.writable and (st.st_uid, st.st_gid) != ids:
             try:
-                os.chown(src, *owner.stage_ids(), follow_symlinks=False)
+                os.chown(src, *ids, follow_symlinks=False)
             except PermissionError:  # a runner in the docker group, not root
                 os.chmod(src, 0o777)
         with os.scandir(src) as entries:
@@ -273,7 +274,7 @@ def container_config(spec: base.StageSpec) -> dict[str, Any]:
         image=image_for(spec.gpu),
         command=["python3", *argv],
         name=_name(spec),
-        user=stage_user(),
+        user=stage_user(spec.options.stage_owner),
         working_dir="/tmp",
         environment=env,
         labels={LABEL_RUN: spec.run_id, LABEL_STAGE: spec.name, LABEL_PID: str(os.getpid()),

@@ -4,9 +4,9 @@ By default every stage of a root runner is host uid/gid 65534 (nobody):
 bwrap's "mapped" mode and the Docker container's `user`. A multi-tenant
 host (`pipcook-sandbox server`) gives each tenant a uid of its own
 (`run --stage-uid`), so that a kernel-level escape from one tenant's stage
-lands as a uid that owns nothing of any other tenant. One runner process
-runs one pipeline, so the choice is process-wide, made once by the CLI
-before any stage starts.
+lands as a uid that owns nothing of any other tenant. The CLI sets the process
+default once (`set_stage_owner`); a stage's own `StageOptions.stage_owner`
+wins over it, which is what a pool of sandboxes for several tenants needs.
 """
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ def set_stage_owner(uid: int, gid: int | None = None) -> None:
 def stage_ids() -> tuple[int, int]:
     """The host (uid, gid) of a root runner's stages."""
     return _chosen or (DEFAULT_UID, DEFAULT_GID)
+
+
+def resolve(chosen: tuple[int, int] | None) -> tuple[int, int]:
+    """A stage's (uid, gid): its own StageOptions.stage_owner when it has one, else the process default."""
+    return chosen if chosen is not None else stage_ids()
 
 
 def parse(text: str) -> tuple[int, int]:

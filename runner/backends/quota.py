@@ -376,19 +376,19 @@ def create_volume(base: Path, size: int, subdirs: list[str], *,
     return vol
 
 
-def create_volumes(wanted: list[tuple[Path, int, list[str]]]) -> list[Volume]:
+def create_volumes(wanted: list[tuple[Path, int, list[str]]], owner: tuple[int, int] | None = None) -> list[Volume]:
     """`create_volume(base, size, subdirs)` for each of `wanted`, at the same time; in that order.
 
     Each loop volume is a mkfs.ext4 and a mount (two processes, ~40 ms on an idle 2-vCPU host, far
     more on a busy one), and a run makes one per writable stage and one per boundary: made one after
     another they were a visible part of a short run's start. If any fails, the others are destroyed
-    and the first error is raised: nothing is left mounted."""
+    and the first error is raised: nothing is left mounted. `owner`: as for create_volume."""
     if len(wanted) <= 1:
-        return [create_volume(*w) for w in wanted]
+        return [create_volume(*w, owner=owner) for w in wanted]
     import concurrent.futures
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(wanted), 4), thread_name_prefix="volume") as pool:
-        futures = [pool.submit(create_volume, *w) for w in wanted]
+        futures = [pool.submit(create_volume, *w, owner=owner) for w in wanted]
         concurrent.futures.wait(futures)
     failed = next((f.exception() for f in futures if f.exception() is not None), None)
     if failed is not None:

@@ -1,0 +1,253 @@
+"""Warm sandboxes (runner/warm.py, sandbox/warmboot.py, docs/warm.md): booted before their stage is
+known, claimed by exactly one stage, never handed to another stage or another tenant, discarded when
+they die or are tampered with before their claim. Real bwrap, real cgroups, the real worker."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from conftest import require_bwrap, run_cli, sandbox_processes, write_pipeline
+
+from pipcook_sandbox.runner import warm
+from pipcook_sandbox.runner.backends import base, bwrap, cgroups, get_backend
+from pipcook_sandbox.runner.backends.base import Limits, Mount, StageOptions, StageSpec
+from pipcook_sandbox.runner.run import LIB_DIR
+from pipcook_sandbox.runner.statedir import new_state_dir
+from pipcook_sandbox.runner.workerenv import ensure_worker_site
+from pipcook_sandbox.sandbox.stageconfig import StageConfig
+
+SMALL = Limits(memory=512 << 20, cpus=1.0, pids=128, disk=64 << 20, timeout=60, output=4 << 20, tmp=64 << 20)
+MAPPED = bwrap.uid_mode() == "mapped"
+TENANT_A, TENANT_B = (210001, 210001), (210002, 210002)
+
+pytestmark = pytest.mark.hostile
+
+
+@pytest.fixture(autouse=True)
+def _bwrap() -> None:
+    require_bwrap()
+
+
+@pytest.fixture
+def state():
+    path = new_state_dir("pcsb-warmtest-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def booted():
+    """Every sandbox a test boots, discarded at its end (whatever the test did with it)."""
+    made: list[warm.WarmSandbox] = []
+    yield made
+    for sandbox in made:
+        sandbox.discard()
+
+
+def boot(state: Path, booted: list, name: str, owner: tuple[int, int] | None = None,
+         limits: Limits = SMALL) -> warm.WarmSandbox:
+    """A warm sandbox with the mounts every stage has: the SDK, the worker's site, its control dir."""
+    ctl = state / f"c-{name}"
+    ctl.mkdir(mode=0o755)
+    site = ensure_worker_site(log=lambda _: None)
+    mounts = [Mount(LIB_DIR, f"{base.IN_LIB}/sandbox"), Mount(site, base.IN_SITE),
+              Mount(ctl, f"{base.IN_IPC}/control")]
+    spec = StageSpec(run_id=cgroups.new_run_id(), name=name, mounts=mounts, limits=limits,
+                     log_path=state / f"{name}.log", options=StageOptions(state_dir=state, stage_owner=owner))
+    sandbox = warm.WarmSandbox.boot(get_backend("bwrap"), spec, [base.IN_SITE], ctl)
+    booted.append(sandbox)
+    return sandbox
+
+
+def config_for(name: str, limits: Limits = SMALL) -> StageConfig:
+    return StageConfig(stage=name, role="datasource", script="/pipcook/scripts/none.py",
+                       control=f"ipc://{base.IN_IPC}/control/control.sock", site_dirs=[base.IN_SITE],
+                       hints={"cpus": limits.cpus, "gpu": "0"})
+
+
+def wait_ended(sandbox: warm.WarmSandbox, timeout: float = 60) -> int:
+    code = sandbox.handle.wait(timeout)
+    assert code is not None, "the warm sandbox did not end"
+    return code
+
+
+def test_a_claimed_sandbox_is_never_claimed_again(state: Path, booted: list) -> None:
+    sandbox = boot(state, booted, "once")
+    sandbox.claim(sandbox.key, config_for("datasource"))
+    with pytest.raises(warm.WarmError, match="already claimed"):
+        sandbox.claim(sandbox.key, config_for("dataflow-1"))
+    pool = warm.WarmPool()
+    assert pool.add(sandbox) is False, "a claimed sandbox went back into a pool"
+    assert pool.take(sandbox.key) is None
+    assert sandbox.handle.poll() is not None, "a claimed sandbox offered back was not destroyed"
+
+
+def test_the_pool_hands_each_sandbox_out_once(state: Path, booted: list) -> None:
+    first, second = boot(state, booted, "p1"), boot(state, booted, "p2")
+    pool = warm.WarmPool()
+    # both have the same shape except their control dirs: keys differ, so each is found only by its own
+    assert first.key != second.key
+    assert pool.add(first) and pool.add(second)
+    assert pool.take(first.key) is first
+    assert pool.take(first.key) is None, "the same sandbox was handed out twice"
+    assert pool.take(second.key) is second
+
+
+@pytest.mark.skipif(not MAPPED, reason="a stage uid per tenant needs a root runner (mapped mode)")
+def test_a_stage_of_one_tenant_never_gets_a_sandbox_prepared_for_another(state: Path, booted: list) -> None:
+    a, b = boot(state, booted, "tenant-a", owner=TENANT_A), boot(state, booted, "tenant-b", owner=TENANT_B)
+    # each one's worker already runs as its own tenant's uid while it waits, never the other's
+    for sandbox, mine, other in ((a, TENANT_A, TENANT_B), (b, TENANT_B, TENANT_A)):
+        uids = wait_for_uid(sandbox, mine[0])
+        assert mine[0] in uids and other[0] not in uids, uids
+    pool = warm.WarmPool()
+    pool.add(a)
+    key_b_like_a = warm.WarmKey(**{**a.key.__dict__, "stage_owner": TENANT_B})
+    assert pool.take(key_b_like_a) is None, "tenant B's claim got tenant A's sandbox"
+    assert pool.size() == 1
+    with pytest.raises(warm.WarmError, match="another key"):
+        a.claim(key_b_like_a, config_for("datasource"))
+    assert a.claimed and pool.take(a.key) is None, "a refused sandbox stayed claimable"
+    assert a.handle.poll() is not None, "a sandbox refused to a claim was not destroyed"
+    assert pool.take(b.key) is None, "tenant B's own sandbox was never offered: it must not appear now"
+
+
+def wait_for_uid(sandbox: warm.WarmSandbox, uid: int, timeout: float = 60) -> set[int]:
+    """The uids of the sandbox's processes once `uid` is among them (bwrap drops to it before the
+    worker starts); waits on that condition, up to `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        uids = {uid_of(int(pid)) for pid in cgroups_pids(sandbox)}
+        if uid in uids or time.monotonic() > deadline or sandbox.handle.poll() is not None:
+            return uids
+        time.sleep(0.02)
+
+
+def uid_of(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0])
+    except (OSError, IndexError):
+        return -1
+
+
+def cgroups_pids(sandbox: warm.WarmSandbox) -> list[str]:
+    """The processes of the sandbox's cgroup (the worker waiting for its claim and bwrap's init)."""
+    cg = sandbox.handle.cgroup
+    procs = [Path(p) for p in cg.procs_files] if cg is not None else []
+    return [line for p in procs if p.exists() for line in p.read_text().split()]
+
+
+def test_a_claim_without_the_token_is_refused(state: Path, booted: list) -> None:
+    sandbox = boot(state, booted, "forged")
+    claim = json.dumps({"token": "0" * 64, "config": json.loads(config_for("datasource").to_json())}).encode()
+    fd = sandbox._open_ready(60)  # the FIFO, as any writer on the host could open it
+    try:
+        os.write(fd, claim)
+    finally:
+        os.close(fd)
+    assert wait_ended(sandbox) == 3
+    assert "token is not this sandbox's" in Path(sandbox.spec.log_path).read_text()
+    pool = warm.WarmPool()
+    pool.add(sandbox)
+    assert pool.take(sandbox.key) is None, "a sandbox that refused a forged claim was handed out"
+
+
+def test_a_claim_for_other_cpus_is_refused(state: Path, booted: list) -> None:
+    sandbox = boot(state, booted, "cpus")
+    sandbox.claim(sandbox.key, config_for("datasource", SMALL.replace(cpus=2.0)))
+    assert wait_ended(sandbox) == 3
+    assert "CPUs are not those" in Path(sandbox.spec.log_path).read_text()
+
+
+def test_a_sandbox_that_died_before_its_claim_is_discarded(state: Path, booted: list) -> None:
+    sandbox = boot(state, booted, "dead")
+    pool = warm.WarmPool()
+    pool.add(sandbox)
+    sandbox.handle.terminate(base.REASON_CANCELLED)
+    wait_ended(sandbox)
+    assert pool.take(sandbox.key) is None
+    assert pool.size() == 0
+    with pytest.raises(warm.WarmError):
+        sandbox.claim(sandbox.key, config_for("datasource"))
+
+
+def test_a_replaced_claim_fifo_is_never_written(state: Path, booted: list) -> None:
+    sandbox = boot(state, booted, "replaced")
+    sandbox.fifo.unlink()
+    sandbox.fifo.write_text("")
+    with pytest.raises(warm.WarmError, match="replaced"):
+        sandbox.claim(sandbox.key, config_for("datasource"))
+    assert sandbox.fifo.read_text() == "", "the claim went into a file that is not the sandbox's FIFO"
+
+
+def test_idle_sandboxes_expire_and_close_leaves_nothing(state: Path, booted: list) -> None:
+    pool = warm.WarmPool(cap=1, max_idle=0.0)
+    first, extra = boot(state, booted, "idle"), boot(state, booted, "idle2")
+    assert pool.add(first)
+    assert pool.expire() == 1 and pool.size() == 0
+    assert first.handle.poll() is not None
+    pool.add(extra)
+    pool.close()
+    assert extra.handle.poll() is not None
+    assert not sandbox_processes(extra.spec.run_id)
+
+
+def test_warm_run_of_the_tiny_pipeline(tmp_path: Path) -> None:
+    r = run_cli("run", str(Path(__file__).parent / "pipelines" / "tiny" / "pipeline.json"),
+                "-o", str(tmp_path / "ws"), "--warm", "--isolation", "bwrap")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "ws" / "model.zip").is_file()
+
+
+LEAVE_BEHIND = """
+import os
+from sandbox import sdk
+
+def datasource(options, ctx):
+    planted = []
+    for d in ("/tmp", "/dev/shm", "/var/tmp", os.path.expanduser("~"), "/pipcook/ipc/control", "/pipcook/lib",
+              "/pipcook/site", "/pipcook/scripts", os.getcwd(), "/"):
+        try:
+            with open(os.path.join(d, "planted-by-datasource"), "w") as f:
+                f.write("left for the next stage")
+            planted.append(d)
+        except OSError:
+            pass
+    try:  # a second claim of its own sandbox, or of the next one: the FIFO is the runner's
+        fd = os.open("/pipcook/ipc/control/claim", os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        planted.append("claim-fifo")
+    except OSError:
+        pass
+    print("PLANTED", planted)
+    return sdk.from_lists(train=[{"x": [1.0], "y": 0}] * 4, test=[{"x": [1.0], "y": 0}] * 2)
+"""
+
+LOOK_FOR_IT = """
+import json, os
+
+def train(runtime, options, ctx):
+    runtime.dataset.train.next_batch(4)  # the datasource has planted by now: it serves after datasource()
+    found = []
+    for root in ("/tmp", "/dev/shm", "/var/tmp", os.path.expanduser("~"), "/pipcook", os.getcwd(), "/"):
+        for dirpath, _dirs, files in os.walk(root):
+            if dirpath.startswith(("/proc", "/sys", "/usr", "/workspace/model")):
+                continue
+            found += [os.path.join(dirpath, f) for f in files if f == "planted-by-datasource"]
+    with open(os.path.join(runtime.read_model(), "found.json"), "w") as f:
+        json.dump(found, f)
+"""
+
+
+def test_what_a_stage_leaves_in_its_warm_sandbox_is_not_in_the_next_stage(tmp_path: Path) -> None:
+    pipeline = write_pipeline(tmp_path / "p", datasource=LEAVE_BEHIND, dataflow=[], model=LOOK_FOR_IT)
+    r = run_cli("run", str(pipeline), "-o", str(tmp_path / "ws"), "--warm", "--isolation", "bwrap")
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = (tmp_path / "ws" / "logs" / "datasource.log").read_text()
+    assert "PLANTED" in log and "claim-fifo" not in log, log
+    assert "'/tmp'" in log, "the datasource could not even write its own /tmp: the test proves nothing"
+    assert json.loads((tmp_path / "ws" / "model" / "found.json").read_text()) == []
