@@ -49,7 +49,6 @@ from .errors import Interrupted, StageError
 from .limits import human
 from .statedir import new_state_dir, state_dir  # noqa: F401  (public here too)
 from .verdict import Observation, Stage, judge, stage_failure
-from .warm import WarmError, can_boot_warm
 
 LIB_DIR = Path(sandbox.__file__).resolve().parent
 STOP_GRACE = 5.0
@@ -65,6 +64,11 @@ EXTRACT_MAX_FILES = 100_000
 # starts with METRIC_ESCAPE, so that the renaming can never collide).
 RUNNER_FIELDS = ("time", "stage", "step")
 METRIC_ESCAPE = "~"
+
+
+# Where a volume's subdirs are copied when the run closes: a mapping, or a function that gives it
+# then (a warm run learns its workspace after its volumes are made).
+CopyTo = dict[str, Path] | Callable[[], dict[str, Path]] | None
 
 
 @dataclass
@@ -167,7 +171,7 @@ class Run:
     """One run: its state dir, control channel, downloads, volumes and stages, torn down together."""
 
     def __init__(self, ws: Any, opts: ExecOptions, *, prefix: str = "pcsb-") -> None:
-        self.ws, self.opts = ws, opts
+        self.ws, self.opts = ws, opts  # ws: None while a warm runner prepares the run (warmrun.py)
         self.backend = get_backend(opts.isolation)
         self.translating = self.backend.translates_paths
         self.run_id = f"{os.getpid()}-{os.urandom(3).hex()}"
@@ -175,14 +179,24 @@ class Run:
         self.volumes_of: dict[str, Any] = {}  # stage -> the quota volume of its writable dirs, if any
         self.started: dict[str, float] = {}
         self._observers: list[Callable[[RunEvent], None]] = []
-        if opts.on_progress or opts.on_event:
-            self._observers.append(legacy_observer(opts.on_progress, opts.on_event))
-        self._observers.extend(opts.observers)
+        self._observe(opts)
         self._stack = contextlib.ExitStack()
         self._prefix = prefix
+        self.prepared: Any = None  # a warmrun.WarmStarter whose sandboxes wait for this run's stages
         self.state = Path()
         self.control: control_mod.ControlServer
         self.downloads: Downloads
+
+    def _observe(self, opts: ExecOptions) -> None:
+        self._observers = []
+        if opts.on_progress or opts.on_event:
+            self._observers.append(legacy_observer(opts.on_progress, opts.on_event))
+        self._observers.extend(opts.observers)
+
+    def adopt(self, ws: Any, opts: ExecOptions) -> None:
+        """A prepared run (warmrun.py) becomes the run of `ws` with `opts` (equal in all that shapes it)."""
+        self.ws, self.opts = ws, opts
+        self._observe(opts)
 
     # -------------------------------------------------------------- events
 
@@ -245,7 +259,7 @@ class Run:
             self._stack.callback(vol.destroy)
         return vol
 
-    def volumes(self, wanted: list[tuple[str, int, list[str], dict[str, Path] | None]]) -> list[Any]:
+    def volumes(self, wanted: list[tuple[str, int, list[str], CopyTo]]) -> list[Any]:
         """`volume(name, size, subdirs, copy_to)` for each of `wanted`, made at the same time
         (quota.create_volumes: a mkfs and a mount each); when the run closes, each one's `copy_to`
         subdirs are copied out, then all are destroyed together."""
@@ -258,13 +272,13 @@ class Run:
         """Who writes the run's volumes: the run's stage owner where one is set (root), else the default."""
         return self.opts.stage_owner if self.opts.stage_owner is not None and os.geteuid() == 0 else None
 
-    def _close_volumes(self, entries: list[tuple[str, Any, dict[str, Path] | None]]) -> None:
+    def _close_volumes(self, entries: list[tuple[str, Any, CopyTo]]) -> None:
         first: BaseException | None = None
         for name, vol, mapping in entries:
             if not mapping:
                 continue
             try:
-                self._report_skipped(name, vol.copy_out(mapping))
+                self._report_skipped(name, vol.copy_out(mapping() if callable(mapping) else mapping))
             except BaseException as exc:  # copy the others out all the same; raise the first after
                 first = first or exc
         quota.destroy_volumes([vol for _, vol, _ in entries])
@@ -337,10 +351,7 @@ class Run:
             self._stack.callback(self._stop_stages)
         cfg_path = self.state / f"stage-{config.stage}.json"
         cfg_path.write_text(config.to_json())
-        spec = StageSpec(run_id=self.run_id, name=config.stage, mounts=[*mounts, Mount(cfg_path, base.IN_STAGE_CONFIG)],
-                         limits=self.opts.limits, log_path=log_path, gpu=config.hints.get("gpu") == "1",
-                         labels={"run_id": self.run_id, "stage": config.stage},
-                         options=self.stage_options())
+        spec = self.stage_spec(config, [*mounts, Mount(cfg_path, base.IN_STAGE_CONFIG)], log_path)
         handle = self.backend.start(spec)
         self.handles[config.stage] = handle
         self.started[config.stage] = time.monotonic()
@@ -348,14 +359,18 @@ class Run:
         self.emit(config.stage, "started")
         return handle
 
-    def boot_warm(self, config: StageConfig, mounts: list[Mount], log_path: Path) -> Any:
+    def stage_spec(self, config: StageConfig, mounts: list[Mount], log_path: Any) -> StageSpec:
+        """The StageSpec of the stage `config` with these mounts (`log_path`: a Path or output.LogTarget)."""
+        return StageSpec(run_id=self.run_id, name=config.stage, mounts=list(mounts), limits=self.opts.limits,
+                         log_path=log_path, gpu=config.hints.get("gpu") == "1",
+                         labels={"run_id": self.run_id, "stage": config.stage}, options=self.stage_options())
+
+    def boot_warm(self, config: StageConfig, mounts: list[Mount], log_path: Any) -> Any:
         """Boot `config`'s sandbox warm (runner/warm.py): every mount of the stage except its
         stage.json, which arrives with the claim. Discarded at teardown unless claimed."""
         from .warm import WarmSandbox
 
-        spec = StageSpec(run_id=self.run_id, name=config.stage, mounts=list(mounts), limits=self.opts.limits,
-                         log_path=log_path, gpu=config.hints.get("gpu") == "1",
-                         labels={"run_id": self.run_id, "stage": config.stage}, options=self.stage_options())
+        spec = self.stage_spec(config, mounts, log_path)
         ctl_dir = next(m.source for m in mounts if m.target == f"{base.IN_IPC}/control")
         sandbox = WarmSandbox.boot(self.backend, spec, list(config.site_dirs), Path(ctl_dir))
         self._stack.callback(self._discard_unclaimed, sandbox)
@@ -365,12 +380,13 @@ class Run:
         if not sandbox.claimed:
             sandbox.discard()
 
-    def claim_warm(self, sandbox: Any, config: StageConfig) -> Any:
-        """Hand the warm `sandbox` to the stage `config` (exactly once); its handle, as start_stage's."""
+    def claim_warm(self, sandbox: Any, key: Any, config: StageConfig) -> Any:
+        """Hand the warm `sandbox` to the stage `config`, whose sandbox must have `key` (warm.WarmKey),
+        exactly once; its handle, as start_stage's. warm.WarmError if it cannot be."""
         if not self.handles:
             self._stack.callback(self._stop_stages)
         self.handles[config.stage] = sandbox.handle  # stopped and cleaned up with the run's stages
-        sandbox.claim(sandbox.key, config)
+        sandbox.claim(key, config)
         self.started[config.stage] = time.monotonic()
         self.record(config.stage, "started", {})
         self.emit(config.stage, "started")
@@ -408,7 +424,14 @@ class Run:
     def execute(self, plans: list[StagePlan]) -> ExecResult:
         """Start every stage of `plans`, wait for the model's end; StageError if the run failed."""
         try:
-            _PipelineStarter(self, plans).start()
+            if self.prepared is not None:  # booted before the pipeline was known (runner/warmrun.py)
+                self.prepared.claim(plans)
+            elif self.opts.warm and self.backend.can_boot_warm:
+                from .warmrun import WarmStarter
+
+                WarmStarter(self, plans).start()
+            else:
+                _PipelineStarter(self, plans).start()
             return _Monitor(self, plans).wait()
         except KeyboardInterrupt:
             for handle in self.handles.values():
@@ -418,7 +441,9 @@ class Run:
 
 def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
     """Run the stages of one pipeline execution to the end; raise StageError on failure."""
-    with Run(ws, opts) as run:
+    from .warmrun import take_prepared
+
+    with take_prepared(plans, ws, opts) or Run(ws, opts) as run:
         return run.execute(plans)
 
 
@@ -436,25 +461,9 @@ class _PipelineStarter:
         self.run.control.start()
         upstream = self._source()
         self._make_volumes()
-        if self.run.opts.warm and can_boot_warm(self.run.backend):
-            return self._start_warm(ctl_dirs, upstream)
         for plan in self.plans:
             config, mounts, upstream = self._configure(plan, ctl_dirs[plan.name], upstream)
             self.run.start_stage(config, mounts, self.run.ws.logs / f"{plan.name}.log")
-            self.run.volumes_of[plan.name] = self.volumes.get(plan.name)
-
-    def _start_warm(self, ctl_dirs: dict[str, Path], upstream: tuple[Path, str] | None) -> None:
-        """Boot every stage's sandbox first (they import in parallel), then claim each for its stage."""
-        booted = []
-        for plan in self.plans:
-            config, mounts, upstream = self._configure(plan, ctl_dirs[plan.name], upstream)
-            booted.append((plan, config, self.run.boot_warm(config, mounts, self.run.ws.logs / f"{plan.name}.log")))
-        for plan, config, warm_box in booted:
-            try:
-                self.run.claim_warm(warm_box, config)
-            except WarmError as exc:
-                raise StageError(f"its warm sandbox could not be used: {exc}", stage=plan.name,
-                                 script=plan.script.name) from None
             self.run.volumes_of[plan.name] = self.volumes.get(plan.name)
 
     def _source(self) -> tuple[Path, str] | None:
@@ -478,13 +487,14 @@ class _PipelineStarter:
         return src_dir, "input"
 
     def _make_volumes(self) -> None:
-        run, ws, disk = self.run, self.run.ws, self.run.opts.limits.disk
-        wanted: list[tuple[str, int, list[str], dict[str, Path] | None]] = []
-        for plan in self.plans:
+        run, disk = self.run, self.run.opts.limits.disk
+        wanted: list[tuple[str, int, list[str], CopyTo]] = []
+        for plan in self.plans:  # where to copy out: the run's workspace when it closes (warm: known late)
             if plan.role == "datasource":
-                wanted.append((f"vol-{plan.name}", disk, ["data", "cache"], {"data": ws.data, "cache": ws.cache}))
+                wanted.append((f"vol-{plan.name}", disk, ["data", "cache"],
+                               lambda: {"data": run.ws.data, "cache": run.ws.cache}))
             elif plan.role == "model" and run.opts.task_type == "train":
-                wanted.append((f"vol-{plan.name}", disk, ["model"], {"model": ws.model}))
+                wanted.append((f"vol-{plan.name}", disk, ["model"], lambda: {"model": run.ws.model}))
             if plan.role != "model":
                 wanted.append((f"ipc-{plan.name}", SOCKET_DIR_QUOTA, ["out"], None))
         for (name, _, subdirs, _), vol in zip(wanted, run.volumes(wanted)):  # made at the same time
@@ -496,14 +506,17 @@ class _PipelineStarter:
                 if "data" in subdirs:
                     self.data_dirs = {"data": vol.path("data"), "cache": vol.path("cache")}
         if not self.data_dirs:  # predict: no datasource ran; show the training data read-only
-            self.data_dirs = {"data": ws.data, "cache": ws.cache}
+            self.data_dirs = {"data": run.ws.data, "cache": run.ws.cache}
+
+    def _script_mount(self, plan: StagePlan, script_in: str) -> Mount:
+        return Mount(plan.script, script_in)
 
     def _configure(self, plan: StagePlan, ctl_dir: Path, upstream: tuple[Path, str] | None,
                    ) -> tuple[StageConfig, list[Mount], tuple[Path, str] | None]:
         """`plan`'s StageConfig and mounts, and the upstream of the next stage."""
         run, inside = self.run, self.run.inside
         script_in = f"{base.IN_SCRIPTS}/{plan.script.name}"
-        mounts = [Mount(plan.script, script_in)]
+        mounts = [self._script_mount(plan, script_in)]
         fields: dict[str, Any] = {"options": plan.options, "workspace": {}}
         out_dir = self.socket_dirs[plan.name].path("out") if plan.name in self.socket_dirs else None
         if out_dir is not None:

@@ -819,7 +819,7 @@ class BwrapStage:
             for fd in child_fds:
                 os.close(fd)
         self._pipe_r = pipe_r
-        self._threads.append(output.capture(self._chunks(pipe_r), Path(spec.log_path), lim.output,
+        self._threads.append(output.capture(self._chunks(pipe_r), output.as_target(spec.log_path), lim.output,
                                             lambda: self.terminate(REASON_OUTPUT)))
         if self.mode == "mapped":
             try:

@@ -6,21 +6,51 @@ runner: past `cap` bytes nothing more is written, a last line says so, and
 """
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
 
-def capture(chunks: Iterable[bytes], log_path: Path, cap: int, on_exceeded: Callable[[], None]) -> threading.Thread:
-    """Start a thread copying `chunks` into `log_path`; returns the thread."""
+class LogTarget:
+    """A log path that may move once its stage is known: a warm sandbox (runner/warm.py) logs to a
+    file of the run's state dir until its claim, then to its stage's log in the workspace. The cap
+    counts every byte, before and after the move."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def move_to(self, path: Path) -> None:
+        """Write what comes next to `path` (created and appended to; the pump switches before its next write)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).touch()
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def as_target(log_path: "Path | LogTarget") -> "Path | LogTarget":
+    """`log_path` as capture() takes it: a LogTarget kept as it is (it may move), anything else a Path."""
+    return log_path if isinstance(log_path, LogTarget) else Path(log_path)
+
+
+def capture(chunks: Iterable[bytes], log_path: Path | LogTarget, cap: int,
+            on_exceeded: Callable[[], None]) -> threading.Thread:
+    """Start a thread copying `chunks` into `log_path` (a LogTarget: wherever it points); returns the thread."""
+    target = log_path if isinstance(log_path, LogTarget) else LogTarget(Path(log_path))
 
     def pump() -> None:
         written = 0
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
+        target.path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(target.path, "ab")
+        try:
             for chunk in chunks:
                 if written >= cap:
                     continue  # keep draining so the stage never blocks on a full pipe before it is killed
+                if os.fspath(target) != log.name:
+                    log.close()
+                    log = open(target.path, "ab")
                 room = cap - written
                 log.write(chunk[:room])
                 written += min(len(chunk), room)
@@ -29,8 +59,10 @@ def capture(chunks: Iterable[bytes], log_path: Path, cap: int, on_exceeded: Call
                     log.write(f"\n[pipcook-sandbox: output cut at {cap} bytes; the stage was stopped]\n".encode())
                     log.flush()
                     on_exceeded()
+        finally:
+            log.close()
 
-    thread = threading.Thread(target=pump, name=f"log-{log_path.stem}", daemon=True)
+    thread = threading.Thread(target=pump, name=f"log-{target.path.stem}", daemon=True)
     thread.start()
     return thread
 

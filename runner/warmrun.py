@@ -1,0 +1,134 @@
+"""A run whose stage sandboxes are booted before its pipeline is known (docs/warm.md).
+
+`WarmStarter` is the run's starter (run.py `_PipelineStarter`) split in two:
+
+- `prepare()`: with only the run's *shape* (its stages' names and roles),
+  bind the control sockets, make the volumes and boot one warm sandbox per
+  stage (runner/warm.py), each with every mount its stage will have: the
+  script is mounted as a directory of the run's state dir, empty until the
+  claim; the log goes to the state dir until then (output.LogTarget);
+- `claim(plans)`: once the pipeline is parsed and its scripts fetched, copy
+  each script into its directory and hand each sandbox to its stage, after
+  checking that the stage's sandbox would have the very same WarmKey
+  (mounts, limits, uid, site dirs). A sandbox that cannot be used (it died,
+  or its key differs) is discarded and that stage started cold in its place.
+
+`run --warm` does both at once. A warm runner process (runner/warmrunner.py)
+does `prepare()` before it has a job, `offer()`s the run, and the run's
+`execute` takes it (`take_prepared`) when the shape and the options agree;
+otherwise the prepared run is closed and the run is started cold.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipcook_sandbox.runner.backends import base
+from pipcook_sandbox.runner.backends.base import Mount
+from pipcook_sandbox.runner.backends.output import LogTarget
+
+from .run import ExecOptions, Run, StagePlan, _PipelineStarter
+from .warm import WarmError, WarmKey, WarmSandbox
+
+# What must be equal between the options a run was prepared with and the run's own: they shape its
+# sandboxes or what its runner does for them (downloads). The rest (callbacks, pipeline options) is
+# the run's own and taken from it.
+SHAPING = ("isolation", "limits", "gpu", "nocache", "allow_private", "task_type", "framework", "worker_site",
+           "source", "model_dir", "stage_owner")
+
+
+def shape_plans(dataflows: int = 1) -> list[StagePlan]:
+    """Placeholder plans of a train run with `dataflows` dataflows: names and roles, no scripts yet."""
+    names = [("datasource", "datasource"), *((f"dataflow-{i}", "dataflow") for i in range(1, dataflows + 1)),
+             ("model", "model")]
+    return [StagePlan(name, role, Path(f"{name}.py"), {}) for name, role in names]
+
+
+class WarmStarter(_PipelineStarter):
+    """Prepares a run's stages warm from its shape, then claims them for its plans."""
+
+    def __init__(self, run: Run, plans: list[StagePlan]) -> None:
+        super().__init__(run, plans)
+        self.ctl_dirs: dict[str, Path] = {}
+        self.booted: dict[str, tuple[WarmSandbox, LogTarget]] = {}
+
+    def start(self) -> None:
+        self.prepare()
+        self.claim(self.plans)
+
+    def _script_dir(self, stage: str) -> Path:
+        return self.run.state / "scripts" / stage
+
+    def _script_mount(self, plan: StagePlan, script_in: str) -> Mount:
+        return Mount(self._script_dir(plan.name), base.IN_SCRIPTS)
+
+    def prepare(self) -> None:
+        """Sockets, volumes and one booted sandbox per stage of the shape."""
+        self.ctl_dirs = {plan.name: self.run.control_dir(plan.name) for plan in self.plans}
+        self.run.control.start()
+        self._make_volumes()
+        upstream = None
+        for plan in self.plans:
+            script_dir = self._script_dir(plan.name)
+            script_dir.mkdir(parents=True)
+            os.chmod(script_dir, 0o755)  # the stage's uid reads it; only the runner writes it
+            config, mounts, upstream = self._configure(plan, self.ctl_dirs[plan.name], upstream)
+            log = LogTarget(self.run.state / "logs" / f"{plan.name}.log")
+            self.booted[plan.name] = (self.run.boot_warm(config, mounts, log), log)
+
+    def fits(self, plans: list[StagePlan]) -> bool:
+        return [(p.name, p.role) for p in plans] == [(p.name, p.role) for p in self.plans]
+
+    def claim(self, plans: list[StagePlan]) -> None:
+        """Hand each booted sandbox to its stage of `plans` (same shape), in pipeline order."""
+        if not self.fits(plans):
+            raise WarmError("the pipeline's stages are not those the run was prepared for")
+        self.plans = plans
+        upstream = None
+        for plan in plans:
+            copy = self._script_dir(plan.name) / plan.script.name
+            shutil.copyfile(plan.script, copy)
+            os.chmod(copy, 0o644)
+            config, mounts, upstream = self._configure(plan, self.ctl_dirs[plan.name], upstream)
+            sandbox, log = self.booted[plan.name]
+            key = WarmKey.of(self.run.backend, self.run.stage_spec(config, mounts, log), list(config.site_dirs))
+            log_path = self.run.ws.logs / f"{plan.name}.log"
+            log.move_to(log_path)
+            try:
+                self.run.claim_warm(sandbox, key, config)
+            except WarmError as exc:  # never used: destroyed, and the stage starts in a fresh sandbox
+                self.run.handles.pop(plan.name, None)
+                sandbox.discard()
+                self.run.emit(plan.name, "note", text=f"warm sandbox not used ({exc}); started cold")
+                self.run.start_stage(config, mounts, log_path)
+            self.run.volumes_of[plan.name] = self.volumes.get(plan.name)
+
+
+# The runs a warm runner process prepared before its job (at most one: a warm runner takes one run).
+_offered: list[Run] = []
+
+
+def offer(run: Run) -> None:
+    """Make the prepared `run` (run.prepared set) the next matching `run.execute`'s."""
+    _offered.append(run)
+
+
+def withdraw() -> None:
+    """Close every prepared run no execution took (a warm runner's end)."""
+    while _offered:
+        _offered.pop().close()
+
+
+def take_prepared(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> Run | None:
+    """The offered run prepared for exactly this shape and these options, now the run of `ws` and
+    `opts`; None if there is none (a prepared run that does not fit is closed: its sandboxes destroyed)."""
+    while _offered:
+        run = _offered.pop()
+        if run.prepared is not None and run.prepared.fits(plans) \
+                and all(getattr(run.opts, f) == getattr(opts, f) for f in SHAPING):
+            run.adopt(ws, opts)
+            return run
+        run.close()
+    return None
