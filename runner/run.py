@@ -224,7 +224,10 @@ class Run:
         self.close()
 
     def open(self) -> None:
-        """Make the state dir, the control channel and the downloader; each is undone by `close`."""
+        """Make the state dir, the control channel and the downloader; each is undone by `close`.
+        Once: a run a warm runner opened (warmrun.py) is entered again by the execution that takes it."""
+        if self.state != Path():
+            return
         self.state = new_state_dir(self._prefix, self.run_id)
         self._stack.callback(shutil.rmtree, self.state, ignore_errors=True)
         self.downloads = self._new_downloads()

@@ -34,7 +34,11 @@ from .base import (
     JobState,
     RunRequest,
 )
+from .warmpool import WarmRunners, pool_key
 
+# command(): [python, -m, pipcook_sandbox, run, PIPELINE, -o, WORKSPACE, options...]; the options are
+# the run's kind (a warm runner's key), the rest is the run itself.
+RUN_OPTIONS = 7
 KILL_GRACE = 30.0  # seconds a canceled runner gets to tear its sandboxes down before SIGKILL
 
 
@@ -85,7 +89,8 @@ class LocalEngine(Engine):
     name = "local"
 
     def __init__(self, cpus: float | None = None, memory: int | None = None, gpus: int = 0,
-                 python: str | None = None) -> None:
+                 python: str | None = None, warm: int = 0, warm_total: int | None = None,
+                 warm_idle: float = 300.0) -> None:
         self.cpus = float(cpus if cpus is not None else os.cpu_count() or 1)
         self.memory = memory if memory is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         self.gpus = gpus
@@ -93,23 +98,43 @@ class LocalEngine(Engine):
         self._procs: dict[str, subprocess.Popen] = {}
         self._canceled: dict[str, float] = {}
         self._lock = threading.Lock()
+        # `warm` runners kept started per tenant and option set (warmpool.py), `warm_total` in all
+        self.warm = WarmRunners(warm, warm_total if warm_total is not None else 4 * warm, warm_idle,
+                                DEATH_WRAPPER, python) if warm > 0 else None
 
     def submit(self, request: RunRequest) -> str:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIPCOOK_SANDBOX_TOKEN")}
         env.update(request.env)
         env["PYTHONUNBUFFERED"] = "1"
-        try:
-            with open(request.events, "ab") as out, open(request.runner_log, "ab") as err:
-                argv = [sys.executable, "-I", "-S", "-c", DEATH_WRAPPER, str(os.getpid()),
-                        *command(request, self.python)]
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                        cwd=request.run_dir, env=env, start_new_session=True)
-        except OSError as exc:
-            raise EngineError(f"could not start the runner for run {request.run_id}: {exc}") from None
+        argv = command(request, self.python)
+        proc = self._submit_warm(request, argv, env) if self.warm is not None else None
+        if proc is None:
+            proc = self._submit_cold(request, argv, env)
+        if self.warm is not None:  # the tenant's next run of this kind finds one ready
+            self.warm.fill(pool_key(request, argv[RUN_OPTIONS:]), env, argv[RUN_OPTIONS:])
         job_id = f"{proc.pid}:{_start_ticks(proc.pid) or 0}"
         with self._lock:
             self._procs[job_id] = proc
         return job_id
+
+    def _submit_cold(self, request: RunRequest, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        try:
+            with open(request.events, "ab") as out, open(request.runner_log, "ab") as err:
+                return subprocess.Popen([sys.executable, "-I", "-S", "-c", DEATH_WRAPPER, str(os.getpid()), *argv],
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                        cwd=request.run_dir, env=env, start_new_session=True)
+        except OSError as exc:
+            raise EngineError(f"could not start the runner for run {request.run_id}: {exc}") from None
+
+    def _submit_warm(self, request: RunRequest, argv: list[str], env: dict[str, str]) -> subprocess.Popen | None:
+        """The run handed to a warm runner of its exact key, or None (none ready: it starts cold)."""
+        assert self.warm is not None
+        for path in (request.events, request.runner_log):  # made by the server, as for a cold run
+            with open(path, "ab"):
+                pass
+        job = {"argv": argv[3:], "stdout": str(request.events), "stderr": str(request.runner_log),
+               "cwd": str(request.run_dir)}
+        return self.warm.take(pool_key(request, argv[RUN_OPTIONS:]), job)
 
     def poll(self, job_id: str) -> JobState:
         with self._lock:
@@ -167,6 +192,8 @@ class LocalEngine(Engine):
         return {"cpus": self.cpus, "memory": float(self.memory), "gpus": float(self.gpus)}
 
     def close(self) -> None:
+        if self.warm is not None:
+            self.warm.close()
         with self._lock:
             self._procs.clear()
 
@@ -189,8 +216,10 @@ def _signal_reason(code: int) -> str:
 
 
 def create(**options: object) -> LocalEngine:
-    """The engine with the server's options: `cpus`, `memory`, `gpus`, `python`; others are ignored."""
-    known = {k: v for k, v in options.items() if k in ("cpus", "memory", "gpus", "python")}
+    """The engine with the server's options: `cpus`, `memory`, `gpus`, `python`, `warm`, `warm_total`,
+    `warm_idle`; others are ignored."""
+    known = {k: v for k, v in options.items() if k in ("cpus", "memory", "gpus", "python", "warm", "warm_total",
+                                                         "warm_idle")}
     return LocalEngine(**known)  # type: ignore[arg-type]
 
 

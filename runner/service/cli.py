@@ -81,11 +81,19 @@ def _register_server(main: click.Group, handle_errors: Callable[[Callable], Call
     @click.option("--slurm-job-memory", metavar="SIZE",
                   help="With --engine slurm: the most memory (--mem) one run's job asks for, shared by its runner "
                        "and stages (default: its per-stage memory times its stages, plus 512m for the runner).")
+    @click.option("--warm", type=click.IntRange(0), default=0, show_default=True,
+                  help="With --engine local and bwrap: keep N runners started per tenant and kind of run, each "
+                       "with its run's sandboxes booted for that tenant; each takes one run (docs/warm.md).")
+    @click.option("--warm-total", type=click.IntRange(0), metavar="N",
+                  help="Warm runners at once, all tenants together (default 4 x --warm).")
+    @click.option("--warm-idle", type=click.FloatRange(1), default=300.0, show_default=True,
+                  help="Seconds an unused warm runner lives.")
     @click.option("--debug", is_flag=True, help="Show tracebacks and the server's access log.")
     @handle_errors
     def server(host: str, port: int, data: Path | None, engine: str, isolation: str, capacity_cpus: float | None,
                capacity_memory: str | None, capacity_gpus: int | None, allow_private: tuple[str, ...],
-               slurm_partition: str | None, slurm_job_memory: str | None, debug: bool) -> None:
+               slurm_partition: str | None, slurm_job_memory: str | None, warm: int, warm_total: int | None,
+               warm_idle: float, debug: bool) -> None:
         """Serve the multi-tenant HTTP API: tenants submit runs, each stage runs sandboxed under the tenant's uid."""
         from .server import ServerOptions, serve
 
@@ -95,7 +103,8 @@ def _register_server(main: click.Group, handle_errors: Callable[[Callable], Call
                             isolation=isolation, capacity_cpus=capacity_cpus,
                             capacity_memory=_size(capacity_memory, "--capacity-memory"), capacity_gpus=capacity_gpus,
                             allow_private=allow_private, slurm_partition=slurm_partition,
-                            slurm_job_memory=_size(slurm_job_memory, "--slurm-job-memory"), debug=debug))
+                            slurm_job_memory=_size(slurm_job_memory, "--slurm-job-memory"), debug=debug,
+                            warm=warm, warm_total=warm_total, warm_idle=warm_idle))
 
 
 def _register_tenants(main: click.Group, handle_errors: Callable[[Callable], Callable]) -> None:

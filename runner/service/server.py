@@ -34,6 +34,9 @@ class ServerOptions:
     slurm_partition: str | None = None
     slurm_job_memory: int | None = None  # at most this --mem per job (default: stages x memory + the runner)
     debug: bool = False
+    warm: int = 0  # local engine: warm runners kept per tenant and kind of run (engines/warmpool.py)
+    warm_total: int | None = None  # all warm runners at once (default 4 x warm)
+    warm_idle: float = 300.0  # seconds an unused warm runner lives
 
 
 def _say(message: str) -> None:
@@ -70,7 +73,8 @@ def _engine_options(opts: ServerOptions) -> dict[str, object]:
         gpus = opts.capacity_gpus
         if gpus is None:
             gpus = len(list(Path("/dev").glob("nvidia[0-9]*")))
-        return {"cpus": opts.capacity_cpus, "memory": opts.capacity_memory, "gpus": gpus}
+        return {"cpus": opts.capacity_cpus, "memory": opts.capacity_memory, "gpus": gpus, "warm": opts.warm,
+                "warm_total": opts.warm_total, "warm_idle": opts.warm_idle}
     options: dict[str, object] = {}
     if opts.slurm_partition:
         options["partition"] = opts.slurm_partition
