@@ -41,13 +41,21 @@ def problems(name: str, found: dict[str, Any]) -> list[str]:
     return issues
 
 
+# Backends whose probe passed in this process. A runner takes one run, so this only spares a warm
+# runner (runner/warmrunner.py), which probes before its job, a second probe when the job arrives.
+_confirmed: set[str] = set()
+
+
 def require_backend(name: str) -> None:
+    if name in _confirmed:
+        return
     found = probe(name)
     issues = problems(name, found)
     if issues:
         raise BackendUnavailable(
             f"the {name} backend cannot confine scripts on this host: {'; '.join(issues)}. "
             "Run `pipcook-sandbox doctor` for details.")
+    _confirmed.add(name)
 
 
 def _fmt(value: Any) -> str:

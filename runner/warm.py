@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipcook_sandbox.runner.backends import base
+from pipcook_sandbox.runner.backends import base, owner
 from pipcook_sandbox.runner.backends.base import Backend, Limits, Mount, StageSpec
 from pipcook_sandbox.sandbox.stageconfig import StageConfig
 
@@ -94,8 +94,7 @@ class WarmSandbox:
     def _make_fifo(self, spec: StageSpec) -> None:
         os.mkfifo(self.fifo, 0o600)
         if os.geteuid() == 0:  # the stage's uid reads it (as its group); no one but the runner writes it
-            gid = (spec.options.stage_owner or (base.SANDBOX_UID, base.SANDBOX_GID))[1]
-            os.chown(self.fifo, 0, gid)
+            os.chown(self.fifo, 0, owner.resolve(spec.options.stage_owner)[1])
             os.chmod(self.fifo, 0o640)
         self._ino = os.lstat(self.fifo).st_ino
 

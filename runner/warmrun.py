@@ -53,6 +53,7 @@ class WarmStarter(_PipelineStarter):
         super().__init__(run, plans)
         self.ctl_dirs: dict[str, Path] = {}
         self.booted: dict[str, tuple[WarmSandbox, LogTarget]] = {}
+        self.claimed: list[str] = []  # the stages that run in the sandbox booted for them
 
     def start(self) -> None:
         self.prepare()
@@ -98,6 +99,7 @@ class WarmStarter(_PipelineStarter):
             log.move_to(log_path)
             try:
                 self.run.claim_warm(sandbox, key, config)
+                self.claimed.append(plan.name)
             except WarmError as exc:  # never used: destroyed, and the stage starts in a fresh sandbox
                 self.run.handles.pop(plan.name, None)
                 sandbox.discard()

@@ -40,6 +40,12 @@ def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(143)
 
 
+def warm_imports() -> None:
+    """Import what `run` imports once it has a job (the CLI's display, report, training, events), so
+    that the job does not pay for it."""
+    from . import display, events, report, training  # noqa: F401
+
+
 def prepare(run_args: list[str], dataflows: int) -> Any:
     """The prepared, offered Run for RUN_OPTIONS; None where a warm run cannot serve them (GPU, not bwrap)."""
     from . import cli, run, warmrun
@@ -50,6 +56,9 @@ def prepare(run_args: list[str], dataflows: int) -> Any:
     p = ctx.params
     if p.get("gpu") or not get_backend(p["isolation"]).can_boot_warm:
         return None
+    from .doctor import require_backend
+
+    require_backend(p["isolation"])  # the job's own check then finds it done (doctor._confirmed)
     if p.get("stage_uid"):
         owner.set_stage_owner(*owner.parse(p["stage_uid"]))
     limits = cli._limits(p["memory"], p["cpus"], p["pids"], p["disk"], p["timeout"], p.get("downloads"))
@@ -108,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     run_args = args.run_args[1:] if args.run_args[:1] == ["--"] else args.run_args
     from . import cli, warmrun
 
+    warm_imports()
     prepared = None
     try:
         unprepared = ""
@@ -127,13 +137,18 @@ def main(argv: list[str] | None = None) -> int:
             return exc.code if isinstance(exc.code, int) else 1
         finally:  # for the operator (runner.log): whether the run found its sandboxes booted
             if prepared is not None:
-                used = prepared not in warmrun._offered and bool(prepared.handles)
-                print(f"warm runner: the run {'used' if used else 'did not use'} the sandboxes booted for it",
-                      file=sys.stderr)
+                claimed = prepared.prepared.claimed if prepared not in warmrun._offered else []
+                print(f"warm runner: {len(claimed)} of {len(prepared.prepared.plans)} stages ran in the sandbox "
+                      "booted for them", file=sys.stderr)
         return 0
     finally:
         warmrun.withdraw()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything of the run is torn down by now (its Run closed, the verdict written): skip the
+    # interpreter's own teardown of the runner's modules, which the service would wait for.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

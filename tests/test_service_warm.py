@@ -118,7 +118,7 @@ def test_warm_runners_serve_their_own_tenant_only_and_one_run_each(base: Path, w
         second, state = submit(server, tokens["a"], body)  # A's runner takes it, booted for A
         assert state["status"] == "succeeded", state["error"]
         runner_log = (run_dir(data, "tenant-a", second) / "runner.log").read_text()
-        assert "the run used the sandboxes booted for it" in runner_log, runner_log[-2000:]
+        assert "3 of 3 stages ran in the sandbox booted for them" in runner_log, runner_log[-2000:]
         log_a = run_dir(data, "tenant-a", second) / "workspace" / "logs" / "datasource.log"
         assert f"uid {uids['a']}" in log_a.read_text()
         # the runner that took it is gone (one run each); a fresh one waits in its place

@@ -22,6 +22,7 @@ id for `slurm`), passed back to `poll`/`cancel`/`forget`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,9 @@ class Engine(ABC):
     # GrpTRES, fair share). Then the service hands it every queued run at once and the engine's
     # queue is the queue; otherwise the service starts a tenant's runs only within its max-running.
     queues_tenants: bool = False
+    # Called (from any thread) when a job may have ended, so that the service looks at once rather than
+    # at its next period; set by the scheduler. Engines that cannot tell leave it uncalled.
+    on_job_end: Callable[[], None] | None = None
 
     @abstractmethod
     def submit(self, request: RunRequest) -> str:

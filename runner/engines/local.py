@@ -113,9 +113,16 @@ class LocalEngine(Engine):
         if self.warm is not None:  # the tenant's next run of this kind finds one ready
             self.warm.fill(pool_key(request, argv[RUN_OPTIONS:]), env, argv[RUN_OPTIONS:])
         job_id = f"{proc.pid}:{_start_ticks(proc.pid) or 0}"
+        threading.Thread(target=self._watch, args=(proc,), name=f"job-{proc.pid}", daemon=True).start()
         with self._lock:
             self._procs[job_id] = proc
         return job_id
+
+    def _watch(self, proc: subprocess.Popen) -> None:
+        """Tell the service the moment the runner exits (its terminal state is read then, not a period later)."""
+        proc.wait()
+        if self.on_job_end is not None:
+            self.on_job_end()
 
     def _submit_cold(self, request: RunRequest, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
         try:

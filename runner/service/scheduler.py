@@ -82,6 +82,7 @@ class Scheduler:
                  allow_private: tuple[str, ...] = (), summaries: Summaries | None = None,
                  on_finished: Callable[[dict[str, Any], str], None] | None = None) -> None:
         self.db, self.engine, self.data = db, engine, Path(data)
+        engine.on_job_end = self.wake
         self.isolation = isolation
         self.allow_private = allow_private
         self.summaries = summaries or Summaries()
