@@ -14,7 +14,8 @@ server on a fresh data dir (bwrap, local engine):
 CPU: the server's process tree (server, runners, warm runners, stages: every
 process it reaped; stages reaped outside it are missed, as in bench/startup),
 from getrusage(RUSAGE_CHILDREN) around each mode (the server is stopped at
-the end of its mode, warm runners included), per run.
+the end of its mode, warm runners included), per run. The package is
+byte-compiled first, as pip leaves it (bench/common.Version.compile).
 
     python -m bench.warm                                    # 10 latency runs, 4 x 10 for throughput
     python -m bench.warm --latency 5 --runs 5 --tenants 4   # the short setting
@@ -36,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import REPO_ROOT, machine, median, save
+from bench.common import REPO_ROOT, Version, machine, median, save
 from bench.service import _cli, _serve
 
 TINY = REPO_ROOT / "tests" / "pipelines" / "tiny"
@@ -150,6 +151,7 @@ def main() -> None:
     parser.add_argument("--capacity-cpus", type=float, default=8.0)
     parser.add_argument("--warm", type=int, default=2, help="warm runners per tenant (server --warm)")
     args = parser.parse_args()
+    Version().compile()  # bytecode as pip leaves it, whatever PYTHONDONTWRITEBYTECODE says (bench/common.py)
     httpd, web = _serve(TINY)
     try:
         load0 = os.getloadavg()

@@ -258,9 +258,9 @@ def _parse_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
 @click.option("--stage-uid", metavar="UID[:GID]",
               help="Operator option (root runner): run every stage as this host uid, own the workspace by it, "
                    "mode 0700. The service gives each tenant its own.")
-@click.option("--warm", is_flag=True,
+@click.option("--warm", is_flag=True, envvar="PIPCOOK_WARM",
               help="Boot every stage's sandbox before configuring any, then hand each to its stage "
-                   "(bwrap; docs/warm.md). Each sandbox still serves one stage only.")
+                   "(bwrap; docs/warm.md; PIPCOOK_WARM=1 the same). Each sandbox still serves one stage only.")
 @common_options
 @limit_options
 @handle_errors

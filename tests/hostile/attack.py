@@ -26,16 +26,20 @@ from pathlib import Path
 
 from conftest import REPO, leftover_mounts, sandbox_processes, write_pipeline
 
-BACKENDS = ("bwrap", "docker", "docker-gvisor")
+BACKENDS = ("bwrap", "bwrap-warm", "docker", "docker-gvisor")
 # A backend id of this suite -> the CLI's --isolation and the environment it runs with:
-# docker-gvisor is the docker backend with gVisor as its runtime (docs/docker.md).
+# docker-gvisor is the docker backend with gVisor as its runtime (docs/docker.md); bwrap-warm is
+# bwrap with every stage in a sandbox booted before its stage was known, then claimed (docs/warm.md).
 GVISOR_ENV = {"PIPCOOK_DOCKER_RUNTIME": "runsc"}
+WARM_ENV = {"PIPCOOK_WARM": "1"}
 
 
 def backend_cli(isolation: str) -> tuple[str, dict[str, str]]:
     """(--isolation value, extra environment) of a backend id."""
     if isolation == "docker-gvisor":
         return "docker", dict(GVISOR_ENV)
+    if isolation == "bwrap-warm":
+        return "bwrap", dict(WARM_ENV)
     return isolation, {}
 
 

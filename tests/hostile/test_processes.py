@@ -17,7 +17,7 @@ import pytest
 
 from conftest import sandbox_processes
 
-from .attack import run_attack, token
+from .attack import backend_cli, run_attack, token
 
 pytestmark = pytest.mark.hostile
 
@@ -106,7 +106,7 @@ def test_killing_parent_pid1_and_everything_stays_inside(tmp_path, isolation, ho
     for stage in ("datasource", "model"):
         report = attack.reports(stage)
         assert report["killed"] == [] and report["all"] == "ESRCH", (stage, report)
-        if isolation == "bwrap":
+        if backend_cli(isolation)[0] == "bwrap":
             assert report["parent"] == report["pid1"] == "EPERM", report  # pid 1 is bwrap, not the stage's uid
     assert not attack.leftovers()
 
@@ -151,7 +151,7 @@ def test_ptrace_and_process_memory_are_denied(tmp_path, isolation):
     report = attack.reports("model")
     for key in ("attach pid1", "seize pid1", "attach parent", "seize parent", "traceme", "process_vm_readv pid1"):
         assert report[key] == "EPERM", (key, report)  # the seccomp deny list
-    if isolation == "bwrap":
+    if backend_cli(isolation)[0] == "bwrap":
         # pid 1 is bwrap's reaper, owned by the namespace's root: nothing of it is open to the stage.
         for path in ("/proc/1/mem", "/proc/1/environ", "/proc/1/root/etc/hostname"):
             assert report["open " + path] == "EACCES", (path, report)
