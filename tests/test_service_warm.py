@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from conftest import leftover_mounts, require_bwrap
-
 from httpserver import Server, start_server
 from servicekit import (
     ServerProcess,
@@ -147,3 +146,20 @@ def test_kill_9_of_the_server_leaves_no_warm_runner_behind(base: Path, web: Serv
     # PDEATHSIG: each warm runner gets SIGTERM and tears its booted sandboxes down
     wait_for(lambda: not warm_runners(uid), 60, "the warm runners to end after the server's kill -9")
     wait_for(lambda: not leftover_mounts(), 60, "no mount of a warm runner's state dir")
+
+
+def test_the_pool_key_names_the_tenant_and_every_option_of_the_run(tmp_path: Path) -> None:
+    from pipcook_sandbox.runner.engines.base import RunRequest
+    from pipcook_sandbox.runner.engines.local import RUN_OPTIONS, command
+    from pipcook_sandbox.runner.engines.warmpool import pool_key
+
+    def key(**changes: object) -> tuple[str, ...]:
+        fields: dict = {"run_id": "r1", "tenant": "a", "run_dir": tmp_path / "r1", "stage_uid": 200001, **changes}
+        request = RunRequest(**fields)
+        return pool_key(request, command(request)[RUN_OPTIONS:])
+
+    assert key() == key(run_id="r2", run_dir=tmp_path / "r2"), "the run itself must not be part of its kind"
+    for other in ({"tenant": "b"}, {"stage_uid": 200002}, {"memory": 1 << 30}, {"cpus": 0.5}, {"disk": 1 << 20},
+                  {"timeout": 5.0}, {"pids": 8}, {"allow_private": ("127.0.0.1",)}, {"env": {"X": "1"}},
+                  {"isolation": "docker"}):
+        assert key(**other) != key(), other
