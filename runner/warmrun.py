@@ -65,6 +65,12 @@ class WarmStarter(_PipelineStarter):
     def _script_mount(self, plan: StagePlan, script_in: str) -> Mount:
         return Mount(self._script_dir(plan.name), base.IN_SCRIPTS)
 
+    def _config_mount(self, stage: str) -> Mount:
+        """/pipcook/stage.json, as every stage has it: a file of the state dir, empty until the claim
+        writes the stage's configuration into it (in place: the bind mount shows the same inode). The
+        worker itself takes its configuration from the claim; this copy is for scripts that read it."""
+        return Mount(self.run.state / f"stage-{stage}.json", base.IN_STAGE_CONFIG)
+
     def prepare(self) -> None:
         """Sockets, volumes and one booted sandbox per stage of the shape."""
         self.ctl_dirs = {plan.name: self.run.control_dir(plan.name) for plan in self.plans}
@@ -76,8 +82,10 @@ class WarmStarter(_PipelineStarter):
             script_dir.mkdir(parents=True)
             os.chmod(script_dir, 0o755)  # the stage's uid reads it; only the runner writes it
             config, mounts, upstream = self._configure(plan, self.ctl_dirs[plan.name], upstream)
+            cfg = self._config_mount(plan.name)
+            cfg.source.touch(mode=0o644)
             log = LogTarget(self.run.state / "logs" / f"{plan.name}.log")
-            self.booted[plan.name] = (self.run.boot_warm(config, mounts, log), log)
+            self.booted[plan.name] = (self.run.boot_warm(config, [*mounts, cfg], log), log)
 
     def fits(self, plans: list[StagePlan]) -> bool:
         return [(p.name, p.role) for p in plans] == [(p.name, p.role) for p in self.plans]
@@ -94,7 +102,11 @@ class WarmStarter(_PipelineStarter):
             os.chmod(copy, 0o644)
             config, mounts, upstream = self._configure(plan, self.ctl_dirs[plan.name], upstream)
             sandbox, log = self.booted[plan.name]
-            key = WarmKey.of(self.run.backend, self.run.stage_spec(config, mounts, log), list(config.site_dirs))
+            cfg = self._config_mount(plan.name)
+            key = WarmKey.of(self.run.backend, self.run.stage_spec(config, [*mounts, cfg], log),
+                             list(config.site_dirs))
+            with open(cfg.source, "w", encoding="utf-8") as f:  # truncated in place, never replaced
+                f.write(config.to_json())
             log_path = self.run.ws.logs / f"{plan.name}.log"
             log.move_to(log_path)
             try:
