@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_bwrap, run_cli, sandbox_processes, write_pipeline
+from conftest import require_bwrap, run_cli, write_pipeline
 
 from pipcook_sandbox.runner import warm
 from pipcook_sandbox.runner.backends import base, bwrap, cgroups, get_backend
@@ -192,8 +192,11 @@ def test_idle_sandboxes_expire_and_close_leaves_nothing(state: Path, booted: lis
     assert first.handle.poll() is not None
     pool.add(extra)
     pool.close()
-    assert extra.handle.poll() is not None
-    assert not sandbox_processes(extra.spec.run_id)
+    for sandbox in (first, extra):  # destroyed: its processes, cgroup and state gone
+        assert sandbox.handle.poll() is not None
+        cg = sandbox.handle.cgroup
+        assert cg is None or not any(d.exists() for d in cg.all_dirs()), cg
+        assert not sandbox.handle.stage_dir.exists()
 
 
 def test_warm_run_of_the_tiny_pipeline(tmp_path: Path) -> None:
