@@ -529,3 +529,33 @@ def test_a_hostile_upstream_reply_is_an_upstream_error(zctx, ipc_dir):
         stop.set()
         thread.join(WAIT)
         router.close()
+
+
+@pytest.mark.parametrize("split", [["train"], {"a": 1}], ids=["list", "map"])
+@pytest.mark.parametrize("op", ["end", "batch"])
+def test_an_upstream_message_naming_an_unhashable_split_is_ignored(zctx, ipc_dir, op, split):
+    # A split must be a string; a list or a map (unhashable) used to reach a dict lookup and
+    # crash the downstream worker with a TypeError instead of naming no dataset.
+    endpoint = f"ipc://{ipc_dir}/fake.sock"
+    router = zctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint)
+    stop = threading.Event()
+
+    def fake_upstream():
+        while not stop.is_set():
+            if router.poll(50):
+                peer, _ = router.recv_multipart()
+                router.send_multipart([peer, *pack({"op": op, "split": split, "gen": 0, "samples": []})])
+                router.send_multipart([peer, *pack({"op": "meta", "meta": {"k": 1}, "sizes": {"train": 2}})])
+
+    thread = threading.Thread(target=fake_upstream, daemon=True)
+    thread.start()
+    try:
+        remote = RemotePool(zctx, endpoint, "odd", alive=thread.is_alive)
+        assert remote.meta == {"k": 1} and len(remote.train) == 2 and remote.test is None
+        remote.close()
+    finally:
+        stop.set()
+        thread.join(WAIT)
+        router.close()
