@@ -112,7 +112,7 @@ class Pipeline:
 @lru_cache(maxsize=1)
 def load_schema() -> dict:
     """The JSON Schema of the pipeline file (shipped as package data)."""
-    text = resources.files("pipcook_sandbox.runner").joinpath("schema", SCHEMA_RESOURCE).read_text("utf-8")
+    text = (resources.files("pipcook_sandbox.runner") / "schema" / SCHEMA_RESOURCE).read_text("utf-8")
     return json.loads(text)
 
 
@@ -174,7 +174,7 @@ def _schema_error(err: jsonschema.ValidationError, source: str) -> SpecError:
         )
     if kind == "type":
         wanted = err.validator_value if isinstance(err.validator_value, list) else [err.validator_value]
-        names = " or ".join(_SCHEMA_TYPES.get(w, w) for w in wanted)
+        names = " or ".join(_SCHEMA_TYPES.get(str(w), str(w)) for w in wanted)
         cause = f"must be {names}, got {_json_type(err.instance)}"
         if not where:
             return SpecError(f"the pipeline {cause}", source=source)

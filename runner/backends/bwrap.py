@@ -102,6 +102,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from pipcook_sandbox.runner import gpus
 from pipcook_sandbox.runner.errors import PipcookError
@@ -488,7 +489,7 @@ def build_parts(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd:
     return a.argv, command
 
 
-def build_args(spec: StageSpec, **kwargs) -> list[str]:
+def build_args(spec: StageSpec, **kwargs: Any) -> list[str]:
     """The bwrap argument list (without the bwrap binary itself): options, "--", command."""
     options, command = build_parts(spec, **kwargs)
     return [*options, "--", *command]
@@ -653,7 +654,7 @@ class BwrapStage:
             self._cleaned = True
         errors: list[str] = []
 
-        def step(what: str, fn) -> None:
+        def step(what: str, fn: Callable[[], object]) -> None:
             try:
                 fn()
             except Exception as e:  # keep going: every later step still matters
@@ -668,16 +669,21 @@ class BwrapStage:
             step("kill", self.cgroup.kill_all)
         for t in self._threads:
             t.join(timeout=5)
-        if self.proc is not None and self._outcome is None:
-            step("outcome", lambda: setattr(self, "_outcome", self._compute_outcome(self.proc.returncode)))
+        proc = self.proc
+        if proc is not None and self._outcome is None:
+            step("outcome", lambda: setattr(self, "_outcome", self._compute_outcome(proc.returncode)))
         if self.volume is not None:
             if self.spec.writable:
                 step("copy out", self._copy_out)
             step("unmount", self.volume.destroy)
-        if self.cgroup is not None:
-            step("cgroup", lambda: self.cgroup.remove() or errors.append("cgroup busy"))
-        if self._pipe_r is not None:
-            step("close", lambda: os.close(self._pipe_r))
+        cgroup, pipe_r = self.cgroup, self._pipe_r
+        if cgroup is not None:
+            def remove_cgroup() -> None:
+                if not cgroup.remove():
+                    errors.append("cgroup busy")
+            step("cgroup", remove_cgroup)
+        if pipe_r is not None:
+            step("close", lambda: os.close(pipe_r))
             self._pipe_r = None
         if not errors:
             step("state", self._remove_state)
@@ -685,6 +691,8 @@ class BwrapStage:
             log.error("stage %s left resources behind (see %s): %s", self.name, self.record_path, errors)
 
     def _reap(self) -> None:
+        if self.proc is None:
+            return
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -692,6 +700,8 @@ class BwrapStage:
             self.proc.wait(timeout=10)
 
     def _copy_out(self) -> None:
+        if self.volume is None:
+            return
         subs = {target: f"w{i}" for i, target in enumerate(self.spec.writable)}
         self.skipped = self.volume.copy_out({subs[t]: host for t, host in self.spec.writable.items()})
 
@@ -705,7 +715,7 @@ class BwrapStage:
 
     # -- threads ------------------------------------------------------------------
 
-    def _chunks(self, fd: int):
+    def _chunks(self, fd: int) -> Iterator[bytes]:
         """The stage's output, noting on the way whether it reported ENOSPC
         (a hint for the "disk" reason when free space is not conclusive)."""
         tail = b""
@@ -731,7 +741,7 @@ class BwrapStage:
 
     # -- starting ------------------------------------------------------------------
 
-    def _save(self, **changes) -> None:
+    def _save(self, **changes: Any) -> None:
         self.record.update(changes)
         _write_json(self.record_path, self.record)
 
@@ -805,7 +815,7 @@ class BwrapStage:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", WRAPPER, json.dumps(cfg), *argv],
                 stdin=subprocess.DEVNULL, stdout=pipe_w, stderr=pipe_w,
-                pass_fds=[sc_fd, args_fd] + ([info_w, block_r] if info_w is not None else []),
+                pass_fds=[sc_fd, args_fd] + ([info_w, block_r] if info_w is not None and block_r is not None else []),
                 start_new_session=True, env={"PATH": "/usr/bin:/bin"}, cwd="/",
             )
             self._save(bwrap_pid=self.proc.pid)
@@ -820,7 +830,7 @@ class BwrapStage:
         self._pipe_r = pipe_r
         self._threads.append(output.capture(self._chunks(pipe_r), Path(spec.log_path), lim.output,
                                             lambda: self.terminate(REASON_OUTPUT)))
-        if self.mode == "mapped":
+        if info_r is not None and block_w is not None:  # the mapped mode's pair of pipes
             try:
                 self._map_ids(info_r, block_w)
             finally:
@@ -877,7 +887,7 @@ def start(spec: StageSpec) -> BwrapStage:
     return stage
 
 
-def enforce_deadline(handle, timeout: float, poll_interval: float = 0.05) -> Outcome:
+def enforce_deadline(handle: base.StageHandle, timeout: float, poll_interval: float = 0.05) -> Outcome:
     """Wait for the stage at most `timeout` seconds, then terminate it with
     REASON_TIMEOUT. Returns its outcome."""
     if hasattr(handle, "timeout_used"):
@@ -970,7 +980,7 @@ def probe() -> dict:
         info["userns"] = out.exit_code == 0 and f"uid {sandbox_owner()[0] if uid_mode() == 'mapped' else SANDBOX_UID}\n" in text
         info["seccomp"] = "inet EAFNOSUPPORT" in text
         m = re.search(r"^pids (\d+)$", text, re.M)
-        info["pid_namespace"] = bool(m) and int(m.group(1)) <= 3
+        info["pid_namespace"] = m is not None and int(m.group(1)) <= 3
         info["network_namespace"] = "ifaces lo\n" in text
         if stage.degraded:
             info["degraded"] = "; ".join(stage.degraded)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable
+from typing import IO, Callable, Iterable
 
 
 def capture(chunks: Iterable[bytes], log_path: Path, cap: int, on_exceeded: Callable[[], None]) -> threading.Thread:
@@ -35,7 +35,7 @@ def capture(chunks: Iterable[bytes], log_path: Path, cap: int, on_exceeded: Call
     return thread
 
 
-def pipe_chunks(stream: BinaryIO, size: int = 65536) -> Iterable[bytes]:
+def pipe_chunks(stream: IO[bytes], size: int = 65536) -> Iterable[bytes]:
     while True:
         chunk = stream.read1(size) if hasattr(stream, "read1") else stream.read(size)
         if not chunk:
