@@ -6,11 +6,12 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-import time
 
 import numpy as np
 import pytest
 import zmq
+
+from waiting import wait_until
 
 from pipcook_sandbox.sandbox import boundary, sdk
 from pipcook_sandbox.sandbox.boundary import MAX_CREDIT, PoolServer, RemotePool, SampleError, UpstreamError, serve_until
@@ -19,14 +20,6 @@ from pipcook_sandbox.sandbox.protocol import pack, unpack
 pytestmark = pytest.mark.timeout(60)
 
 WAIT = 10.0  # seconds: upper bound for anything to arrive; never reached when things work
-
-
-def wait_for(predicate, what, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
 
 
 @pytest.fixture
@@ -437,7 +430,7 @@ def test_slow_consumer_keeps_at_most_window_batches_outstanding(serve, small_bat
         with server.lock:
             return server.credits == 1 and not server.has_work()
 
-    wait_for(settled, "the server to use up its credit")
+    wait_until(settled, WAIT, "the server to use up its credit", interval=0.002)
     with server.lock:
         assert server.batches == window + 1  # not the whole dataset
         assert server.streams["train"].credit == 0
