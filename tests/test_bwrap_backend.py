@@ -419,12 +419,12 @@ DAEMON = """
     if os.fork() == 0:
         os.setsid()
         if os.fork() == 0:
-            open("/workspace/out/daemon-started", "w").write(str(os.getpid()))
-            os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(1000)", tag])
+            # the file is written after the exec, by the program that carries the tag
+            os.execv(sys.executable, [sys.executable, "-c", "import time; open('/workspace/out/daemon-started', 'w')"
+                                      ".close(); time.sleep(1000)", tag])
         os._exit(0)
     while not os.path.exists("/workspace/out/daemon-started"):
         time.sleep(0.01)
-    time.sleep(0.2)
     print("main done", flush=True)
     if len(sys.argv) > 2:
         time.sleep(1000)
@@ -484,11 +484,15 @@ tmp = Path({tmp!r})
 spec = StageSpec(run_id=cgroups.new_run_id(), name="crash", mounts=[],
                  limits=Limits(memory=256 << 20, pids=32, disk=16 << 20),
                  log_path=tmp / "crash.log", writable={{"/workspace/out": tmp / "out"}},
-                 argv=["-I", "-S", "-c", "import time; time.sleep(1000)", {marker!r}])
+                 argv=["-I", "-S", "-c", "import time; print('up', flush=True); time.sleep(1000)", {marker!r}])
 h = bwrap.start(spec)
 print(json.dumps({{"state": str(h.state_dir), "mount": str(h.volume.mountpoint),
                   "cgroup": [str(d) for d in (h.cgroup.all_dirs() if h.cgroup else [])]}}), flush=True)
-time.sleep(0.5)
+deadline = time.monotonic() + 30
+log = tmp / "crash.log"
+while not (log.exists() and "up" in log.read_text()):  # the stage runs, inside its sandbox
+    assert time.monotonic() < deadline, "the stage did not start"
+    time.sleep(0.02)
 os._exit(0)   # the runner dies without cleaning up
 """
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from pipcook_sandbox.runner.backends import cgroups, quota
 
@@ -265,7 +266,7 @@ def test_watch_volume_notices_overuse(tmp_path: Path) -> None:
     try:
         assert vol.kind == "watch"
         (vol.path("out") / "a").write_bytes(b"x" * (4 << 20))
-        time.sleep(3 * quota.WATCH_PERIOD)
+        wait_until(lambda: vol.usage() >= 4 << 20, 5, "the watcher to measure the first 4 MiB")
         assert not vol.exceeded()
         (vol.path("out") / "b").write_bytes(b"x" * (6 << 20))
         deadline = time.monotonic() + 5
