@@ -173,16 +173,19 @@ MARKER = "__MARKER__"
 
 def spawn(role):
     """Double fork, new session, SIGTERM/SIGHUP ignored, exec'd with the marker in argv."""
+    up = f"/tmp/daemon-up-{role}"  # written after the exec, by the program that carries the marker
     if os.fork() == 0:
         os.setsid()
         if os.fork() == 0:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
-            os.execv(sys.executable, [sys.executable, "-c", code, MARKER + "-" + role])
+            code = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                    "open(sys.argv[2], 'w').close(); time.sleep(600)")
+            os.execv(sys.executable, [sys.executable, "-c", code, MARKER + "-" + role, up])
         os._exit(0)
     os.wait()
-    time.sleep(0.5)
+    while not os.path.exists(up):
+        time.sleep(0.01)
     print("daemon started", flush=True)
 
 
@@ -208,7 +211,6 @@ def test_a_daemon_never_outlives_the_run(tmp_path, isolation, outcome):
     attack = run_attack(tmp_path, isolation, datasource=script, dataflow=[], model=script)
     assert attack.returncode == (0 if outcome == "run succeeds" else 1), attack.describe()
     assert "daemon started" in attack.log("datasource") and "daemon started" in attack.log("model")
-    time.sleep(0.5)
     assert not attack.leftovers(marker), "a process started in a stage outlived the run"
 
 
