@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_bwrap
+from waiting import wait_until
 from pipcook_sandbox.runner.backends import bwrap, cgroups
 from pipcook_sandbox.runner.backends.base import (
     REASON_CANCELLED,
@@ -438,10 +439,8 @@ def test_double_forked_daemon_dies(tmp_path: Path, how: str) -> None:
     spec = spec_for(tmp_path, DAEMON, args=args, writable={"/workspace/out": tmp_path / "out"})
     h = bwrap.start(spec)
     try:
-        deadline = time.monotonic() + 20
-        while "main done" not in (spec.log_path.read_text() if spec.log_path.exists() else ""):
-            assert time.monotonic() < deadline, spec.log_path.read_text()
-            time.sleep(0.05)
+        wait_until(lambda: spec.log_path.exists() and "main done" in spec.log_path.read_text(), 20,
+                   "the stage to print 'main done'")
         if how == "terminated":
             assert host_processes(marker + "-daemon"), "the daemon should be running before terminate"
             h.terminate(REASON_CANCELLED)
@@ -505,10 +504,7 @@ def test_clean_leftovers_after_a_runner_crash(tmp_path: Path) -> None:
     left = json.loads(proc.stdout.strip().splitlines()[-1])
     state = Path(left["state"])
     # The sandbox itself died with its runner (--die-with-parent)...
-    deadline = time.monotonic() + 10
-    while host_processes(marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert host_processes(marker) == []
+    wait_until(lambda: host_processes(marker) == [], 10, "the sandbox to die with its runner")
     # ...but the host resources need `clean`.
     assert state.is_dir() and left["mount"] in Path("/proc/mounts").read_text()
     assert all(Path(d).is_dir() for d in left["cgroup"])

@@ -110,9 +110,7 @@ def test_pids_limit_holds_and_is_reported(cg_factory) -> None:
 def test_kill_all_and_remove(cg_factory) -> None:
     cg = cg_factory()
     p = spawn_in(cg, "import os, time\nos.fork(); os.fork()\ntime.sleep(60)\n")
-    deadline = time.monotonic() + 10
-    while len(cg.pids()) < 4 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: len(cg.pids()) >= 4, 10, "the four processes in the cgroup")
     assert len(cg.pids()) == 4
     assert cg.kill_all()
     p.wait(timeout=10)
@@ -136,9 +134,7 @@ def test_v2_group_kill_and_remove() -> None:
         have = cgroups._v2_controllers(cg.dirs[""].parent.parent)
         assert set(cg.missing) >= {c for c in cgroups.CONTROLLERS if c not in have}
         p = spawn_in(cg, "import os, time\nos.fork()\ntime.sleep(60)\n")
-        deadline = time.monotonic() + 10
-        while len(cg.pids()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: len(cg.pids()) >= 2, 10, "the two processes in the cgroup")
         assert len(cg.pids()) == 2
         assert cg.kill_all()
         p.wait(timeout=10)
@@ -269,10 +265,7 @@ def test_watch_volume_notices_overuse(tmp_path: Path) -> None:
         wait_until(lambda: vol.usage() >= 4 << 20, 5, "the watcher to measure the first 4 MiB")
         assert not vol.exceeded()
         (vol.path("out") / "b").write_bytes(b"x" * (6 << 20))
-        deadline = time.monotonic() + 5
-        while not vol.exceeded() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert vol.exceeded()
+        wait_until(vol.exceeded, 5, "the watcher to see the volume over its quota")
     finally:
         vol.destroy()
     assert not vol.mountpoint.exists()
