@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
 
 import pytest
 
 from conftest import sandbox_processes
+from waiting import wait_until
 
 from .attack import run_attack, token
 
@@ -31,10 +30,8 @@ def host_canary():
     proc = subprocess.Popen(["bash", "-c", f"exec -a {marker} sleep 600"],
                             user=SANDBOX_UID, group=SANDBOX_UID, extra_groups=[], cwd="/",
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not sandbox_processes(marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sandbox_processes(marker), f"the canary did not start: {proc.poll()}"
+    wait_until(lambda: sandbox_processes(marker) or proc.poll() is not None, 10, "the canary to start")
+    assert proc.poll() is None, f"the canary exited with status {proc.returncode}"
     try:
         yield proc, marker
     finally:
