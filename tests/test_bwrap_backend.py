@@ -88,7 +88,14 @@ def host_processes(marker: str) -> list[str]:
 # --- who the stage is -------------------------------------------------------------
 
 
-def test_uid_65534_and_no_capabilities(tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["setpriv", "python"])
+def test_uid_65534_and_no_capabilities(tmp_path: Path, monkeypatch, launcher: str) -> None:
+    """Mapped mode drops to 65534 with util-linux's setpriv where the host has it,
+    else with the Python launcher: the same ids, groups and capabilities either way."""
+    if launcher == "python":
+        monkeypatch.setattr(bwrap, "setpriv", lambda: None)
+    elif MAPPED and bwrap.setpriv() is None:
+        pytest.skip("no setpriv on this host: the Python launcher is used (the other case)")
     marker = f"pcsb-id-{secrets.token_hex(4)}"
     spec = spec_for(tmp_path, """
         import json, os, sys, time
@@ -118,6 +125,24 @@ def test_uid_65534_and_no_capabilities(tmp_path: Path) -> None:
     if MAPPED:
         assert int(got["caps"]["CapBnd"], 16) == 0
         assert uids and all(u.split()[1:] == ["65534"] * 4 for u in uids), uids
+
+
+def test_mapped_mode_starts_one_interpreter(tmp_path: Path, monkeypatch) -> None:
+    """With setpriv, bwrap's command is setpriv exec'ing the stage's python: no
+    second interpreter (the Python launcher) before the stage's own."""
+    if bwrap.setpriv() is None:
+        pytest.skip("no setpriv on this host")
+    spec = spec_for(tmp_path, "pass")
+    kw = dict(mode="mapped", etc={}, seccomp_fd=3, writable={}, info_fd=4, block_fd=5)
+    _, command = bwrap.build_parts(spec, **kw)
+    py = str(bwrap.interpreter().executable)
+    assert command[0] == bwrap.setpriv() and command.count(py) == 1, command
+    assert command[command.index("--") + 1:] == [py, *spec.argv]
+    for flag in ("--bounding-set=-all", "--inh-caps=-all", "--keep-groups"):
+        assert flag in command
+    monkeypatch.setattr(bwrap, "setpriv", lambda: None)
+    _, fallback = bwrap.build_parts(spec, **kw)
+    assert fallback[:4] == [py, "-I", "-S", "-c"] and fallback.count(py) == 2
 
 
 def test_host_home_is_invisible(tmp_path: Path) -> None:

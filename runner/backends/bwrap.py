@@ -19,7 +19,8 @@ Namespaces and credentials
       --userns-block-fd/--info-fd; the runner writes the new namespace's
       maps itself, `0 0 1` (bwrap's setup, which must read the base
       interpreter under /root) and `65534 65534 1`, denies setgroups, and the
-      command is a tiny launcher that drops the bounding set, becomes
+      command is util-linux's setpriv (a tiny Python launcher where the
+      host has none) that drops the bounding set, becomes
       uid/gid 65534 (clearing every capability) and execs python. The
       stage's processes are host uid 65534 (nobody), no capabilities in any
       set. --disable-userns cannot be combined with --userns-block-fd; the
@@ -401,36 +402,30 @@ def _etc_files(etc: Path) -> dict[str, Path]:
     return out
 
 
-def build_parts(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd: int,  # noqa: C901 (25: one option family a branch)
-                writable: dict[str, Path], info_fd: int | None = None, block_fd: int | None = None,
-                feats: Features | None = None, interp: Interpreter | None = None) -> tuple[list[str], list[str]]:
-    """(bwrap's options, the command it runs in the sandbox).
-    `writable` maps each spec.writable target to its volume directory.
-
-    The options name host paths (the workspace, the cache, the run's state
-    dir). bwrap stays pid 1 of the stage's pid namespace, and the stage can
-    read pid 1's /proc/1/cmdline, so the options are handed over through
-    `--args FD` (`args_memfd`), never in argv; only the command, whose paths
-    are the sandbox's own, stays there."""
-    feats = feats or features()
-    interp = interp or interpreter()
-    a = _Args(feats)
+def _identity(a: _Args, mode: str, info_fd: int | None, block_fd: int | None) -> None:
+    """Namespaces, uid/gid and capabilities."""
     a.add("--unshare-all", "--unshare-user")
     if mode == "mapped":
         a.add("--uid", "0", "--gid", "0", "--userns-block-fd", str(block_fd), "--info-fd", str(info_fd))
     else:
         a.add("--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_GID))
-        if feats.disable_userns:
+        if a.feats.disable_userns:
             a.add("--disable-userns")
     a.add("--die-with-parent", "--new-session", "--cap-drop", "ALL")
     if mode == "mapped":  # for the launcher's drop to 65534, gone before python starts
         a.add("--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP")
     a.add("--hostname", "pipcook", "--clearenv")
+
+
+def _environment(a: _Args, spec: StageSpec) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
     env.update(spec.env)
     for k, v in env.items():
         a.add("--setenv", k, v)
 
+
+def _system_files(a: _Args, etc: dict[str, Path]) -> None:
+    """/usr and friends read-only, the generated /etc files, two host ones."""
     for d in SYSTEM_DIRS:
         if os.path.islink(d):
             a.add("--symlink", os.readlink(d), d)
@@ -443,6 +438,9 @@ def build_parts(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd:
         if os.path.isfile(f) and not os.path.islink(f):
             a.mount("--ro-bind", f, f)
 
+
+def _proc(a: _Args) -> None:
+    """A new procfs with Docker's read-only and masked paths."""
     a.add("--proc", "/proc")
     a.made.add("/proc")
     for name in READONLY_PROC:
@@ -456,6 +454,8 @@ def build_parts(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd:
             a.tmpfs(f"/proc/{name}", "0555", None)
             a.add("--remount-ro", f"/proc/{name}")
 
+
+def _dev_and_tmp(a: _Args, spec: StageSpec) -> None:
     a.add("--dev", "/dev")
     a.made.add("/dev")
     if spec.gpu:
@@ -465,6 +465,9 @@ def build_parts(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd:
     a.tmpfs("/tmp", "1777", spec.limits.tmp)
     a.tmpfs("/dev/shm", "1777", spec.limits.tmp)
 
+
+def _interpreter(a: _Args, interp: Interpreter) -> None:
+    """The base Python at its own path (unless a system dir holds it), its site-packages hidden."""
     if not any(interp.prefix == Path(d) or Path(d) in interp.prefix.parents
                for d in SYSTEM_DIRS if os.path.isdir(d) and not os.path.islink(d)):
         a.mount("--ro-bind", interp.prefix, interp.prefix)
@@ -472,20 +475,68 @@ def build_parts(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd:
         a.tmpfs(str(h), "0555", 4096)
         a.add("--remount-ro", str(h))
 
+
+def _stage_mounts(a: _Args, spec: StageSpec, writable: dict[str, Path]) -> None:
     for m in spec.mounts:
         a.mount("--bind" if m.writable else "--ro-bind", m.source, m.target)
     for target, vdir in writable.items():
         a.mount("--bind", vdir, target)
 
-    a.add("--remount-ro", "/")
-    a.add("--chdir", "/tmp", "--seccomp", str(seccomp_fd))
+
+def _command(spec: StageSpec, mode: str, interp: Interpreter) -> list[str]:
+    """What bwrap runs. Mapped mode starts as uid 0 of the namespace and must
+    drop to the stage's ids before Python runs: with setpriv (one small C
+    program exec'd in place of a second interpreter) where the host has it,
+    else the Python launcher."""
     py = str(interp.executable)
     args = list(spec.argv) if spec.argv is not None else list(WORKER_ARGS)
-    if mode == "mapped":
-        command = [py, "-I", "-S", "-c", LAUNCHER % owner.stage_ids(), py, *args]
-    else:
-        command = [py, *args]
-    return a.argv, command
+    if mode != "mapped":
+        return [py, *args]
+    uid, gid = owner.stage_ids()
+    tool = setpriv()
+    if tool is not None:
+        # --keep-groups: the wrapper cleared the supplementary groups on the host
+        # (setgroups is denied inside); setpriv sets real, effective and saved ids,
+        # clears the bounding and inheritable sets (and with them the ambient set);
+        # setuid away from 0 and the exec leave no permitted or effective capability.
+        return [tool, f"--reuid={uid}", f"--regid={gid}", "--keep-groups",
+                "--bounding-set=-all", "--inh-caps=-all", "--", py, *args]
+    return [py, "-I", "-S", "-c", LAUNCHER % (uid, gid), py, *args]
+
+
+@lru_cache(maxsize=1)
+def setpriv() -> str | None:
+    """util-linux's setpriv, at a path inside the sandbox's read-only /usr (or /bin)."""
+    for d in ("/usr/bin", "/bin"):
+        path = os.path.join(d, "setpriv")
+        if os.path.isfile(path) and os.access(path, os.X_OK) and os.environ.get("PIPCOOK_NO_SETPRIV") != "1":
+            return path
+    return None
+
+
+def build_parts(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd: int,
+                writable: dict[str, Path], info_fd: int | None = None, block_fd: int | None = None,
+                feats: Features | None = None, interp: Interpreter | None = None) -> tuple[list[str], list[str]]:
+    """(bwrap's options, the command it runs in the sandbox).
+    `writable` maps each spec.writable target to its volume directory.
+
+    The options name host paths (the workspace, the cache, the run's state
+    dir). bwrap stays pid 1 of the stage's pid namespace, and the stage can
+    read pid 1's /proc/1/cmdline, so the options are handed over through
+    `--args FD` (`args_memfd`), never in argv; only the command, whose paths
+    are the sandbox's own, stays there."""
+    interp = interp or interpreter()
+    a = _Args(feats or features())
+    _identity(a, mode, info_fd, block_fd)
+    _environment(a, spec)
+    _system_files(a, etc)
+    _proc(a)
+    _dev_and_tmp(a, spec)
+    _interpreter(a, interp)
+    _stage_mounts(a, spec, writable)
+    a.add("--remount-ro", "/")
+    a.add("--chdir", "/tmp", "--seccomp", str(seccomp_fd))
+    return a.argv, _command(spec, mode, interp)
 
 
 def build_args(spec: StageSpec, **kwargs) -> list[str]:
