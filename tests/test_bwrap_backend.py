@@ -3,6 +3,7 @@ loop mounts. Each test states one thing the sandbox guarantees
 (SECURITY.md) and checks it from both sides where it can."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -143,6 +144,27 @@ def test_mapped_mode_starts_one_interpreter(tmp_path: Path, monkeypatch) -> None
     monkeypatch.setattr(bwrap, "setpriv", lambda: None)
     _, fallback = bwrap.build_parts(spec, **kw)
     assert fallback[:4] == [py, "-I", "-S", "-c"] and fallback.count(py) == 2
+
+
+@needs_cgroup("cpu")
+def test_running_stage_weighs_its_cpus(tmp_path: Path) -> None:
+    """Read from the cgroup files of a running stage: its CPU weight is that of
+    --cpus ordinary tasks, and the pipcook-sandbox parent weighs at least that."""
+    spec = spec_for(tmp_path, "import time; print('{}', flush=True); time.sleep(30)",
+                    limits=dataclasses.replace(SMALL, cpus=2.0))
+    h = bwrap.start(spec)
+    try:
+        assert h.cgroup is not None
+        v = h.cgroup.version
+        d = h.cgroup.dirs["cpu"] if v == 1 else h.cgroup.dirs[""]
+        assert h.cgroup.pids(), "the stage is not in its cgroup"
+        stage = int((d / cgroups.WEIGHT_FILE[v]).read_text())
+        parent = int((d.parent / cgroups.WEIGHT_FILE[v]).read_text())
+    finally:
+        h.terminate()
+        h.cleanup()
+    assert stage == 2 * cgroups.WEIGHT_PER_CPU[v]
+    assert parent >= stage
 
 
 def test_host_home_is_invisible(tmp_path: Path) -> None:
