@@ -155,6 +155,9 @@ def test_running_stage_weighs_its_cpus(tmp_path: Path) -> None:
     h = bwrap.start(spec)
     try:
         assert h.cgroup is not None
+        deadline = time.monotonic() + 20  # until the stage's script runs
+        while "{}" not in (spec.log_path.read_text() if spec.log_path.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.05)
         v = h.cgroup.version
         d = h.cgroup.dirs["cpu"] if v == 1 else h.cgroup.dirs[""]
         assert h.cgroup.pids(), "the stage is not in its cgroup"
@@ -165,6 +168,20 @@ def test_running_stage_weighs_its_cpus(tmp_path: Path) -> None:
         h.cleanup()
     assert stage == 2 * cgroups.WEIGHT_PER_CPU[v]
     assert parent >= stage
+
+
+@pytest.mark.skipif(not MAPPED, reason="the id handshake is mapped mode's")
+def test_a_failed_id_handshake_stops_the_stage_and_says_so(tmp_path: Path, monkeypatch) -> None:
+    """The uid/gid maps are written after start() returns (the next stage starts
+    meanwhile): maps the kernel refuses stop the stage before its script runs,
+    and the outcome names the cause."""
+    marker = f"pcsb-nomap-{secrets.token_hex(4)}"
+    monkeypatch.setattr(bwrap.owner, "stage_ids", lambda: (4294967295, 4294967295))  # (uid_t)-1: EINVAL
+    out, text, h = run(tmp_path, "print('SCRIPT RAN', flush=True)", args=[marker], timeout=30)
+    assert "SCRIPT RAN" not in text
+    assert out.exit_code != 0 and "could not start" in out.detail, out
+    assert not host_processes(marker)
+    assert h.cgroup is not None and not any(d.exists() for d in h.cgroup.all_dirs())
 
 
 def test_host_home_is_invisible(tmp_path: Path) -> None:

@@ -592,6 +592,7 @@ class BwrapStage:
         self._cleaned = False
         self._threads: list[threading.Thread] = []
         self._pipe_r: int | None = None
+        self._start_failure: str | None = None  # mapped mode: the id handshake failed (_handshake)
         self._own_state = spec.options.state_dir is None
         if spec.options.state_dir is None:
             self.state_dir = Path(tempfile.mkdtemp(prefix=STATE_PREFIX))
@@ -695,6 +696,8 @@ class BwrapStage:
         detail = details.get(reason, "") if reason else ""
         if code == 125 and reason is None:
             detail = "the sandbox could not start (see the stage log)"
+        if self._start_failure is not None:
+            detail = f"the sandbox could not start: {self._start_failure}"
         return Outcome(code, reason, detail)
 
     def cleanup(self) -> None:
@@ -872,15 +875,28 @@ class BwrapStage:
         self._threads.append(output.capture(self._chunks(pipe_r), Path(spec.log_path), lim.output,
                                             lambda: self.terminate(REASON_OUTPUT)))
         if self.mode == "mapped":
-            try:
-                self._map_ids(info_r, block_w)
-            finally:
-                os.close(info_r)
-                os.close(block_w)
+            # The handshake (bwrap clones the namespaces, then the runner writes the maps) ends in a
+            # thread, so the runner starts the next stage's sandbox meanwhile. Nothing of the stage
+            # runs before it ends: bwrap waits on block_w; a failure kills the stage (_start_failure).
+            t = threading.Thread(target=self._handshake, args=(info_r, block_w), name=f"ids-{spec.name}",
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
         if self.volume is not None and self.volume.kind == "watch":
             w = threading.Thread(target=self._watch_disk, name=f"disk-{spec.name}", daemon=True)
             w.start()
             self._threads.append(w)
+
+    def _handshake(self, info_r: int, block_w: int) -> None:
+        try:
+            self._map_ids(info_r, block_w)
+        except Exception as e:  # the stage is stopped; its outcome says why (set before the kill)
+            self._start_failure = str(e)
+            log.error("stage %s: the sandbox could not start: %s", self.name, e)
+            self.terminate(REASON_CANCELLED)
+        finally:
+            os.close(info_r)
+            os.close(block_w)
 
     def _map_ids(self, info_r: int, block_w: int) -> None:
         """Mapped mode: bwrap has cloned the namespaces and waits for us to
@@ -890,7 +906,6 @@ class BwrapStage:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                self.terminate(REASON_CANCELLED)
                 raise PipcookError(f"stage '{self.name}': bwrap did not report its sandbox pid within "
                                    f"{START_TIMEOUT:g} s; the host may be overloaded (see `pipcook-sandbox doctor`)")
             ready, _, _ = select.select([info_r], [], [], min(left, 0.5))
@@ -910,10 +925,12 @@ class BwrapStage:
             Path(f"/proc/{child}/uid_map").write_text(maps)
             Path(f"/proc/{child}/setgroups").write_text("deny\n")
             Path(f"/proc/{child}/gid_map").write_text(gmaps)
-        except OSError:
-            self.terminate(REASON_CANCELLED)
-            raise
-        os.write(block_w, b"1")
+        except OSError as e:
+            raise PipcookError(f"stage '{self.name}': the kernel refused the sandbox's uid/gid maps: {e}") from None
+        try:
+            os.write(block_w, b"1")
+        except BrokenPipeError:
+            pass  # bwrap is gone already (killed meanwhile): its exit is the outcome
 
 
 def start(spec: StageSpec) -> BwrapStage:
