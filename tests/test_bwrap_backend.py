@@ -184,6 +184,37 @@ def test_a_failed_id_handshake_stops_the_stage_and_says_so(tmp_path: Path, monke
     assert h.cgroup is not None and not any(d.exists() for d in h.cgroup.all_dirs())
 
 
+@needs_cgroup("pids")
+def test_every_process_of_the_stage_is_in_its_cgroup_with_its_rlimits(tmp_path: Path) -> None:
+    """bwrap, its pid 1 and the script (in mapped mode put there by the runner during the
+    id handshake, in plain mode by the wrapper) are in the stage's cgroup, with the
+    stage's nofile, fsize and core limits."""
+    marker = f"pcsb-rl-{secrets.token_hex(4)}"
+    limits = dataclasses.replace(SMALL, nofile=333, disk=48 << 20)
+    spec = spec_for(tmp_path, """
+        import json, resource, time
+        print(json.dumps({n: resource.getrlimit(getattr(resource, n)) for n in
+                          ("RLIMIT_NOFILE", "RLIMIT_FSIZE", "RLIMIT_CORE")}), flush=True)
+        time.sleep(30)
+    """, args=[marker], limits=limits)
+    h = bwrap.start(spec)
+    try:
+        deadline = time.monotonic() + 20
+        while "{" not in (spec.log_path.read_text() if spec.log_path.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert h.cgroup is not None and h.pid is not None
+        inside = h.cgroup.pids()
+        stage = [int(p.split(":")[0]) for p in host_processes(marker)]
+    finally:
+        h.terminate()
+        h.cleanup()
+    got = result(spec.log_path.read_text())
+    assert got["RLIMIT_NOFILE"] == [333, 333] and got["RLIMIT_FSIZE"] == [48 << 20, 48 << 20]
+    assert got["RLIMIT_CORE"] == [0, 0]
+    assert stage and set(stage) <= inside, (stage, inside)
+    assert h.pid in inside  # bwrap itself
+
+
 def test_host_home_is_invisible(tmp_path: Path) -> None:
     planted = Path.home() / f"pcsb-planted-{secrets.token_hex(4)}"
     planted.write_text("host secret")

@@ -62,8 +62,11 @@ System calls
     --seccomp FD with seccomp.bpf_program(): see seccomp.py.
 
 Limits
-    memory, pids, cpus: a per-stage cgroup (cgroups.py) that bwrap enters
-    before it forks: a small host-side wrapper (`python -I -S`, not /bin/sh,
+    memory, pids, cpus: a per-stage cgroup (cgroups.py). In mapped mode the
+    runner moves bwrap and the sandbox's first process into it and sets
+    their rlimits (prlimit) during the id handshake, while the sandbox is
+    still blocked and has forked nothing (`_confine`). In plain mode bwrap
+    enters it before it forks: a small host-side wrapper (`python -I -S`, not /bin/sh,
     whose `ulimit -f` counts 512- or 1024-byte blocks depending on the
     shell) writes its own pid into cgroup.procs, sets NOFILE=limits.nofile,
     FSIZE=limits.disk, CORE=0, and execs bwrap. Output: stdout+stderr are
@@ -90,6 +93,7 @@ import json
 import logging
 import os
 import re
+import resource
 import secrets
 import select
 import shutil
@@ -592,6 +596,7 @@ class BwrapStage:
         self._cleaned = False
         self._threads: list[threading.Thread] = []
         self._pipe_r: int | None = None
+        self._confine_cfg: dict = {}  # the cgroup files and rlimits of the stage's processes (_start)
         self._start_failure: str | None = None  # mapped mode: the id handshake failed (_handshake)
         self._own_state = spec.options.state_dir is None
         if spec.options.state_dir is None:
@@ -856,11 +861,17 @@ class BwrapStage:
                 "clear_groups": os.geteuid() == 0,
                 "bwrap": feats.bwrap,
             }
+            # Mapped mode runs bwrap itself: the handshake puts bwrap and its sandbox's first process
+            # into the cgroup and sets their limits before the sandbox may go on (_confine), and
+            # Popen clears the supplementary groups. Plain mode needs the wrapper (an interpreter).
+            direct = self.mode == "mapped"
+            self._confine_cfg = cfg
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", WRAPPER, json.dumps(cfg), *argv],
+                [feats.bwrap, *argv] if direct else [sys.executable, "-I", "-S", "-c", WRAPPER, json.dumps(cfg), *argv],
                 stdin=subprocess.DEVNULL, stdout=pipe_w, stderr=pipe_w,
                 pass_fds=[sc_fd, args_fd] + ([info_w, block_r] if info_w is not None else []),
                 start_new_session=True, env={"PATH": "/usr/bin:/bin"}, cwd="/",
+                extra_groups=[] if direct else None,
             )
             self._save(bwrap_pid=self.proc.pid)
         except BaseException:
@@ -886,6 +897,20 @@ class BwrapStage:
             w = threading.Thread(target=self._watch_disk, name=f"disk-{spec.name}", daemon=True)
             w.start()
             self._threads.append(w)
+
+    def _confine(self, pids: list[int]) -> None:
+        """Mapped mode: what the wrapper does in plain mode, from outside. bwrap and the sandbox's
+        first process (blocked on block_w, nothing forked yet) enter the stage's cgroup and get its
+        rlimits, so everything the stage ever forks is inside and limited."""
+        cfg = self._confine_cfg
+        try:
+            for pid in pids:
+                for f in cfg["procs"]:
+                    cgroups.write_pid(Path(f), pid)
+                for name, value in cfg["rlimits"]:
+                    resource.prlimit(pid, getattr(resource, name), (value, value))
+        except OSError as e:
+            raise PipcookError(f"stage '{self.name}': could not put the sandbox into its cgroup and limits: {e}") from None
 
     def _handshake(self, info_r: int, block_w: int) -> None:
         try:
@@ -918,6 +943,7 @@ class BwrapStage:
         if not data:
             return  # bwrap failed before cloning; its message is in the log
         child = int(json.loads(data)["child-pid"])
+        self._confine([self.proc.pid, child] if self.proc is not None else [child])
         uid, gid = owner.stage_ids()
         maps = f"0 0 1\n{uid} {uid} 1\n"
         gmaps = f"0 0 1\n{gid} {gid} 1\n"

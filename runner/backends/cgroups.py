@@ -77,6 +77,11 @@ def _write(path: Path, value: str) -> None:
         os.close(fd)
 
 
+def write_pid(procs_file: Path, pid: int) -> None:
+    """Move process `pid` into the cgroup of `procs_file` (cgroup.procs, or tasks on v1)."""
+    _write(procs_file, str(pid))
+
+
 def _keyed(path: Path, key: str) -> int | None:
     """A value from a flat-keyed file like memory.events ("oom_kill 3")."""
     text = _read(path)
