@@ -74,6 +74,35 @@ def test_limits_are_written(cg_factory) -> None:
         assert (d / "cpu.max").read_text().split()[0] == "50000"
 
 
+def _weight(d: Path, version: int) -> int:
+    return int((d / cgroups.WEIGHT_FILE[version]).read_text())
+
+
+@needs_root
+def test_cpu_weight_follows_the_cpus_granted(cg_factory) -> None:
+    """A stage weighs as many ordinary tasks as it has CPUs; the shared parent
+    as the sum of its stages, so on a busy host the stages are not squeezed
+    into one task's share together."""
+    two = cg_factory(cpus=2.0)
+    if "cpu" in two.missing:
+        pytest.skip("no cpu controller here")
+    v = two.version
+    d2 = two.dirs["cpu"] if v == 1 else two.dirs[""]
+    per = cgroups.WEIGHT_PER_CPU[v]
+    assert _weight(d2, v) == 2 * per
+    half = cg_factory(cpus=0.5)
+    dh = half.dirs["cpu"] if v == 1 else half.dirs[""]
+    assert _weight(dh, v) == per  # never below one task's weight
+    parent = d2.parent
+    siblings = sum(_weight(c, v) for c in parent.iterdir() if c.is_dir())
+    assert _weight(parent, v) == siblings >= 3 * per
+    half.kill_all()
+    assert half.remove()
+    if parent.exists():  # the parent follows its stages down again
+        assert _weight(parent, v) == sum(_weight(c, v) for c in parent.iterdir() if c.is_dir())
+        assert _weight(parent, v) < siblings
+
+
 @needs_root
 def test_oom_is_detected(cg_factory) -> None:
     cg = cg_factory(memory=128 << 20)
