@@ -33,13 +33,16 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pipcook_sandbox.sandbox.protocol import PROTOCOL_VERSION
 
 from .errors import PipcookError
 from .fetch import cache_dir
 from .workerenv import requirements
+
+if TYPE_CHECKING:
+    from docker import DockerClient
 
 REPOSITORY = "pipcook-sandbox-worker"
 IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
@@ -83,7 +86,7 @@ def client():
         raise ImageError(f"cannot reach the Docker engine ({exc}); start dockerd or set DOCKER_HOST") from None
 
 
-def exists(tag: str, engine=None) -> bool:
+def exists(tag: str, engine: DockerClient | None = None) -> bool:
     import docker
 
     try:
@@ -117,7 +120,7 @@ def build(cuda: bool = False, offline: bool = False, force: bool = False, log: C
 # --- online: a Dockerfile --------------------------------------------------------------
 
 
-def _build_dockerfile(engine, cuda: bool, tag: str, log: Callable[[str], None]) -> None:
+def _build_dockerfile(engine: DockerClient, cuda: bool, tag: str, log: Callable[[str], None]) -> None:
     import docker
 
     folder = IMAGES_DIR / ("cuda" if cuda else "cpu")
@@ -228,7 +231,7 @@ def _site_filter(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
     return info
 
 
-def _build_offline(engine, cuda: bool, tag: str, log: Callable[[str], None]) -> None:
+def _build_offline(engine: DockerClient, cuda: bool, tag: str, log: Callable[[str], None]) -> None:
     if cuda:
         # The CUDA libraries come from the framework (tensorflow[and-cuda] installs them with
         # pip) and the driver from the NVIDIA Container Toolkit, so the same root filesystem serves.
@@ -267,7 +270,7 @@ CHECK = ("import os, sys; sys.path.insert(0, '/pipcook/site'); import zmq, msgpa
          "print(os.getuid(), *sys.version_info[:2], numpy.__version__)")
 
 
-def check(engine, tag: str, log: Callable[[str], None] = print) -> None:
+def check(engine: DockerClient, tag: str, log: Callable[[str], None] = print) -> None:
     """Run the image once, confined as a stage is: Python 3.11, uid 65534, the pins importable."""
     try:
         out = engine.containers.run(tag, ["python3", "-I", "-S", "-c", CHECK], network_mode="none", read_only=True,

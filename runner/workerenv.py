@@ -12,6 +12,7 @@ import hashlib
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from .cachebuild import build_once, pip_install
 from .errors import PipcookError
@@ -57,7 +58,7 @@ def requirements() -> list[str]:
     return pins
 
 
-def ensure_worker_site(log=print) -> Path:
+def ensure_worker_site(log: Callable[[str], None] = print) -> Path:
     reqs = requirements()
     digest = hashlib.sha256(" ".join(reqs).encode()).hexdigest()[:12]
     target = cache_dir() / "worker-site" / f"{python_tag()}-{platform_tag()}-{digest}"

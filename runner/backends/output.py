@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable
+from typing import IO, Callable, Iterable
 
 
 class LogTarget:
@@ -67,7 +67,7 @@ def capture(chunks: Iterable[bytes], log_path: Path | LogTarget, cap: int,
     return thread
 
 
-def pipe_chunks(stream: BinaryIO, size: int = 65536) -> Iterable[bytes]:
+def pipe_chunks(stream: IO[bytes], size: int = 65536) -> Iterable[bytes]:
     while True:
         chunk = stream.read1(size) if hasattr(stream, "read1") else stream.read(size)
         if not chunk:
