@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 from conftest import require_bwrap, run_cli, write_pipeline
+from waiting import wait_until
 
 from pipcook_sandbox.runner import warm
 from pipcook_sandbox.runner.backends import base, bwrap, cgroups, get_backend
@@ -118,13 +118,12 @@ def test_a_stage_of_one_tenant_never_gets_a_sandbox_prepared_for_another(state: 
 
 def wait_for_uid(sandbox: warm.WarmSandbox, uid: int, timeout: float = 60) -> set[int]:
     """The uids of the sandbox's processes once `uid` is among them (bwrap drops to it before the
-    worker starts); waits on that condition, up to `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        uids = {uid_of(int(pid)) for pid in cgroups_pids(sandbox)}
-        if uid in uids or time.monotonic() > deadline or sandbox.handle.poll() is not None:
-            return uids
-        time.sleep(0.02)
+    worker starts)."""
+    def uids() -> set[int] | None:
+        found = {uid_of(int(pid)) for pid in cgroups_pids(sandbox)}
+        return found if uid in found else None
+
+    return wait_until(uids, timeout, f"a process of uid {uid} in the warm sandbox")
 
 
 def uid_of(pid: int) -> int:
