@@ -10,17 +10,13 @@ from typing import Any
 
 from pipcook_sandbox.runner.backends import BACKENDS, get_backend
 
-from .errors import PipcookError
+from .errors import BackendUnavailable
 
 # What each backend must provide before it may run untrusted code.
 REQUIRED = {
     "bwrap": ("bwrap", "userns", "seccomp", "pid_namespace", "network_namespace"),
     "docker": ("engine", "image"),
 }
-
-
-class BackendUnavailable(PipcookError):
-    pass
 
 
 def probe(name: str) -> dict[str, Any]:

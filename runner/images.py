@@ -37,7 +37,7 @@ from typing import Callable
 
 from pipcook_sandbox.sandbox.protocol import PROTOCOL_VERSION
 
-from .errors import PipcookError
+from .errors import ImageError
 from .fetch import cache_dir
 from .workerenv import requirements
 
@@ -50,10 +50,6 @@ ROOTFS_PACKAGES = ("python3",)
 STRIP = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
          "var/cache/apt", "var/lib/apt/lists", "var/log", "var/cache/debconf")
 IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-class ImageError(PipcookError):
-    pass
 
 
 def deps_hash() -> str:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 from . import fetch, jsonvalue, localfiles, spec, stages, statedir, workspace
-from .errors import PipcookError
+from .errors import ModelError
 
 MAX_ZIP_BYTES = 4 << 30  # what a model zip may unpack to
 MAX_ZIP_FILES = 100_000
@@ -25,10 +25,6 @@ MAX_DOWNLOAD_BYTES = 4 << 30
 MAX_PIPELINE_BYTES = 1 << 20
 MAX_META_BYTES = 16 << 20
 
-
-
-class ModelError(PipcookError):
-    """The model (workspace, dir or zip) cannot be used for prediction."""
 
 
 @dataclass

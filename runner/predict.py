@@ -20,12 +20,8 @@ from typing import Callable
 from pipcook_sandbox.runner.backends.base import Limits
 
 from . import jsonvalue, run, stages, statedir
-from .errors import PipcookError
+from .errors import PipcookError, UsageError
 from .models import MAX_ZIP_BYTES, Model, ModelError, load, open_model, prepare  # noqa: F401  (predict's API)
-
-
-class UsageError(PipcookError):
-    """The command was called wrongly (no inputs, say)."""
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 from .cachebuild import build_once, pip_install
 from .errors import PipcookError
 from .fetch import cache_dir
-from .frameworks import platform_tag, python_tag
+from .frameworkid import platform_tag, python_tag
 
 PACKAGES = ("pyzmq", "msgpack", "numpy", "pillow")
 

@@ -17,7 +17,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import PipcookError
+from ..errors import ArtifactError, PipcookError
 
 GROUP = "pipcook_sandbox.artifacts"
 
@@ -30,10 +30,6 @@ _confinement: ContextVar[tuple[str, Any]] = ContextVar("pipcook_artifact_confine
 def confinement() -> tuple[str, Any]:
     """(isolation, Limits or None) for code that reads the model's files."""
     return _confinement.get()
-
-
-class ArtifactError(PipcookError):
-    pass
 
 
 def installed() -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from pipcook_sandbox.runner import fetch, spec
-from pipcook_sandbox.runner.errors import PipcookError
+from pipcook_sandbox.runner.errors import PipcookError, Rejected
 from pipcook_sandbox.runner.limits import human
 
 from .db import QUEUED, RUNNING, Database
@@ -33,14 +33,6 @@ MAX_BODY = 256 << 10  # bytes of a request body
 MAX_PIPELINE = 64 << 10  # bytes of a pipeline (inline, or fetched from pipeline_url)
 REMOTE = ("http", "https")
 INLINE_SOURCE = "https://inline.invalid/pipeline.json"  # never fetched: every reference must be absolute
-
-
-class Rejected(PipcookError):
-    """A submission refused; `status` is the HTTP status that says why (422 invalid, 429 over quota)."""
-
-    def __init__(self, status: int, cause: str) -> None:
-        super().__init__(cause)
-        self.status = status
 
 
 @dataclass(frozen=True)
