@@ -35,6 +35,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from pipcook_sandbox.runner.backends import mountinfo
+from pipcook_sandbox.runner.backends.base import SANDBOX_GID, SANDBOX_UID
 from pipcook_sandbox.sandbox.protocol import PROTOCOL_VERSION
 
 from .errors import ImageError
@@ -145,11 +147,10 @@ def _run(argv: list[str], what: str, timeout: float = 1800) -> str:
 def _unmount_under(root: Path) -> None:
     """debootstrap mounts /proc and /sys in the target; a failed run can leave
     them, and deleting through a mounted /sys must never happen."""
-    prefix = str(root.resolve()) + "/"
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True)
+    top = root.resolve()
+    for point in mountinfo.points_below(top):
+        if point != top:
+            subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
 def _remove_tree(root: Path) -> None:
@@ -245,7 +246,7 @@ def _build_offline(engine, cuda: bool, tag: str, log: Callable[[str], None]) -> 
                 if entry == ".complete":
                     continue
                 tar.add(site / entry, arcname=f"./pipcook/site/{entry}", filter=_site_filter)
-        changes = ["USER 65534:65534", "WORKDIR /tmp", "ENV HOME=/tmp", "ENV LANG=C.UTF-8",
+        changes = [f"USER {SANDBOX_UID}:{SANDBOX_GID}", "WORKDIR /tmp", "ENV HOME=/tmp", "ENV LANG=C.UTF-8",
                    "ENV PYTHONDONTWRITEBYTECODE=1", f"ENV PATH={IMAGE_PATH}", 'CMD ["python3"]']
         changes += [f"LABEL {json.dumps(k)}={json.dumps(v)}" for k, v in image_labels(cuda, "debootstrap").items()]
         repository, _, name = tag.partition(":")
@@ -270,7 +271,7 @@ def check(engine, tag: str, log: Callable[[str], None] = print) -> None:
                                     cap_drop=["ALL"], remove=True, stderr=True).decode().split()
     except Exception as exc:
         raise ImageError(f"the image {tag} was built but does not run the worker's imports: {exc}") from None
-    if out[:3] != ["65534", *map(str, IMAGE_PYTHON)]:
+    if out[:3] != [str(SANDBOX_UID), *map(str, IMAGE_PYTHON)]:
         raise ImageError(f"the image {tag} runs as uid {out[0]} with Python {'.'.join(out[1:3])}; "
-                         f"expected uid 65534 and Python {'.'.join(map(str, IMAGE_PYTHON))}")
+                         f"expected uid {SANDBOX_UID} and Python {'.'.join(map(str, IMAGE_PYTHON))}")
     log(f"image {tag} is ready (Python {out[1]}.{out[2]}, numpy {out[3]}, uid {out[0]})")

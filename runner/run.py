@@ -46,8 +46,8 @@ from . import control as control_mod
 from . import jsonvalue
 from .downloads import IN_DOWNLOADS, Downloads
 from .errors import Interrupted, StageError
-from .limits import human
 from .statedir import new_state_dir, state_dir  # noqa: F401  (public here too)
+from .units import fmt_bytes
 from .verdict import Observation, Stage, judge, stage_failure
 
 LIB_DIR = Path(sandbox.__file__).resolve().parent
@@ -537,7 +537,7 @@ class _Monitor:
         logged = self.result.metric_bytes[name] = self.result.metric_bytes.get(name, 0) + len(line) + 1
         cap = self.run.opts.limits.output
         if logged > cap:  # metrics.jsonl is on the host's disk: capped like the stage's output
-            self.violations[name] = f"logged more than {human(cap)} of metrics, the cap on what a stage may record"
+            self.violations[name] = f"logged more than {fmt_bytes(cap)} of metrics, the cap on what a stage may record"
             self.run.stop_stage(name, base.REASON_PROTOCOL)
             return
         self.metrics_file.write(line + "\n")

@@ -105,8 +105,9 @@ from pathlib import Path
 
 from pipcook_sandbox.runner import gpus
 from pipcook_sandbox.runner.errors import PipcookError
+from pipcook_sandbox.runner.units import fmt_bytes
 
-from . import base, cgroups, output, owner, quota, seccomp
+from . import base, cgroups, mountinfo, output, owner, quota, seccomp
 from .base import (
     REASON_CANCELLED,
     REASON_DISK,
@@ -299,15 +300,6 @@ def grant_access(spec: StageSpec, owner: tuple[int, int]) -> list[str]:
 
 
 # --- small helpers -------------------------------------------------------------
-
-
-def fmt_bytes(n: int) -> str:
-    """256 MiB, 1.5 GiB, 512 bytes: how limits are named to users."""
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            value = n / size
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-    return f"{n} bytes"
 
 
 def fmt_seconds(s: float) -> str:
@@ -986,19 +978,7 @@ def probe() -> dict:
 
 def _mounts_below(root: Path) -> list[Path]:
     """Mount points at or below root, deepest first."""
-    prefix = str(root).rstrip("/") + "/"
-    found = []
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 4:
-            mp = quota._unescape(fields[4])
-            if mp == str(root) or mp.startswith(prefix):
-                found.append(Path(mp))
-    return sorted(set(found), key=lambda p: len(p.parts), reverse=True)
+    return mountinfo.points_below(root)
 
 
 def _runner_alive(record: dict) -> bool:

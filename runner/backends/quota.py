@@ -34,6 +34,8 @@ import subprocess
 import threading
 from pathlib import Path
 
+from . import mountinfo
+
 log = logging.getLogger(__name__)
 
 # Below this much free space a volume counts as full. Not just "0": ext4
@@ -69,23 +71,7 @@ def _run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
 
 def mounted(path: Path) -> bool:
     """Is `path` a mount point in this mount namespace?"""
-    target = str(path)
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 4 and _unescape(fields[4]) == target:
-            return True
-    return False
-
-
-def _unescape(s: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal.
-    for esc, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        s = s.replace(esc, ch)
-    return s
+    return mountinfo.is_mount_point(path)
 
 
 def unmount(path: Path) -> bool:
