@@ -39,7 +39,10 @@ def problems(name: str, found: dict[str, Any]) -> list[str]:
 
 def require_backend(name: str) -> None:
     found = probe(name)
-    issues = problems(name, found)
+    issues = list(dict.fromkeys(problems(name, found)))  # one probe failure is often every feature's reason
+    first = REQUIRED.get(name, ("",))[0]
+    if not found.get("error") and found.get(first) in (False, None) and issues:
+        issues = issues[:1]  # no bwrap binary, no Docker engine: nothing else could be probed
     if issues:
         raise BackendUnavailable(
             f"the {name} backend cannot confine scripts on this host: {'; '.join(issues)}. "
