@@ -41,9 +41,8 @@ from pipcook_sandbox.sandbox.protocol import PROTOCOL_VERSION
 
 from .errors import ImageError
 from .fetch import cache_dir
-from .workerenv import requirements
+from .workerpins import REPOSITORY, deps_hash, image_tag, requirements  # noqa: F401  (this module's API too)
 
-REPOSITORY = "pipcook-sandbox-worker"
 IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
 IMAGE_PYTHON = (3, 11)  # both recipes; the framework is built for the host's 3.11
 SUITE = "bookworm"
@@ -52,15 +51,6 @@ ROOTFS_PACKAGES = ("python3",)
 STRIP = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
          "var/cache/apt", "var/lib/apt/lists", "var/log", "var/cache/debconf")
 IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def deps_hash() -> str:
-    """The same digest `workerenv` names its worker site with."""
-    return hashlib.sha256(" ".join(requirements()).encode()).hexdigest()[:12]
-
-
-def image_tag(cuda: bool = False) -> str:
-    return f"{REPOSITORY}:{'cuda' if cuda else 'cpu'}-p{PROTOCOL_VERSION}-{deps_hash()}"
 
 
 def image_labels(cuda: bool, recipe: str) -> dict[str, str]:

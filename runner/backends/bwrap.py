@@ -105,6 +105,7 @@ from pathlib import Path
 
 from pipcook_sandbox.runner import gpus
 from pipcook_sandbox.runner.errors import PipcookError
+from pipcook_sandbox.runner.statedir import new_state_dir
 from pipcook_sandbox.runner.units import fmt_bytes
 
 from . import base, cgroups, mountinfo, output, owner, quota, seccomp
@@ -535,7 +536,7 @@ class BwrapStage:
         self._pipe_r: int | None = None
         self._own_state = spec.options.state_dir is None
         if spec.options.state_dir is None:
-            self.state_dir = Path(tempfile.mkdtemp(prefix=STATE_PREFIX))
+            self.state_dir = new_state_dir(STATE_PREFIX, spec.run_id)
         else:
             self.state_dir = Path(spec.options.state_dir)
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
