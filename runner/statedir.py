@@ -18,11 +18,12 @@ from typing import Any
 from .errors import PipcookError
 
 
-def new_state_dir(prefix: str = "pcsb-", run_id: str | None = None) -> Path:
+def new_state_dir(prefix: str = "pcsb-", run_id: str | None = None, parent: str | None = None) -> Path:
     """A private temporary directory that names its owner (run.json), so leftover checks and
     `clean` can tell a live run's from an abandoned one. Short path: ipc:// endpoints must stay
-    under 107 characters."""
-    parent = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
+    under 107 characters, so it is under /tmp unless `parent` says otherwise."""
+    if parent is None:
+        parent = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
     record: dict[str, Any] = {"runner_pid": os.getpid()}
     if run_id is not None:
         record["run_id"] = run_id

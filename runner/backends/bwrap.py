@@ -536,7 +536,8 @@ class BwrapStage:
         self._pipe_r: int | None = None
         self._own_state = spec.options.state_dir is None
         if spec.options.state_dir is None:
-            self.state_dir = new_state_dir(STATE_PREFIX, spec.run_id)
+            # where `clean` looks for them (tempfile's choice, which skips a read-only /tmp)
+            self.state_dir = new_state_dir(STATE_PREFIX, spec.run_id, parent=tempfile.gettempdir())
         else:
             self.state_dir = Path(spec.options.state_dir)
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -579,7 +579,7 @@ class _Writable:
 
         self.spec = spec
         self.own_dir = spec.options.state_dir is None
-        parent = spec.options.state_dir or new_state_dir("pcsb-", spec.run_id)
+        parent = spec.options.state_dir or new_state_dir("pcsb-", spec.run_id, parent=tempfile.gettempdir())
         self.dir = Path(tempfile.mkdtemp(prefix=f"dw-{spec.name[:40]}-", dir=parent))
         self.subs = {target: f"w{i}" for i, target in enumerate(spec.writable)}
         self.volume = quota.create_volume(self.dir / "vol", spec.limits.disk, list(self.subs.values()),
