@@ -387,6 +387,15 @@ def fetch_script(
     caches nothing.
     """
     root = download_cache_dir() / "scripts"
+    try:
+        return _fetch_script(ref, root, nocache, allow_private, max_bytes)
+    except OSError as exc:  # the cache is where every script runs from: full or read-only, the run cannot go on
+        raise FetchError(f"cannot keep {ref.uri} in the script cache {root}: {exc.strerror or exc}"
+                         f"{f' ({exc.filename})' if exc.filename else ''}; free space there or point "
+                         "PIPCOOK_SANDBOX_CACHE at a writable directory", script=ref.name) from exc
+
+
+def _fetch_script(ref: ScriptRef, root: Path, nocache: bool, allow_private: Collection[str], max_bytes: int) -> Path:
     by_sha = root / "sha256"
     index_path = root / "urls" / (hashlib.sha256(ref.uri.encode("utf-8")).hexdigest() + ".json")
 

@@ -164,6 +164,17 @@ def test_quota_volume_that_cannot_be_made_is_one_paragraph(outside_tmp: Path) ->
     assert any("disk-quota volume" in line for line in met), met
 
 
+def test_full_cache_is_one_paragraph(outside_tmp: Path) -> None:
+    """The script cache (every script runs from its verified snapshot there) on a filesystem out of inodes."""
+    _need("unshare", "mount")
+    cache = outside_tmp / "cache"
+    cache.mkdir()
+    setup = f"mount -t tmpfs -o size=8m,nr_inodes=4 tmpfs {shlex.quote(str(cache))}; export PIPCOOK_SANDBOX_CACHE={shlex.quote(str(cache / 'c'))}"
+    proc = _in_mount_ns(setup, "run", PIPELINE, "-o", str(outside_tmp / "ws"))
+    _one_paragraph(proc, 1, "stage 'datasource' (datasource.py)", "script cache", "No space left on device",
+                   "PIPCOOK_SANDBOX_CACHE")
+
+
 # --- a bad option value -------------------------------------------------------------------------------
 
 
