@@ -175,6 +175,32 @@ def test_full_cache_is_one_paragraph(outside_tmp: Path) -> None:
                    "PIPCOOK_SANDBOX_CACHE")
 
 
+# --- the service's state directory (--data) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("what", ["a file", "not a database"])
+@pytest.mark.parametrize("command", [["tenants", "list"], ["tenants", "add", "alice"], ["server", "--port", "0"]])
+def test_unusable_service_data_dir_is_one_paragraph(tmp_path: Path, what: str, command: list[str]) -> None:
+    data = tmp_path / "data"
+    if what == "a file":
+        data.write_text("not a directory")
+    else:
+        data.mkdir()
+        (data / "service.db").write_text("not an SQLite database, only text " * 8)
+    proc = run_cli(*command, "--data", str(data), timeout=60)
+    _one_paragraph(proc, 1, f"cannot use {data} as the service's state directory (--data",
+                   "it is a file, not a directory" if what == "a file" else "file is not a database")
+
+
+def test_read_only_service_data_dir_is_one_paragraph(tmp_path: Path) -> None:
+    _need("unshare", "mount")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    proc = _in_mount_ns(f"mount -o bind,ro {shlex.quote(str(ro))} {shlex.quote(str(ro))}", "tenants", "add", "alice",
+                        "--data", str(ro / "svc"))
+    _one_paragraph(proc, 1, f"cannot use {ro / 'svc'} as the service's state directory", "Read-only file system")
+
+
 # --- a bad option value -------------------------------------------------------------------------------
 
 

@@ -35,7 +35,6 @@ def _open_db(data: Path | None) -> tuple[Any, Path]:
     from .db import Database
 
     data = (data or default_data()).absolute()
-    data.mkdir(parents=True, exist_ok=True, mode=0o700)
     return Database(data / "service.db"), data
 
 
