@@ -101,6 +101,10 @@ class UnknownBackend(PipcookError):
     """--isolation names no registered backend."""
 
 
+class DockerError(PipcookError):
+    """Docker cannot run a stage here (no engine, no image, no GPU runtime)."""
+
+
 class ImageError(PipcookError):
     """The Docker worker image could not be built or checked."""
 

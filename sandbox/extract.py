@@ -16,11 +16,9 @@ import stat
 import tarfile
 import zipfile
 
+from .errors import ExtractError
+
 CHUNK = 1 << 20
-
-
-class ExtractError(ValueError):
-    pass
 
 
 def _safe_target(dest: str, name: str) -> str:

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from pipcook_sandbox.runner import gpus, workerpins
-from pipcook_sandbox.runner.errors import PipcookError as _ErrorBase
+from pipcook_sandbox.runner.errors import DockerError
 from pipcook_sandbox.runner.statedir import new_state_dir
 
 from . import base, gvisor, owner, quota
@@ -74,10 +74,6 @@ SHM_MIN, SHM_MAX = 64 << 20, 256 << 20
 PIDS_CHECK_PERIOD = 0.25
 OOM_EVENT_GRACE = 3.0  # how long an unexplained SIGKILL waits for the engine's OOM event
 API_TIMEOUT = 60
-
-
-class DockerError(_ErrorBase):
-    """Docker cannot run a stage here (no engine, no image, no GPU runtime)."""
 
 
 # --- the engine ----------------------------------------------------------------------
