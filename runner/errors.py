@@ -14,6 +14,8 @@ extract.py, stageconfig.py, worker.py).
 
 from __future__ import annotations
 
+import errno
+
 
 class PipcookError(Exception):
     """Base of every error the runner reports; renders as one paragraph."""
@@ -88,6 +90,23 @@ class Interrupted(PipcookError):
 class UsageError(PipcookError):
     """A bad command-line value that is only found out after parsing (e.g. `--set dataflow.3.x` for a
     pipeline with one dataflow): reported like click's usage errors, with exit status 2."""
+
+
+# What the host's filesystems and limits can refuse, whatever the code that asked: not a bug of ours,
+# so the user is told which file and why, not "internal error".
+_HOST_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EMFILE, errno.ENFILE, errno.EIO})
+
+
+def host_refusal(exc: BaseException) -> PipcookError | None:
+    """The one-paragraph error for an OSError the host caused (a full disk, a read-only or unreadable
+    path, too many open files), or None for anything else."""
+    if not isinstance(exc, OSError) or exc.errno not in _HOST_ERRNOS:
+        return None
+    where = ""
+    if exc.filename:
+        where = f" on {exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
+    return PipcookError(f"the host refused a file operation{where or ' of the runner'}: {exc.strerror or exc}; "
+                        "free space on that filesystem or fix its permissions, then run again")
 
 
 # --- what a command meets ------------------------------------------------------

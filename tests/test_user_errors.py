@@ -164,6 +164,17 @@ def test_quota_volume_that_cannot_be_made_is_one_paragraph(outside_tmp: Path) ->
     assert any("disk-quota volume" in line for line in met), met
 
 
+@pytest.mark.parametrize("limit", ["size=8k", "size=8m,nr_inodes=16"])
+def test_workspace_on_a_full_filesystem_is_one_paragraph(outside_tmp: Path, limit: str) -> None:
+    """-o on a filesystem that fills up (bytes or inodes) partway through the run: whichever write fails
+    first, the user reads which file and why."""
+    _need("unshare", "mount")
+    fs = outside_tmp / "fs"
+    fs.mkdir()
+    proc = _in_mount_ns(f"mount -t tmpfs -o {limit} tmpfs {shlex.quote(str(fs))}", "run", PIPELINE, "-o", str(fs / "ws"))
+    _one_paragraph(proc, 1, "No space left on device")
+
+
 def test_full_cache_is_one_paragraph(outside_tmp: Path) -> None:
     """The script cache (every script runs from its verified snapshot there) on a filesystem out of inodes."""
     _need("unshare", "mount")
