@@ -8,8 +8,7 @@ the stage, the script and the cause in plain words.
 This module is the bottom layer: it imports nothing from the package, so the
 backends (runner/backends/) use it without importing upwards. The code that
 runs inside a stage (sandbox/) cannot import host code and keeps its own
-small set of exceptions (sandbox/protocol.py, context.py, boundary.py,
-extract.py, stageconfig.py, worker.py).
+small set of exceptions in sandbox/errors.py.
 """
 
 from __future__ import annotations
