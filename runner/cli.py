@@ -265,7 +265,8 @@ def _parse_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
 @handle_errors
 def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror: str | None, as_json: bool,
         stage_uid: str | None, allow_paths: tuple[str, ...], isolation: str, gpu: bool | None, nocache: bool,
-        allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout, downloads) -> None:
+        allow_private: tuple[str, ...], debug: bool, memory: str | None, cpus: float | None, pids: int | None,
+        disk: str | None, timeout: float | None, downloads: str | None) -> None:
     """Train: run PIPELINE (a path or an http(s) URL), every stage sandboxed.
 
     On a terminal a live table shows every stage (samples sent, epoch, latest metrics, ETA); otherwise one
@@ -291,8 +292,8 @@ def run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror
 
 def _run(pipeline: str, output: Path | None, force: bool, overrides: list, mirror: str | None, emitter: Any,
          ids: tuple[int, int] | None, isolation: str, gpu: bool | None, nocache: bool,
-         allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout, downloads,
-         allow_paths: tuple[str, ...] = ()) -> None:
+         allow_private: tuple[str, ...], debug: bool, memory: str | None, cpus: float | None, pids: int | None,
+         disk: str | None, timeout: float | None, downloads: str | None, allow_paths: tuple[str, ...] = ()) -> None:
     limits = _limits(memory, cpus, pids, disk, timeout, downloads)
     if ids is not None:
         output = _private_workspace(output, ids)
@@ -399,8 +400,8 @@ def _plain(exc: BaseException) -> BaseException | None:
 @limit_options
 @handle_errors
 def predict(model: str, strings: tuple[str, ...], files: tuple[str, ...], mirror: str | None, isolation: str,
-            gpu: bool, allow_private: tuple[str, ...], debug: bool, memory, cpus, pids, disk, timeout,
-            downloads) -> None:
+            gpu: bool, allow_private: tuple[str, ...], debug: bool, memory: str | None, cpus: float | None,
+            pids: int | None, disk: str | None, timeout: float | None, downloads: str | None) -> None:
     """Predict: run MODEL (a workspace, model dir, model zip or its http(s) URL) on -s/-u inputs.
 
     Prints {"success": true, "data": [one result per input]} as JSON on stdout.
@@ -446,8 +447,8 @@ def predict(model: str, strings: tuple[str, ...], files: tuple[str, ...], mirror
 @limit_options
 @handle_errors
 def serve(model: str, port: int, mirror: str | None, host: str, request_timeout: float, max_queue: int, isolation: str, gpu: bool,
-          allow_private: tuple[str, ...], access_log: bool, debug: bool, memory, cpus, pids, disk, timeout,
-          downloads) -> None:
+          allow_private: tuple[str, ...], access_log: bool, debug: bool, memory: str | None, cpus: float | None,
+          pids: int | None, disk: str | None, timeout: float | None, downloads: str | None) -> None:
     """Serve MODEL (a workspace, model dir or model zip) over HTTP, one sandboxed worker kept warm.
 
     POST /predict, a demo page at /, GET /healthz, /info, /report (the training report), /openapi.json, /docs.
@@ -528,6 +529,8 @@ def framework_build(spec: str, cuda: bool, out_dir: Path, debug: bool) -> None:
     from . import frameworks, mirror
 
     fw = frameworks.resolve(spec, cuda=cuda, log=_say)
+    if fw is None:
+        raise UsageError("framework build: an empty NAME@VERSION names no framework (e.g. tensorflow@2.21)")
     archive = mirror.pack(fw.dir, out_dir, fw.name, fw.version, cuda)
     _say(f"wrote {archive} (listed in {archive.parent / 'index.json'}); serve {out_dir} and run with -m URL")
 

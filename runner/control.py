@@ -142,6 +142,10 @@ def _monitor_event(frames: list[bytes]) -> int:
     return int(struct.unpack("=Hi", frames[0])[0])
 
 
+# How an accepted or dropped connection moves a stage's count; every other monitor event leaves it
+_CONNECTION_DELTA: dict[int, int] = {zmq.EVENT_ACCEPTED: 1, zmq.EVENT_DISCONNECTED: -1}
+
+
 class ControlServer:
     def __init__(self, downloader: Callable[[str, str], str]) -> None:
         """`downloader(stage, url) -> path inside the sandbox`, raising with a plain message."""
@@ -255,7 +259,7 @@ class ControlServer:
                 event = _monitor_event(monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
-            counts[stage] += {zmq.EVENT_ACCEPTED: 1, zmq.EVENT_DISCONNECTED: -1}.get(event, 0)
+            counts[stage] += _CONNECTION_DELTA.get(event, 0)
             if counts[stage] > MAX_CONNECTIONS and not sock.closed:
                 self._violation(stage, f"opened more than {MAX_CONNECTIONS} connections to its control socket")
                 poller.unregister(sock)

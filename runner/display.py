@@ -12,19 +12,18 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
-
-from rich import box
-from rich.console import Console, Group
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
+from typing import IO, TYPE_CHECKING, Any
 
 from .control import shown
 from .inert import inert
+
+if TYPE_CHECKING:  # rich costs ~0.09 s to import: only a TTY's live table and the summary need it
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
 
 MAX_SHOWN = 4  # metrics per stage in the live table (the summary and the report have them all)
 
@@ -165,11 +164,19 @@ class Display:
         self.stream = stream or sys.stderr
         self.is_live = self.stream.isatty() if live is None else live
         self.debug = debug
-        self.console = Console(file=self.stream, force_terminal=self.is_live or None, highlight=False,
-                               soft_wrap=not self.is_live)
+        self._console: Console | None = None
         self._live: Live | None = None
         self._wanted = False
         self._last_line: dict[str, float] = {}
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(file=self.stream, force_terminal=self.is_live or None, highlight=False,
+                                    soft_wrap=not self.is_live)
+        return self._console
 
     # -- the hooks the runner calls
     def start(self) -> None:
@@ -179,14 +186,22 @@ class Display:
 
     def _ensure_live(self) -> None:
         if self._wanted and self._live is None:
+            from rich.live import Live
+
             self._wanted = False
             self._live = Live(self._table(), console=self.console, refresh_per_second=4, transient=False,
                               get_renderable=self._table)
             self._live.start()
 
     def log(self, message: str) -> None:
+        if not self.is_live:  # plain lines: what rich's print gives there, without importing rich
+            self.stream.write(inert(message) + "\n")  # quotes pipeline text: runner/inert.py
+            self.stream.flush()
+            return
+        from rich.text import Text
+
         # a line of its own above the live table: never glued to it
-        self.console.print(Text(inert(message)), soft_wrap=True)  # quotes pipeline text: runner/inert.py
+        self.console.print(Text(inert(message)), soft_wrap=True)
 
     def record(self, name: str, op: str, data: dict) -> None:
         self.tracker.record(name, op, data)
@@ -223,6 +238,11 @@ class Display:
 
     # -- the live table
     def _table(self) -> Table:
+        from rich import box
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
         table = Table(box=box.SIMPLE_HEAD, expand=False, pad_edge=False)
         # fixed columns keep their width; only "latest" (metrics) is cut when the terminal is narrow
         for column, width in (("stage", 10), ("status", 8), ("time", 6), ("samples", 7), ("progress", 17),
@@ -245,23 +265,45 @@ class Display:
     # -- the end
     def summary(self, ws: Any = None, report: Path | None = None, failed: bool = False) -> None:
         tracker = self.tracker
-        table = Table(title="summary" if not failed else "summary (the run failed)", box=box.SIMPLE_HEAD,
-                      title_justify="left", pad_edge=False)
-        for column in ("stage", "result", "wall time", "samples sent"):
-            table.add_column(column, justify="right" if column != "stage" else "left")
-        for st in tracker.stages.values():
-            table.add_row(st.name, st.status, fmt_seconds(st.wall), str(st.samples) if st.samples else "-")
-        lines: list[Any] = [table]
+        title = "summary" if not failed else "summary (the run failed)"
+        header = ("stage", "result", "wall time", "samples sent")
+        rows = [(st.name, st.status, fmt_seconds(st.wall), str(st.samples) if st.samples else "-")
+                for st in tracker.stages.values()]
+        lines = []
         metrics = tracker.final_metrics()
         if metrics:
-            lines.append(Text("final metrics: " + "  ".join(f"{k}={fmt_value(v)}" for k, v in metrics.items())))
+            lines.append("final metrics: " + "  ".join(f"{k}={fmt_value(v)}" for k, v in metrics.items()))
         if ws is not None:
-            lines.append(Text(f"workspace:     {ws.root}"))
+            lines.append(f"workspace:     {ws.root}")
             if not failed:
-                lines.append(Text(f"model:         {ws.model}"))
-            lines.append(Text(f"logs:          {ws.logs}"))
-        for path in tracker.artifacts:
-            lines.append(Text(inert(f"artifact:      {path}")))  # its name came from the pipeline
+                lines.append(f"model:         {ws.model}")
+            lines.append(f"logs:          {ws.logs}")
+        lines += [inert(f"artifact:      {path}") for path in tracker.artifacts]  # its name came from the pipeline
         if report is not None:
-            lines.append(Text(f"report:        {report}"))
-        self.console.print(Group(*lines))
+            lines.append(f"report:        {report}")
+        if self.is_live:
+            self._rich_summary(title, header, rows, lines)
+            return
+        # Plain text where there is no terminal (logs, CI): the same table without importing rich.
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+        def row(cells: tuple[str, ...]) -> str:
+            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+        table = [title, row(header), "  ".join("-" * w for w in widths), *map(row, rows)]
+        self.stream.write("\n".join([*table, "", *lines]) + "\n")
+        self.stream.flush()
+
+    def _rich_summary(self, title: str, header: tuple[str, ...], rows: Sequence[tuple[str, ...]],
+                      lines: list[str]) -> None:
+        from rich import box
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+        for column in header:
+            table.add_column(column, justify="right" if column != "stage" else "left")
+        for r in rows:
+            table.add_row(*r)
+        self.console.print(Group(table, *(Text(line) for line in lines)))

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable, Collection
 
 from . import mirror as mirror_mod
 from .cachebuild import build_once, pip_install
@@ -50,8 +51,9 @@ def definition(name: str, version: str) -> tuple[dict, dict, Path]:
     return spec, entry, folder
 
 
-def resolve(spec: str | None, *, cuda: bool = False, rebuild: bool = False, log=print, mirror: str | None = None,
-            url_ref=None, nocache: bool = False, allow_private=()) -> Framework | None:
+def resolve(spec: str | None, *, cuda: bool = False, rebuild: bool = False, log: Callable[[str], None] = print,
+            mirror: str | None = None, url_ref: Any = None, nocache: bool = False,
+            allow_private: Collection[str] = ()) -> Framework | None:
     """The framework for `spec`: `NAME@VERSION` built locally or taken from `mirror`,
     or the archive at `url_ref` (a spec.ScriptRef) when the pipeline names a URL."""
     if not spec:
@@ -76,7 +78,7 @@ def resolve(spec: str | None, *, cuda: bool = False, rebuild: bool = False, log=
 
 
 def build(name: str, version: str, meta: dict, entry: dict, folder: Path, staging: Path, *, cuda: bool,
-          log=print, into: Path | None = None) -> None:
+          log: Callable[[str], None] = print, into: Path | None = None) -> None:
     """pip-install the framework into `staging` (build_once moves it into place)."""
     requirements = entry["cuda" if cuda else "cpu"]
     log(f"building framework {name}@{version}{' (CUDA)' if cuda else ''}: pip install {' '.join(requirements)} "

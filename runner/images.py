@@ -33,7 +33,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pipcook_sandbox.runner.backends import mountinfo
 from pipcook_sandbox.runner.backends.base import SANDBOX_GID, SANDBOX_UID
@@ -42,6 +42,9 @@ from pipcook_sandbox.sandbox.protocol import PROTOCOL_VERSION
 from .errors import ImageError
 from .fetch import cache_dir
 from .workerpins import REPOSITORY, deps_hash, image_tag, requirements  # noqa: F401  (this module's API too)
+
+if TYPE_CHECKING:
+    from docker import DockerClient
 
 IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
 IMAGE_PYTHON = (3, 11)  # both recipes; the framework is built for the host's 3.11
@@ -71,7 +74,7 @@ def client():
         raise ImageError(f"cannot reach the Docker engine ({exc}); start dockerd or set DOCKER_HOST") from None
 
 
-def exists(tag: str, engine=None) -> bool:
+def exists(tag: str, engine: DockerClient | None = None) -> bool:
     import docker
 
     try:
@@ -105,7 +108,7 @@ def build(cuda: bool = False, offline: bool = False, force: bool = False, log: C
 # --- online: a Dockerfile --------------------------------------------------------------
 
 
-def _build_dockerfile(engine, cuda: bool, tag: str, log: Callable[[str], None]) -> None:
+def _build_dockerfile(engine: DockerClient, cuda: bool, tag: str, log: Callable[[str], None]) -> None:
     import docker
 
     folder = IMAGES_DIR / ("cuda" if cuda else "cpu")
@@ -215,7 +218,7 @@ def _site_filter(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
     return info
 
 
-def _build_offline(engine, cuda: bool, tag: str, log: Callable[[str], None]) -> None:
+def _build_offline(engine: DockerClient, cuda: bool, tag: str, log: Callable[[str], None]) -> None:
     if cuda:
         # The CUDA libraries come from the framework (tensorflow[and-cuda] installs them with
         # pip) and the driver from the NVIDIA Container Toolkit, so the same root filesystem serves.
@@ -254,7 +257,7 @@ CHECK = ("import os, sys; sys.path.insert(0, '/pipcook/site'); import zmq, msgpa
          "print(os.getuid(), *sys.version_info[:2], numpy.__version__)")
 
 
-def check(engine, tag: str, log: Callable[[str], None] = print) -> None:
+def check(engine: DockerClient, tag: str, log: Callable[[str], None] = print) -> None:
     """Run the image once, confined as a stage is: Python 3.11, uid 65534, the pins importable."""
     try:
         out = engine.containers.run(tag, ["python3", "-I", "-S", "-c", CHECK], network_mode="none", read_only=True,

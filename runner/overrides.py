@@ -81,7 +81,8 @@ def apply(pipeline: Pipeline, overrides: list[Override]) -> Pipeline:
             if o.index is None or o.index >= len(dataflow):
                 raise UsageError(f"--set {o}: the pipeline has {len(dataflow)} dataflow script(s), "
                                  f"numbered from 0")
-            ref: ScriptRef = dataflow[o.index]
+            index = o.index
+            ref: ScriptRef = dataflow[index]
         else:
             ref = refs[o.target]
         new_options = dict(ref.options)
@@ -89,8 +90,8 @@ def apply(pipeline: Pipeline, overrides: list[Override]) -> Pipeline:
         new_raw = _with_query(ref.raw, new_options)
         ref = dataclasses.replace(ref, options=new_options, raw=new_raw)
         if o.target == "dataflow":
-            dataflow[o.index] = ref  # type: ignore[index]
-            raw["dataflow"][o.index] = new_raw
+            dataflow[index] = ref
+            raw["dataflow"][index] = new_raw
         else:
             refs[o.target] = ref
             raw[o.target] = new_raw

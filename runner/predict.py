@@ -79,7 +79,7 @@ def run_predict(location: str, samples: list[dict], opts: PredictOptions) -> lis
         except jsonvalue.Unfit as exc:
             raise PipcookError(f"predict() returned a result that is not JSON: {exc}", stage="model",
                                script=plans[-1].script.name) from None
-        if len(results) != len(samples) and opts.log:
+        if len(results) != len(samples):
             opts.log(f"warning: {len(samples)} input(s) but predict() returned {len(results)} result(s)")
         return results
 

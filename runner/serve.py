@@ -179,23 +179,31 @@ class WarmWorker:
         err = self.run.failure(STAGE, script, Observation(outcome, error, violation)) if self.run else None
         return WorkerError(str(err or StageError("the worker stopped", STAGE, script)))
 
+    def _live_run(self) -> run_mod.Run:
+        """The run of the worker now started: a WorkerError, not an AttributeError on None, once it
+        was stopped (requests are serialised, so only a caller that skipped start() meets it)."""
+        if self.run is None:
+            raise WorkerError("the worker is not running")
+        return self.run
+
     def _next_event(self, deadline: float, doing: str) -> Any:
         """The next event from the worker, None on a quiet 0.1 s; raise if it died or time ran out."""
+        run = self._live_run()
         try:
-            event = self.run.control.events.get(timeout=0.1)
+            event = run.control.events.get(timeout=0.1)
         except queue.Empty:
             event = None
         if event is not None:
             if event.op == "violation":
                 raise self._failure(None, event.data["message"])
             if event.op == "downloaded":
-                self.run.emit(STAGE, "download", url=event.data["url"], ok=event.data["ok"],
+                run.emit(STAGE, "download", url=event.data["url"], ok=event.data["ok"],
                               message=event.data["message"])
             return event
         if self.handle.poll() is not None:
             time.sleep(0.2)  # its last report may still be on the way
             try:
-                event = self.run.control.events.get_nowait()
+                event = run.control.events.get_nowait()
             except queue.Empty:
                 event = None
             raise self._failure(event.data if event is not None and event.op == "error" else None)
@@ -226,9 +234,10 @@ class WarmWorker:
         """One request: serve the inputs as a pool, ask the worker, wait for its answer."""
         from pipcook_sandbox.sandbox.boundary import PoolServer, serve_until
 
+        run = self._live_run()
         self.req += 1
         req = self.req
-        sock = self.run.state / "ipc" / "in" / f"r{req}.sock"
+        sock = run.state / "ipc" / "in" / f"r{req}.sock"
         server = PoolServer(self.zctx, f"ipc://{sock}", run_mod.input_pool(samples, self.model.meta))
         # bound after the sandbox started, so the backend could not open it up: the stage may run as
         # another uid (bwrap's mapped mode); the directory is private to this worker
@@ -237,8 +246,8 @@ class WarmWorker:
         thread = threading.Thread(target=serve_until, args=(server, done.is_set), daemon=True)
         thread.start()
         try:
-            where = self.run.inside(sock.parent, f"{base.IN_IPC}/in")
-            self.run.control.send(STAGE, {"op": "predict", "req": req, "input": f"ipc://{where}/{sock.name}"})
+            where = run.inside(sock.parent, f"{base.IN_IPC}/in")
+            run.control.send(STAGE, {"op": "predict", "req": req, "input": f"ipc://{where}/{sock.name}"})
             deadline = time.monotonic() + self.opts.request_timeout
             while True:
                 event = self._next_event(deadline, "predicting")

@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, unquote_plus, urljoin, urlsplit, urlunsplit
-from urllib.request import url2pathname
-
-import jsonschema
-from jsonschema import Draft202012Validator
 
 from pipcook_sandbox.runner import jsonvalue, localfiles, validate
 from pipcook_sandbox.runner.errors import SpecError
+
+if TYPE_CHECKING:
+    import jsonschema
+    from jsonschema import Draft202012Validator
 
 SCHEMA_RESOURCE = "pipeline-2.0.schema.json"
 REMOTE_SCHEMES = ("http", "https")
@@ -112,7 +112,7 @@ class Pipeline:
 @lru_cache(maxsize=1)
 def load_schema() -> dict:
     """The JSON Schema of the pipeline file (shipped as package data)."""
-    text = resources.files("pipcook_sandbox.runner").joinpath("schema", SCHEMA_RESOURCE).read_text("utf-8")
+    text = (resources.files("pipcook_sandbox.runner") / "schema" / SCHEMA_RESOURCE).read_text("utf-8")
     return json.loads(text)
 
 
@@ -123,7 +123,37 @@ def pipeline_types() -> list[str]:
 
 @lru_cache(maxsize=1)
 def _validator() -> Draft202012Validator:
+    from jsonschema import Draft202012Validator  # ~0.1 s to import: only for a pipeline that fails _conforms
+
     return Draft202012Validator(load_schema())
+
+
+@lru_cache(maxsize=1)
+def _compiled() -> Callable[[Any], Any]:
+    import fastjsonschema
+
+    return fastjsonschema.compile(load_schema())
+
+
+def _conforms(raw: Any) -> bool:
+    """Whether `raw` passes the schema, by fastjsonschema's compiled check
+    (~0.02 s to import and compile against jsonschema's ~0.1 s to import). A
+    pipeline it refuses is checked again by jsonschema, whose errors the
+    messages are made from; jsonschema stays the reference
+    (tests/test_spec.py holds the two to the same verdicts)."""
+    import fastjsonschema
+
+    try:
+        _compiled()(raw)
+    except fastjsonschema.JsonSchemaException:
+        return False
+    return True
+
+
+def _url2pathname(path: str) -> str:
+    """urllib.request.url2pathname on POSIX (importing urllib.request costs
+    ~0.03 s: http.client, email)."""
+    return unquote(path)
 
 
 def uri_to_path(uri: str) -> Path:
@@ -131,7 +161,7 @@ def uri_to_path(uri: str) -> Path:
     parts = urlsplit(uri)
     if parts.scheme != "file":
         raise ValueError(f"not a file: URI: {uri}")
-    return Path(url2pathname(parts.path))
+    return Path(_url2pathname(parts.path))
 
 
 # ---------------------------------------------------------------- validation
@@ -174,7 +204,7 @@ def _schema_error(err: jsonschema.ValidationError, source: str) -> SpecError:
         )
     if kind == "type":
         wanted = err.validator_value if isinstance(err.validator_value, list) else [err.validator_value]
-        names = " or ".join(_SCHEMA_TYPES.get(w, w) for w in wanted)
+        names = " or ".join(_SCHEMA_TYPES.get(str(w), str(w)) for w in wanted)
         cause = f"must be {names}, got {_json_type(err.instance)}"
         if not where:
             return SpecError(f"the pipeline {cause}", source=source)
@@ -256,7 +286,7 @@ def _resolve_address(raw: str, field_name: str, base: str, is_remote: bool, sour
                 "(write a plain relative path instead)",
                 field=field_name, source=source,
             )
-        address = Path(os.path.normpath(url2pathname(parts.path))).as_uri()
+        address = Path(os.path.normpath(_url2pathname(parts.path))).as_uri()
     elif scheme:
         raise SpecError(
             f"scheme '{scheme}:' is not allowed (use https:, http:, file: or a path)",
@@ -367,7 +397,7 @@ def _source_base(source: str) -> tuple[str, str, bool]:
     if scheme in REMOTE_SCHEMES:
         return source, source, True
     if scheme == "file":
-        path = Path(url2pathname(parts.path))
+        path = Path(_url2pathname(parts.path))
     elif "://" in source:
         raise SpecError(
             f"a pipeline can be loaded from a path or an http(s) URL, not {source!r}",
@@ -418,9 +448,12 @@ def parse_pipeline(data: bytes | str | dict, source: str, allow_paths: tuple[str
     raw = _decode(data, source)
     # typos first, with a suggestion: "datasorce" is not reported as "datasource is required"
     validate.check_raw(raw, source, load_schema()["properties"])
-    error = jsonschema.exceptions.best_match(_validator().iter_errors(raw))
-    if error is not None:
-        raise _schema_error(error, source)
+    if not _conforms(raw):
+        from jsonschema.exceptions import best_match
+
+        error = best_match(_validator().iter_errors(raw))
+        if error is not None:
+            raise _schema_error(error, source)
 
     def ref(value: str, name: str) -> ScriptRef:
         found = resolve_ref(value, name, base, is_remote, source, roots if confine else None)

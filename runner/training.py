@@ -17,7 +17,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 from pipcook_sandbox.runner.backends.base import Limits
 
@@ -125,8 +125,8 @@ def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
                                  {"name": framework.name, "version": framework.version, "path": str(framework.dir)})
         plans = stages.plan(pipeline, copies)
         result = run.execute(plans, ws, run.ExecOptions(
-            isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu, nocache=opts.nocache,
-            allow_private=opts.allow_private, task_type="train", framework=framework, worker_site=worker_site,
+            isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu is True,  # check_gpu decided it
+            nocache=opts.nocache, allow_private=opts.allow_private, task_type="train", framework=framework, worker_site=worker_site,
             pipeline_options=dict(pipeline.options), on_progress=opts.on_progress, on_event=opts.on_event,
             on_record=opts.on_record, observers=opts.observers))
         finish_model_dir(ws, pipeline, copies, result.meta)
@@ -174,5 +174,5 @@ def finish_model_dir(ws: workspace.Workspace, pipeline: spec.Pipeline, copies: d
     workspace.write_json(ws.model / "meta.json", meta or {})
 
 
-def print_summary(ws: workspace.Workspace, out=sys.stderr) -> None:
+def print_summary(ws: workspace.Workspace, out: TextIO = sys.stderr) -> None:
     print(f"model saved in {ws.model}", file=out)

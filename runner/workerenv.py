@@ -9,6 +9,7 @@ Docker images carry the same packages at the same path instead.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from .cachebuild import build_once, pip_install
 from .errors import PipcookError
@@ -17,7 +18,7 @@ from .frameworkid import platform_tag, python_tag
 from .workerpins import PACKAGES, deps_hash, requirements  # noqa: F401  (this module's API too)
 
 
-def ensure_worker_site(log=print) -> Path:
+def ensure_worker_site(log: Callable[[str], None] = print) -> Path:
     reqs = requirements()
     digest = deps_hash(reqs)
     target = cache_dir() / "worker-site" / f"{python_tag()}-{platform_tag()}-{digest}"

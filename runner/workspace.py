@@ -29,6 +29,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import PipcookError
 
@@ -174,7 +175,7 @@ def restrict(root: Path) -> None:
                 fix(full, file_mode)
 
 
-def write_json(path: Path, data) -> None:
+def write_json(path: Path, data: Any) -> None:
     """Write atomically; a stage-planted file or dir of that name is replaced, never followed."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:

@@ -154,7 +154,7 @@ class PoolServer:
                 ds = getattr(self.pool, split, None)
                 sizes[split] = None if ds is None else len(ds)
             meta["size"] = {k: (v or 0) for k, v in sizes.items()}
-            reply = {"op": "meta", "meta": meta, "sizes": sizes}
+            reply: dict[str, Any] = {"op": "meta", "meta": meta, "sizes": sizes}
             if self.ring_listener is not None:
                 reply["ring"] = True
             self._send(peer, reply, what="the pool's meta")
@@ -163,9 +163,9 @@ class PoolServer:
             check_message(msg, {"token": bytes})
             ring = self.ring_listener.claim(msg["token"]) if self.ring_listener is not None else None
             if ring is not None:
-                old = self.rings.pop(peer, None)
-                if old is not None:
-                    old.close()
+                old_ring = self.rings.pop(peer, None)
+                if old_ring is not None:
+                    old_ring.close()
                 self.rings[peer] = ring
                 while len(self.rings) > shmring.MAX_RINGS:
                     self.rings.popitem(last=False)[1].close()
@@ -181,9 +181,9 @@ class PoolServer:
             check_message(msg, {"split": str, "gen": int, "pos": int, "credit": int})
             if self._dataset(msg["split"]) is None:
                 raise ProtocolError(f"no split {msg['split']!r}")
-            old = self.streams.get(msg["split"])
-            if old is not None:
-                old.release()  # its batches in flight are dropped on arrival, unread
+            old_stream = self.streams.get(msg["split"])
+            if old_stream is not None:
+                old_stream.release()  # its batches in flight are dropped on arrival, unread
             self.streams[msg["split"]] = _Stream(peer, msg["gen"], max(0, msg["pos"]), min(MAX_CREDIT, max(0, msg["credit"])))
             return
         if op == "credit":
@@ -231,7 +231,7 @@ class PoolServer:
             writer, self._writer = self._writer, None
         size = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
         block = None
-        if writer is not None:
+        if writer is not None and ring is not None:  # a writer comes only from this peer's ring
             size += writer.cursor - writer.start
             block = ring.commit(writer)
         stream.blocks.append(None if block is None else (ring, block))
@@ -419,6 +419,7 @@ class RemotePool:
         self._meta_reply: dict | None = None
         self._datasets: dict[str, RemoteDataset] = {}
         self._ring: shmring.Reader | None = None
+        self.meta: dict = {}
         with self._lock:
             self._send({"op": "meta"})
             while self._meta_reply is None:
@@ -479,13 +480,14 @@ class RemotePool:
                 _unstack(msg["samples"], msg["stacked"])
         except ProtocolError as exc:
             raise UpstreamError(f"stage {self.upstream!r} sent a malformed message: {exc}") from None
+        # A split that is not a string (a list, a map: unhashable) names no dataset, as an unknown one
+        split = msg.get("split")
+        ds = self._datasets.get(split) if isinstance(split, str) else None
         if op == "batch":
-            ds = self._datasets.get(msg.get("split"))
             samples = msg.get("samples")
             if ds is not None and isinstance(samples, list) and isinstance(msg.get("gen"), int):
                 ds._on_batch(msg["gen"], samples)
         elif op == "end":
-            ds = self._datasets.get(msg.get("split"))
             if ds is not None and isinstance(msg.get("gen"), int):
                 ds._on_end(msg["gen"])
         elif op == "meta":

@@ -15,6 +15,7 @@ import os
 import stat
 import tarfile
 import zipfile
+from typing import IO
 
 from .errors import ExtractError
 
@@ -52,7 +53,7 @@ def _dirs(dest: str, path: str) -> None:
                                "directory (a link?); nothing is written through it")
 
 
-def _write(stream, dest: str, target: str, budget: list[int], max_bytes: int) -> None:
+def _write(stream: IO[bytes], dest: str, target: str, budget: list[int], max_bytes: int) -> None:
     _dirs(dest, os.path.dirname(target))
     # O_NOFOLLOW | O_EXCL: never write through a link that something planted
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
@@ -97,11 +98,11 @@ def extract(path: str, dest: str, max_bytes: int = 4 << 30, max_files: int = 100
                 if member.isdir():
                     _dirs(dest, target)
                 elif member.isreg():
-                    src = tf.extractfile(member)
-                    if src is None:
+                    member_src = tf.extractfile(member)
+                    if member_src is None:
                         raise ExtractError(f"archive entry {member.name!r} cannot be read")
-                    with src:
-                        _write(src, dest, target, budget, max_bytes)
+                    with member_src:
+                        _write(member_src, dest, target, budget, max_bytes)
                 else:
                     raise ExtractError(f"archive entry {member.name!r} is a link or special file")
         return dest

@@ -97,9 +97,10 @@ class Writer:
         """Copy `arr` (C-contiguous) into the ring; its offset, or None when it does not fit."""
         off = -(-self.cursor // ALIGN) * ALIGN
         n = arr.nbytes
-        if off + n > self.end:
+        buf = self.ring.buf
+        if buf is None or off + n > self.end:  # a closed ring holds nothing: the array goes as a frame
             return None
-        np.copyto(self.ring.buf[off:off + n], arr.reshape(-1).view(np.uint8))
+        np.copyto(buf[off:off + n], arr.reshape(-1).view(np.uint8))
         self.cursor = off + n
         return off
 
@@ -108,9 +109,10 @@ class Writer:
         first = arrays[0]
         off = -(-self.cursor // ALIGN) * ALIGN
         n = first.nbytes * len(arrays)
-        if off + n > self.end:
+        buf = self.ring.buf
+        if buf is None or off + n > self.end:
             return None
-        np.stack(arrays, out=self.ring.buf[off:off + n].view(first.dtype).reshape(len(arrays), *first.shape))
+        np.stack(arrays, out=buf[off:off + n].view(first.dtype).reshape(len(arrays), *first.shape))
         self.cursor = off + n
         return off
 
@@ -129,7 +131,7 @@ class Ring:
             os.close(fd)
             raise
         self.fd = fd
-        self.buf = np.frombuffer(self.map, np.uint8)
+        self.buf: np.ndarray | None = np.frombuffer(self.map, np.uint8)  # None once closed
         self.blocks: collections.deque[_Block] = collections.deque()
         self.last_used = 0
 
@@ -257,7 +259,7 @@ class Reader:
             raise OSError(f"ring of {st.st_size} bytes")
         self.size = st.st_size
         self.map = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
-        self.view = np.frombuffer(self.map, np.uint8)
+        self.view: np.ndarray | None = np.frombuffer(self.map, np.uint8)  # None once closed
         self._pool: dict[int, collections.deque] = {}
         self._pooled = 0
 
@@ -265,8 +267,11 @@ class Reader:
         """Private, writable uint8 copy of ring[offset:offset+nbytes]; the caller checked the bounds."""
         if not (0 <= offset and offset + nbytes <= self.size):  # protocol.unpack checks first; belt and braces
             raise ValueError("ring reference out of bounds")
+        view = self.view
+        if view is None:
+            raise ValueError("ring reference after the ring was closed")
         out = self._take(nbytes)
-        np.copyto(out, self.view[offset:offset + nbytes])
+        np.copyto(out, view[offset:offset + nbytes])
         return out
 
     def _take(self, nbytes: int) -> np.ndarray:

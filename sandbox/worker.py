@@ -13,6 +13,7 @@ Imports nothing of the host side (`runner`), by design.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import site
@@ -79,6 +80,9 @@ def _initialize_framework(cfg: StageConfig) -> None:
         return
     path = os.path.join(fw["dir"], fw["initialize"])
     spec = importlib.util.spec_from_file_location("pipcook_framework_init", path)
+    if spec is None or spec.loader is None:
+        raise StageFailure(f"framework {fw.get('name', '?')}: {fw['initialize']} cannot be loaded as a Python module",
+                           kind="framework")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
@@ -284,10 +288,11 @@ def main(config_path: str) -> int:
     # happens and the two streams keep their order; child processes inherit the same through the env.
     os.environ["PYTHONUNBUFFERED"] = "1"
     for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
-        except (AttributeError, ValueError):
-            pass
+        if isinstance(stream, io.TextIOWrapper):  # not when a test harness replaced it
+            try:
+                stream.reconfigure(line_buffering=True)
+            except ValueError:
+                pass
     with open(config_path, encoding="utf-8") as f:
         try:
             cfg = StageConfig.parse(json.load(f))

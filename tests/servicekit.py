@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+from waiting import wait_until
 
 try:
     from httpserver import Server
@@ -101,16 +101,9 @@ def tenant_uid(data: Path, name: str) -> int:
     raise AssertionError(f"no tenant {name} in {done.stdout}")
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, period: float = 0.2) -> Any:
-    """Poll CONDITION until it returns something true; fail naming WHAT after TIMEOUT seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(period)
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """waiting.wait_until, polling every 0.2 s: each look is an HTTP request to the server."""
+    return wait_until(condition, timeout, what, interval=0.2)
 
 
 class ServerProcess:

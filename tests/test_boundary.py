@@ -6,11 +6,12 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-import time
 
 import numpy as np
 import pytest
 import zmq
+
+from waiting import wait_until
 
 from pipcook_sandbox.sandbox import boundary, sdk
 from pipcook_sandbox.sandbox.boundary import MAX_CREDIT, PoolServer, RemotePool, SampleError, UpstreamError, serve_until
@@ -19,14 +20,6 @@ from pipcook_sandbox.sandbox.protocol import pack, unpack
 pytestmark = pytest.mark.timeout(60)
 
 WAIT = 10.0  # seconds: upper bound for anything to arrive; never reached when things work
-
-
-def wait_for(predicate, what, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
 
 
 @pytest.fixture
@@ -437,7 +430,7 @@ def test_slow_consumer_keeps_at_most_window_batches_outstanding(serve, small_bat
         with server.lock:
             return server.credits == 1 and not server.has_work()
 
-    wait_for(settled, "the server to use up its credit")
+    wait_until(settled, WAIT, "the server to use up its credit", interval=0.002)
     with server.lock:
         assert server.batches == window + 1  # not the whole dataset
         assert server.streams["train"].credit == 0
@@ -525,6 +518,36 @@ def test_a_hostile_upstream_reply_is_an_upstream_error(zctx, ipc_dir):
     try:
         with pytest.raises(UpstreamError, match="malformed"):
             RemotePool(zctx, endpoint, "evil", alive=thread.is_alive)
+    finally:
+        stop.set()
+        thread.join(WAIT)
+        router.close()
+
+
+@pytest.mark.parametrize("split", [["train"], {"a": 1}], ids=["list", "map"])
+@pytest.mark.parametrize("op", ["end", "batch"])
+def test_an_upstream_message_naming_an_unhashable_split_is_ignored(zctx, ipc_dir, op, split):
+    # A split must be a string; a list or a map (unhashable) used to reach a dict lookup and
+    # crash the downstream worker with a TypeError instead of naming no dataset.
+    endpoint = f"ipc://{ipc_dir}/fake.sock"
+    router = zctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint)
+    stop = threading.Event()
+
+    def fake_upstream():
+        while not stop.is_set():
+            if router.poll(50):
+                peer, _ = router.recv_multipart()
+                router.send_multipart([peer, *pack({"op": op, "split": split, "gen": 0, "samples": []})])
+                router.send_multipart([peer, *pack({"op": "meta", "meta": {"k": 1}, "sizes": {"train": 2}})])
+
+    thread = threading.Thread(target=fake_upstream, daemon=True)
+    thread.start()
+    try:
+        remote = RemotePool(zctx, endpoint, "odd", alive=thread.is_alive)
+        assert remote.meta == {"k": 1} and len(remote.train) == 2 and remote.test is None
+        remote.close()
     finally:
         stop.set()
         thread.join(WAIT)

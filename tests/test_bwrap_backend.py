@@ -3,6 +3,7 @@ loop mounts. Each test states one thing the sandbox guarantees
 (SECURITY.md) and checks it from both sides where it can."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_bwrap
+from waiting import wait_until
 from pipcook_sandbox.runner.backends import bwrap, cgroups
 from pipcook_sandbox.runner.backends.base import (
     REASON_CANCELLED,
@@ -88,7 +90,14 @@ def host_processes(marker: str) -> list[str]:
 # --- who the stage is -------------------------------------------------------------
 
 
-def test_uid_65534_and_no_capabilities(tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["setpriv", "python"])
+def test_uid_65534_and_no_capabilities(tmp_path: Path, monkeypatch, launcher: str) -> None:
+    """Mapped mode drops to 65534 with util-linux's setpriv where the host has it,
+    else with the Python launcher: the same ids, groups and capabilities either way."""
+    if launcher == "python":
+        monkeypatch.setattr(bwrap, "setpriv", lambda: None)
+    elif MAPPED and bwrap.setpriv() is None:
+        pytest.skip("no setpriv on this host: the Python launcher is used (the other case)")
     marker = f"pcsb-id-{secrets.token_hex(4)}"
     spec = spec_for(tmp_path, """
         import json, os, sys, time
@@ -118,6 +127,93 @@ def test_uid_65534_and_no_capabilities(tmp_path: Path) -> None:
     if MAPPED:
         assert int(got["caps"]["CapBnd"], 16) == 0
         assert uids and all(u.split()[1:] == ["65534"] * 4 for u in uids), uids
+
+
+def test_mapped_mode_starts_one_interpreter(tmp_path: Path, monkeypatch) -> None:
+    """With setpriv, bwrap's command is setpriv exec'ing the stage's python: no
+    second interpreter (the Python launcher) before the stage's own."""
+    if bwrap.setpriv() is None:
+        pytest.skip("no setpriv on this host")
+    spec = spec_for(tmp_path, "pass")
+    kw = dict(mode="mapped", etc={}, seccomp_fd=3, writable={}, info_fd=4, block_fd=5)
+    _, command = bwrap.build_parts(spec, **kw)
+    py = str(bwrap.interpreter().executable)
+    assert command[0] == bwrap.setpriv() and command.count(py) == 1, command
+    assert command[command.index("--") + 1:] == [py, *spec.argv]
+    for flag in ("--bounding-set=-all", "--inh-caps=-all", "--keep-groups"):
+        assert flag in command
+    monkeypatch.setattr(bwrap, "setpriv", lambda: None)
+    _, fallback = bwrap.build_parts(spec, **kw)
+    assert fallback[:4] == [py, "-I", "-S", "-c"] and fallback.count(py) == 2
+
+
+@needs_cgroup("cpu")
+def test_running_stage_weighs_its_cpus(tmp_path: Path) -> None:
+    """Read from the cgroup files of a running stage: its CPU weight is that of
+    --cpus ordinary tasks, and the pipcook-sandbox parent weighs at least that."""
+    spec = spec_for(tmp_path, "import time; print('{}', flush=True); time.sleep(30)",
+                    limits=dataclasses.replace(SMALL, cpus=2.0))
+    h = bwrap.start(spec)
+    try:
+        assert h.cgroup is not None
+        deadline = time.monotonic() + 20  # until the stage's script runs
+        while "{}" not in (spec.log_path.read_text() if spec.log_path.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        v = h.cgroup.version
+        d = h.cgroup.dirs["cpu"] if v == 1 else h.cgroup.dirs[""]
+        assert h.cgroup.pids(), "the stage is not in its cgroup"
+        stage = int((d / cgroups.WEIGHT_FILE[v]).read_text())
+        parent = int((d.parent / cgroups.WEIGHT_FILE[v]).read_text())
+    finally:
+        h.terminate()
+        h.cleanup()
+    assert stage == 2 * cgroups.WEIGHT_PER_CPU[v]
+    assert parent >= stage
+
+
+@pytest.mark.skipif(not MAPPED, reason="the id handshake is mapped mode's")
+def test_a_failed_id_handshake_stops_the_stage_and_says_so(tmp_path: Path, monkeypatch) -> None:
+    """The uid/gid maps are written after start() returns (the next stage starts
+    meanwhile): maps the kernel refuses stop the stage before its script runs,
+    and the outcome names the cause."""
+    marker = f"pcsb-nomap-{secrets.token_hex(4)}"
+    monkeypatch.setattr(bwrap.owner, "stage_ids", lambda: (4294967295, 4294967295))  # (uid_t)-1: EINVAL
+    out, text, h = run(tmp_path, "print('SCRIPT RAN', flush=True)", args=[marker], timeout=30)
+    assert "SCRIPT RAN" not in text
+    assert out.exit_code != 0 and "could not start" in out.detail, out
+    assert not host_processes(marker)
+    assert h.cgroup is not None and not any(d.exists() for d in h.cgroup.all_dirs())
+
+
+@needs_cgroup("pids")
+def test_every_process_of_the_stage_is_in_its_cgroup_with_its_rlimits(tmp_path: Path) -> None:
+    """bwrap, its pid 1 and the script (in mapped mode put there by the runner during the
+    id handshake, in plain mode by the wrapper) are in the stage's cgroup, with the
+    stage's nofile, fsize and core limits."""
+    marker = f"pcsb-rl-{secrets.token_hex(4)}"
+    limits = dataclasses.replace(SMALL, nofile=333, disk=48 << 20)
+    spec = spec_for(tmp_path, """
+        import json, resource, time
+        print(json.dumps({n: resource.getrlimit(getattr(resource, n)) for n in
+                          ("RLIMIT_NOFILE", "RLIMIT_FSIZE", "RLIMIT_CORE")}), flush=True)
+        time.sleep(30)
+    """, args=[marker], limits=limits)
+    h = bwrap.start(spec)
+    try:
+        deadline = time.monotonic() + 20
+        while "{" not in (spec.log_path.read_text() if spec.log_path.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert h.cgroup is not None and h.pid is not None
+        inside = h.cgroup.pids()
+        stage = [int(p.split(":")[0]) for p in host_processes(marker)]
+    finally:
+        h.terminate()
+        h.cleanup()
+    got = result(spec.log_path.read_text())
+    assert got["RLIMIT_NOFILE"] == [333, 333] and got["RLIMIT_FSIZE"] == [48 << 20, 48 << 20]
+    assert got["RLIMIT_CORE"] == [0, 0]
+    assert stage and set(stage) <= inside, (stage, inside)
+    assert h.pid in inside  # bwrap itself
 
 
 def test_host_home_is_invisible(tmp_path: Path) -> None:
@@ -419,12 +515,12 @@ DAEMON = """
     if os.fork() == 0:
         os.setsid()
         if os.fork() == 0:
-            open("/workspace/out/daemon-started", "w").write(str(os.getpid()))
-            os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(1000)", tag])
+            # the file is written after the exec, by the program that carries the tag
+            os.execv(sys.executable, [sys.executable, "-c", "import time; open('/workspace/out/daemon-started', 'w')"
+                                      ".close(); time.sleep(1000)", tag])
         os._exit(0)
     while not os.path.exists("/workspace/out/daemon-started"):
         time.sleep(0.01)
-    time.sleep(0.2)
     print("main done", flush=True)
     if len(sys.argv) > 2:
         time.sleep(1000)
@@ -438,10 +534,8 @@ def test_double_forked_daemon_dies(tmp_path: Path, how: str) -> None:
     spec = spec_for(tmp_path, DAEMON, args=args, writable={"/workspace/out": tmp_path / "out"})
     h = bwrap.start(spec)
     try:
-        deadline = time.monotonic() + 20
-        while "main done" not in (spec.log_path.read_text() if spec.log_path.exists() else ""):
-            assert time.monotonic() < deadline, spec.log_path.read_text()
-            time.sleep(0.05)
+        wait_until(lambda: spec.log_path.exists() and "main done" in spec.log_path.read_text(), 20,
+                   "the stage to print 'main done'")
         if how == "terminated":
             assert host_processes(marker + "-daemon"), "the daemon should be running before terminate"
             h.terminate(REASON_CANCELLED)
@@ -484,11 +578,15 @@ tmp = Path({tmp!r})
 spec = StageSpec(run_id=cgroups.new_run_id(), name="crash", mounts=[],
                  limits=Limits(memory=256 << 20, pids=32, disk=16 << 20),
                  log_path=tmp / "crash.log", writable={{"/workspace/out": tmp / "out"}},
-                 argv=["-I", "-S", "-c", "import time; time.sleep(1000)", {marker!r}])
+                 argv=["-I", "-S", "-c", "import time; print('up', flush=True); time.sleep(1000)", {marker!r}])
 h = bwrap.start(spec)
 print(json.dumps({{"state": str(h.state_dir), "mount": str(h.volume.mountpoint),
                   "cgroup": [str(d) for d in (h.cgroup.all_dirs() if h.cgroup else [])]}}), flush=True)
-time.sleep(0.5)
+deadline = time.monotonic() + 30
+log = tmp / "crash.log"
+while not (log.exists() and "up" in log.read_text()):  # the stage runs, inside its sandbox
+    assert time.monotonic() < deadline, "the stage did not start"
+    time.sleep(0.02)
 os._exit(0)   # the runner dies without cleaning up
 """
 
@@ -501,10 +599,7 @@ def test_clean_leftovers_after_a_runner_crash(tmp_path: Path) -> None:
     left = json.loads(proc.stdout.strip().splitlines()[-1])
     state = Path(left["state"])
     # The sandbox itself died with its runner (--die-with-parent)...
-    deadline = time.monotonic() + 10
-    while host_processes(marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert host_processes(marker) == []
+    wait_until(lambda: host_processes(marker) == [], 10, "the sandbox to die with its runner")
     # ...but the host resources need `clean`.
     assert state.is_dir() and left["mount"] in Path("/proc/mounts").read_text()
     assert all(Path(d).is_dir() for d in left["cgroup"])

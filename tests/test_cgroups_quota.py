@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from pipcook_sandbox.runner.backends import cgroups, quota
 
@@ -73,6 +74,35 @@ def test_limits_are_written(cg_factory) -> None:
         assert (d / "cpu.max").read_text().split()[0] == "50000"
 
 
+def _weight(d: Path, version: int) -> int:
+    return int((d / cgroups.WEIGHT_FILE[version]).read_text())
+
+
+@needs_root
+def test_cpu_weight_follows_the_cpus_granted(cg_factory) -> None:
+    """A stage weighs as many ordinary tasks as it has CPUs; the shared parent
+    as the sum of its stages, so on a busy host the stages are not squeezed
+    into one task's share together."""
+    two = cg_factory(cpus=2.0)
+    if "cpu" in two.missing:
+        pytest.skip("no cpu controller here")
+    v = two.version
+    d2 = two.dirs["cpu"] if v == 1 else two.dirs[""]
+    per = cgroups.WEIGHT_PER_CPU[v]
+    assert _weight(d2, v) == 2 * per
+    half = cg_factory(cpus=0.5)
+    dh = half.dirs["cpu"] if v == 1 else half.dirs[""]
+    assert _weight(dh, v) == per  # never below one task's weight
+    parent = d2.parent
+    siblings = sum(_weight(c, v) for c in parent.iterdir() if c.is_dir())
+    assert _weight(parent, v) == siblings >= 3 * per
+    half.kill_all()
+    assert half.remove()
+    if parent.exists():  # the parent follows its stages down again
+        assert _weight(parent, v) == sum(_weight(c, v) for c in parent.iterdir() if c.is_dir())
+        assert _weight(parent, v) < siblings
+
+
 @needs_root
 def test_oom_is_detected(cg_factory) -> None:
     cg = cg_factory(memory=128 << 20)
@@ -109,9 +139,7 @@ def test_pids_limit_holds_and_is_reported(cg_factory) -> None:
 def test_kill_all_and_remove(cg_factory) -> None:
     cg = cg_factory()
     p = spawn_in(cg, "import os, time\nos.fork(); os.fork()\ntime.sleep(60)\n")
-    deadline = time.monotonic() + 10
-    while len(cg.pids()) < 4 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: len(cg.pids()) >= 4, 10, "the four processes in the cgroup")
     assert len(cg.pids()) == 4
     assert cg.kill_all()
     p.wait(timeout=10)
@@ -135,9 +163,7 @@ def test_v2_group_kill_and_remove() -> None:
         have = cgroups._v2_controllers(cg.dirs[""].parent.parent)
         assert set(cg.missing) >= {c for c in cgroups.CONTROLLERS if c not in have}
         p = spawn_in(cg, "import os, time\nos.fork()\ntime.sleep(60)\n")
-        deadline = time.monotonic() + 10
-        while len(cg.pids()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: len(cg.pids()) >= 2, 10, "the two processes in the cgroup")
         assert len(cg.pids()) == 2
         assert cg.kill_all()
         p.wait(timeout=10)
@@ -265,13 +291,10 @@ def test_watch_volume_notices_overuse(tmp_path: Path) -> None:
     try:
         assert vol.kind == "watch"
         (vol.path("out") / "a").write_bytes(b"x" * (4 << 20))
-        time.sleep(3 * quota.WATCH_PERIOD)
+        wait_until(lambda: vol.usage() >= 4 << 20, 5, "the watcher to measure the first 4 MiB")
         assert not vol.exceeded()
         (vol.path("out") / "b").write_bytes(b"x" * (6 << 20))
-        deadline = time.monotonic() + 5
-        while not vol.exceeded() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert vol.exceeded()
+        wait_until(vol.exceeded, 5, "the watcher to see the volume over its quota")
     finally:
         vol.destroy()
     assert not vol.mountpoint.exists()

@@ -142,3 +142,12 @@ def test_predict_takes_a_mirror_for_the_models_framework(tmp_path, http_server):
     assert json.loads(proc.stdout) == {"success": True, "data": [{"answer": 42}]}
     zips = [p for p in http_server.hits if p.endswith(".zip")]
     assert sum(http_server.hits[z] for z in zips) == 2  # once for training, once for the fresh host
+
+
+def test_framework_build_with_an_empty_name_is_a_usage_error(tmp_path):
+    # resolve() answers None for no framework; `framework build ""` used to reach `None.dir` (internal error)
+    proc = run_cli("framework", "build", "", "-o", str(tmp_path / "mirror"))
+    assert proc.returncode == 2, proc.stderr
+    assert "empty NAME@VERSION names no framework" in proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    assert not (tmp_path / "mirror").exists()

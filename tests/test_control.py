@@ -12,6 +12,7 @@ import time
 
 import pytest
 import zmq
+from waiting import holds_for, wait_until
 
 from pipcook_sandbox.runner.control import (MAX_PENDING_EVENTS, MAX_VIOLATIONS_LOGGED, PROGRESS_TEXT_MAX, ControlServer, Event,
                             json_shown, shown, validate)
@@ -240,14 +241,6 @@ def recv(sock, timeout=WAIT):
     return unpack(sock.recv_multipart(), CONTROL_CAPS)
 
 
-def wait_for(predicate, what, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
 def test_progress_metrics_and_error_events_arrive(control):
     sock = control.dealer()
     send(sock, {"op": "hello"})
@@ -307,8 +300,10 @@ def test_a_flood_waits_in_zeromq_not_in_the_runners_memory(control):
     sock = control.dealer()
     for i in range(300):
         send(sock, {"op": "progress", "value": i % 100, "extra": {"i": i}})
-    time.sleep(1.0)  # ample time to read them all, were it unbounded
-    assert control.events.qsize() <= MAX_PENDING_EVENTS
+    # The control thread reads until the queue is full, then stops reading; were it unbounded the
+    # queue would go on to hold all 300.
+    wait_until(lambda: control.events.qsize() >= MAX_PENDING_EVENTS, WAIT, "the control thread to fill its queue")
+    holds_for(lambda: control.events.qsize() <= MAX_PENDING_EVENTS, 1.0, "the bound on the event queue")
     got = [next_event(control).data["extra"]["i"] for _ in range(300)]
     assert got == list(range(300))
 
@@ -354,7 +349,7 @@ def test_hostile_messages_give_a_single_violation_and_the_server_keeps_working(c
     evil.send(b"\x91" * 100_000)  # deeply nested
     send(evil, {"op": "frobnicate"})
     send(evil, {"op": "progress", "value": float("nan")})
-    wait_for(lambda: len(control.violations.get("model", [])) == MAX_VIOLATIONS_LOGGED, "the violations to be recorded")
+    wait_until(lambda: len(control.violations.get("model", [])) == MAX_VIOLATIONS_LOGGED, WAIT, "the violations to be recorded")
     # the bomb is refused while decoding, not after building it
     assert any("lists and maps" in why for why in control.violations["model"])
     events = drain(control)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY, require_docker, run_cli, write_pipeline
+from waiting import wait_until
 from httpserver import http_server  # noqa: F401  (fixture)
 
 from pipcook_sandbox.runner.backends import base
@@ -438,7 +439,8 @@ def _start_slow_run(tmp_path: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
         else:
             pytest.fail("the run's three containers did not start")
-        time.sleep(1)
+        log = tmp_path / "ws" / "logs" / "model.log"
+        wait_until(lambda: log.exists() and "training" in log.read_text(), 60, "the model stage to be training")
     except BaseException:
         proc.send_signal(signal.SIGINT)  # an orderly stop: the runner removes its containers
         proc.communicate(timeout=60)

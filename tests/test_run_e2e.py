@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from httpserver import http_server  # noqa: F401  (fixture)
 from conftest import REPO, TINY, _runner_alive, leftover_mounts, require_bwrap, run_cli, sandbox_processes, write_pipeline
+from waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -169,21 +170,19 @@ def test_ctrl_c_stops_every_stage_and_keeps_the_workspace(tmp_path):
         def train(runtime, options, ctx):
             runtime.notify_progress(1)
             tag = "{marker}"
+            print("training", flush=True)
             time.sleep(300)
     '''
     pipeline = write_pipeline(tmp_path / "p", model=model)
     proc = subprocess.Popen([sys.executable, "-m", "pipcook_sandbox", "run", str(pipeline), "-o", str(tmp_path / "ws")],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (tmp_path / "ws" / "logs" / "model.log").exists():
-        time.sleep(0.2)
-    time.sleep(2)
+    log = tmp_path / "ws" / "logs" / "model.log"
+    wait_until(lambda: log.exists() and "training" in log.read_text(), 120, "the model stage to be training")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err
     assert (tmp_path / "ws" / "pipeline.json").is_file()
-    time.sleep(0.5)
     # every sandbox of this run binds scripts from the workspace, so its path is in their command lines
     assert not sandbox_processes(str(tmp_path / "ws")), "sandbox processes outlived the run"
     assert not leftover_mounts()

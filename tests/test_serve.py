@@ -20,6 +20,7 @@ from typing import Iterator
 import httpx
 import pytest
 from conftest import REPO, require_bwrap, run_cli, write_pipeline
+from waiting import holds_for, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -286,7 +287,14 @@ def test_a_killed_worker_is_replaced_for_the_next_request(server):
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    time.sleep(0.5)
+
+    def gone(pid: int) -> bool:  # exited, or a zombie (no command line) waiting for its parent
+        try:
+            return b"sandbox.worker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return True
+
+    wait_until(lambda: all(gone(p) for p in pids), 10, "the killed workers to exit")
     r = server.post(json={"inputs": ["1.5"]})
     assert r.status_code == 200, r.text
     assert r.json()["data"] == [{"value": 3.0, "task": "predict"}]
@@ -300,9 +308,9 @@ def test_over_the_queue_limit_is_503(server):
     server.wait_ready()
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         slow = pool.submit(server.post, json={"inputs": ["sleep"]})
-        time.sleep(1.0)
+        wait_until(lambda: server.health().json()["pending"] == 1, 30, "the slow request to be taken")
         waiting = pool.submit(server.post, json={"inputs": ["1"]})
-        time.sleep(0.5)
+        wait_until(lambda: server.health().json()["pending"] == 2, 30, "the second request to wait behind it")
         refused = server.post(json={"inputs": ["1"]})
         assert "busy" in _fails(refused, 503)
         assert slow.result().status_code == 504
@@ -316,9 +324,12 @@ def test_a_worker_flooding_between_requests_cannot_grow_the_server(model, tmp_pa
     isolation, ws = model
     with serving(ws / "model.zip", isolation, tmp=tmp_path) as s:
         assert s.post(json={"inputs": ["flood"]}).json()["data"] == [{"flooding": True}]
-        time.sleep(5)  # unbounded, the queue would hold gigabytes by now
-        peak = int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{s.proc.pid}/status").read_text()).group(1)) << 10
-        assert peak < 256 << 20, peak
+
+        def peak() -> int:
+            return int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{s.proc.pid}/status").read_text()).group(1)) << 10
+
+        # for five seconds of flooding (unbounded, the queue would hold gigabytes by then)
+        holds_for(lambda: peak() < 256 << 20, 5, "the server's peak memory below 256 MiB", interval=0.1)
         r = s.post(json={"inputs": ["3"]})  # the flood is still on: the answer is found behind it
         assert r.status_code == 200 and r.json()["data"] == [{"value": 6.0, "task": "predict"}], r.text
 

@@ -16,7 +16,6 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ from conftest import (
     sandbox_processes,
     write_pipeline,
 )
+from waiting import wait_until
+
 from pipcook_sandbox.runner.engines import get_engine
 from pipcook_sandbox.runner.engines import slurm as slurm_engine
 from pipcook_sandbox.runner.engines.base import (
@@ -88,15 +89,8 @@ def _jobs_of(account: str) -> list[str]:
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll `condition` until it returns something truthy; fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.5)
+    """waiting.wait_until, polling every 0.5 s: each look runs squeue/sacct."""
+    return wait_until(condition, timeout, what, interval=0.5)
 
 
 @pytest.fixture

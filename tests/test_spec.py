@@ -354,3 +354,46 @@ def test_load_refuses_other_schemes() -> None:
 
 def _no_network(url: str) -> bytes:
     raise AssertionError(f"unexpected fetch of {url}")
+
+
+# --- the quick check (fastjsonschema) and the reference (jsonschema) agree -------------
+
+
+def _variants() -> list[object]:
+    """Every pipeline file of the repo, and each with one field swapped for a
+    value of every JSON kind, removed, or joined by an unknown field."""
+    repo = Path(__file__).resolve().parent.parent
+    files = [p for d in ("tests", "examples", "bench") for p in (repo / d).rglob("pipeline*.json")]
+    bases = [json.loads(p.read_text()) for p in files]
+    assert len(bases) >= 5, files
+    kinds: list[object] = [None, True, 0, 1, 1.0, 2.5, -1, "", "x", "2.0", "model.py", [], [""], ["a.py", 3],
+                           {}, {"processor": "zip"}, {"processor": ""}, [{"processor": "zip", "x": 1}],
+                           [{"target": "a"}], {"train": []}, {"train": {"epochs": 1}}, [None]]
+    out: list[object] = [None, [], "", 3]
+    for base in bases:
+        out.append(base)
+        for key in list(base) + ["framework", "artifact", "dataflow", "options", "type", "extra"]:
+            for value in kinds:
+                out.append({**base, key: value})
+            out.append({k: v for k, v in base.items() if k != key})
+        for i, art in enumerate(base.get("artifact") or []):
+            for key in ("processor", "target", "extra"):
+                for value in kinds:
+                    arts = list(base["artifact"])
+                    arts[i] = {**art, key: value}
+                    out.append({**base, "artifact": arts})
+    return out
+
+
+def test_quick_schema_check_agrees_with_jsonschema() -> None:
+    """A pipeline passes the runner's quick check exactly when jsonschema (the
+    reference, whose errors the messages come from) passes it."""
+    from pipcook_sandbox.runner import spec as spec_module
+
+    reference = Draft202012Validator(load_schema())
+    seen = {True: 0, False: 0}
+    for raw in _variants():
+        expected = reference.is_valid(raw)
+        assert spec_module._conforms(raw) == expected, raw
+        seen[expected] += 1
+    assert seen[True] > 20 and seen[False] > 200, seen

@@ -60,7 +60,7 @@ def _run_all(entries: list[dict], ws: Any, log: Callable[[str], None]) -> list[P
     available = installed()
     for i, entry in enumerate(entries or []):
         name = entry.get("processor")
-        ep = available.get(name)
+        ep = available.get(name) if isinstance(name, str) else None
         if ep is None:
             raise ArtifactError(
                 f"artifact[{i}]: no artifact processor {name!r} is installed on this host "

@@ -96,6 +96,8 @@ def framework_for(options: dict, workspace: Path, processor: str, log: Callable[
     except PipcookError as exc:
         raise ArtifactError(f"artifact processor {processor!r} needs TensorFlow (framework {spec}), "
                             f"which is not available: {exc}") from None
+    if framework is None:  # resolve() gives None only for no spec, and spec is never empty here
+        raise ArtifactError(f"artifact processor {processor!r} needs TensorFlow; framework {spec!r} named none")
     return framework
 
 

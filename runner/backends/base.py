@@ -25,7 +25,7 @@ import abc
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 # The one uid/gid every stage runs as on the host (nobody), whatever the backend.
 SANDBOX_UID = SANDBOX_GID = 65534
@@ -62,7 +62,7 @@ class Limits:
     tmp: int = 1 << 30  # the private /tmp (memory-backed, counts against memory)
     downloads: int | None = None  # all of a run's ctx.download bytes together; None: `disk`
 
-    def replace(self, **changes) -> "Limits":
+    def replace(self, **changes: Any) -> "Limits":
         return dataclasses.replace(self, **changes)
 
 

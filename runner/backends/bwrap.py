@@ -19,7 +19,8 @@ Namespaces and credentials
       --userns-block-fd/--info-fd; the runner writes the new namespace's
       maps itself, `0 0 1` (bwrap's setup, which must read the base
       interpreter under /root) and `65534 65534 1`, denies setgroups, and the
-      command is a tiny launcher that drops the bounding set, becomes
+      command is util-linux's setpriv (a tiny Python launcher where the
+      host has none) that drops the bounding set, becomes
       uid/gid 65534 (clearing every capability) and execs python. The
       stage's processes are host uid 65534 (nobody), no capabilities in any
       set. --disable-userns cannot be combined with --userns-block-fd; the
@@ -61,8 +62,11 @@ System calls
     --seccomp FD with seccomp.bpf_program(): see seccomp.py.
 
 Limits
-    memory, pids, cpus: a per-stage cgroup (cgroups.py) that bwrap enters
-    before it forks: a small host-side wrapper (`python -I -S`, not /bin/sh,
+    memory, pids, cpus: a per-stage cgroup (cgroups.py). In mapped mode the
+    runner moves bwrap and the sandbox's first process into it and sets
+    their rlimits (prlimit) during the id handshake, while the sandbox is
+    still blocked and has forked nothing (`_confine`). In plain mode bwrap
+    enters it before it forks: a small host-side wrapper (`python -I -S`, not /bin/sh,
     whose `ulimit -f` counts 512- or 1024-byte blocks depending on the
     shell) writes its own pid into cgroup.procs, sets NOFILE=limits.nofile,
     FSIZE=limits.disk, CORE=0, and execs bwrap. Output: stdout+stderr are
@@ -89,6 +93,7 @@ import json
 import logging
 import os
 import re
+import resource
 import secrets
 import select
 import shutil
@@ -102,6 +107,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from pipcook_sandbox.runner import gpus
 from pipcook_sandbox.runner.errors import PipcookError
@@ -394,36 +400,30 @@ def _etc_files(etc: Path) -> dict[str, Path]:
     return out
 
 
-def build_parts(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd: int,  # noqa: C901 (25: one option family a branch)
-                writable: dict[str, Path], info_fd: int | None = None, block_fd: int | None = None,
-                feats: Features | None = None, interp: Interpreter | None = None) -> tuple[list[str], list[str]]:
-    """(bwrap's options, the command it runs in the sandbox).
-    `writable` maps each spec.writable target to its volume directory.
-
-    The options name host paths (the workspace, the cache, the run's state
-    dir). bwrap stays pid 1 of the stage's pid namespace, and the stage can
-    read pid 1's /proc/1/cmdline, so the options are handed over through
-    `--args FD` (`args_memfd`), never in argv; only the command, whose paths
-    are the sandbox's own, stays there."""
-    feats = feats or features()
-    interp = interp or interpreter()
-    a = _Args(feats)
+def _identity(a: _Args, mode: str, info_fd: int | None, block_fd: int | None) -> None:
+    """Namespaces, uid/gid and capabilities."""
     a.add("--unshare-all", "--unshare-user")
     if mode == "mapped":
         a.add("--uid", "0", "--gid", "0", "--userns-block-fd", str(block_fd), "--info-fd", str(info_fd))
     else:
         a.add("--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_GID))
-        if feats.disable_userns:
+        if a.feats.disable_userns:
             a.add("--disable-userns")
     a.add("--die-with-parent", "--new-session", "--cap-drop", "ALL")
     if mode == "mapped":  # for the launcher's drop to 65534, gone before python starts
         a.add("--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP")
     a.add("--hostname", "pipcook", "--clearenv")
+
+
+def _environment(a: _Args, spec: StageSpec) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
     env.update(spec.env)
     for k, v in env.items():
         a.add("--setenv", k, v)
 
+
+def _system_files(a: _Args, etc: dict[str, Path]) -> None:
+    """/usr and friends read-only, the generated /etc files, two host ones."""
     for d in SYSTEM_DIRS:
         if os.path.islink(d):
             a.add("--symlink", os.readlink(d), d)
@@ -436,6 +436,9 @@ def build_parts(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd:
         if os.path.isfile(f) and not os.path.islink(f):
             a.mount("--ro-bind", f, f)
 
+
+def _proc(a: _Args) -> None:
+    """A new procfs with Docker's read-only and masked paths."""
     a.add("--proc", "/proc")
     a.made.add("/proc")
     for name in READONLY_PROC:
@@ -449,6 +452,8 @@ def build_parts(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd:
             a.tmpfs(f"/proc/{name}", "0555", None)
             a.add("--remount-ro", f"/proc/{name}")
 
+
+def _dev_and_tmp(a: _Args, spec: StageSpec) -> None:
     a.add("--dev", "/dev")
     a.made.add("/dev")
     if spec.gpu:
@@ -458,6 +463,9 @@ def build_parts(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd:
     a.tmpfs("/tmp", "1777", spec.limits.tmp)
     a.tmpfs("/dev/shm", "1777", spec.limits.tmp)
 
+
+def _interpreter(a: _Args, interp: Interpreter) -> None:
+    """The base Python at its own path (unless a system dir holds it), its site-packages hidden."""
     if not any(interp.prefix == Path(d) or Path(d) in interp.prefix.parents
                for d in SYSTEM_DIRS if os.path.isdir(d) and not os.path.islink(d)):
         a.mount("--ro-bind", interp.prefix, interp.prefix)
@@ -465,23 +473,71 @@ def build_parts(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd:
         a.tmpfs(str(h), "0555", 4096)
         a.add("--remount-ro", str(h))
 
+
+def _stage_mounts(a: _Args, spec: StageSpec, writable: dict[str, Path]) -> None:
     for m in spec.mounts:
         a.mount("--bind" if m.writable else "--ro-bind", m.source, m.target)
     for target, vdir in writable.items():
         a.mount("--bind", vdir, target)
 
-    a.add("--remount-ro", "/")
-    a.add("--chdir", "/tmp", "--seccomp", str(seccomp_fd))
+
+def _command(spec: StageSpec, mode: str, interp: Interpreter) -> list[str]:
+    """What bwrap runs. Mapped mode starts as uid 0 of the namespace and must
+    drop to the stage's ids before Python runs: with setpriv (one small C
+    program exec'd in place of a second interpreter) where the host has it,
+    else the Python launcher."""
     py = str(interp.executable)
     args = list(spec.argv) if spec.argv is not None else list(WORKER_ARGS)
-    if mode == "mapped":
-        command = [py, "-I", "-S", "-c", LAUNCHER % owner.stage_ids(), py, *args]
-    else:
-        command = [py, *args]
-    return a.argv, command
+    if mode != "mapped":
+        return [py, *args]
+    uid, gid = owner.stage_ids()
+    tool = setpriv()
+    if tool is not None:
+        # --keep-groups: the wrapper cleared the supplementary groups on the host
+        # (setgroups is denied inside); setpriv sets real, effective and saved ids,
+        # clears the bounding and inheritable sets (and with them the ambient set);
+        # setuid away from 0 and the exec leave no permitted or effective capability.
+        return [tool, f"--reuid={uid}", f"--regid={gid}", "--keep-groups",
+                "--bounding-set=-all", "--inh-caps=-all", "--", py, *args]
+    return [py, "-I", "-S", "-c", LAUNCHER % (uid, gid), py, *args]
 
 
-def build_args(spec: StageSpec, **kwargs) -> list[str]:
+@lru_cache(maxsize=1)
+def setpriv() -> str | None:
+    """util-linux's setpriv, at a path inside the sandbox's read-only /usr (or /bin)."""
+    for d in ("/usr/bin", "/bin"):
+        path = os.path.join(d, "setpriv")
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def build_parts(spec: StageSpec, *, mode: str, etc: dict[str, Path], seccomp_fd: int,
+                writable: dict[str, Path], info_fd: int | None = None, block_fd: int | None = None,
+                feats: Features | None = None, interp: Interpreter | None = None) -> tuple[list[str], list[str]]:
+    """(bwrap's options, the command it runs in the sandbox).
+    `writable` maps each spec.writable target to its volume directory.
+
+    The options name host paths (the workspace, the cache, the run's state
+    dir). bwrap stays pid 1 of the stage's pid namespace, and the stage can
+    read pid 1's /proc/1/cmdline, so the options are handed over through
+    `--args FD` (`args_memfd`), never in argv; only the command, whose paths
+    are the sandbox's own, stays there."""
+    interp = interp or interpreter()
+    a = _Args(feats or features())
+    _identity(a, mode, info_fd, block_fd)
+    _environment(a, spec)
+    _system_files(a, etc)
+    _proc(a)
+    _dev_and_tmp(a, spec)
+    _interpreter(a, interp)
+    _stage_mounts(a, spec, writable)
+    a.add("--remount-ro", "/")
+    a.add("--chdir", "/tmp", "--seccomp", str(seccomp_fd))
+    return a.argv, _command(spec, mode, interp)
+
+
+def build_args(spec: StageSpec, **kwargs: Any) -> list[str]:
     """The bwrap argument list (without the bwrap binary itself): options, "--", command."""
     options, command = build_parts(spec, **kwargs)
     return [*options, "--", *command]
@@ -534,6 +590,8 @@ class BwrapStage:
         self._cleaned = False
         self._threads: list[threading.Thread] = []
         self._pipe_r: int | None = None
+        self._confine_cfg: dict = {}  # the cgroup files and rlimits of the stage's processes (_start)
+        self._start_failure: str | None = None  # mapped mode: the id handshake failed (_handshake)
         self._own_state = spec.options.state_dir is None
         if spec.options.state_dir is None:
             # where `clean` looks for them (tempfile's choice, which skips a read-only /tmp)
@@ -638,6 +696,8 @@ class BwrapStage:
         detail = details.get(reason, "") if reason else ""
         if code == 125 and reason is None:
             detail = "the sandbox could not start (see the stage log)"
+        if self._start_failure is not None:
+            detail = f"the sandbox could not start: {self._start_failure}"
         return Outcome(code, reason, detail)
 
     def cleanup(self) -> None:
@@ -647,7 +707,7 @@ class BwrapStage:
             self._cleaned = True
         errors: list[str] = []
 
-        def step(what: str, fn) -> None:
+        def step(what: str, fn: Callable[[], object]) -> None:
             try:
                 fn()
             except Exception as e:  # keep going: every later step still matters
@@ -662,16 +722,21 @@ class BwrapStage:
             step("kill", self.cgroup.kill_all)
         for t in self._threads:
             t.join(timeout=5)
-        if self.proc is not None and self._outcome is None:
-            step("outcome", lambda: setattr(self, "_outcome", self._compute_outcome(self.proc.returncode)))
+        proc = self.proc
+        if proc is not None and self._outcome is None:
+            step("outcome", lambda: setattr(self, "_outcome", self._compute_outcome(proc.returncode)))
         if self.volume is not None:
             if self.spec.writable:
                 step("copy out", self._copy_out)
             step("unmount", self.volume.destroy)
-        if self.cgroup is not None:
-            step("cgroup", lambda: self.cgroup.remove() or errors.append("cgroup busy"))
-        if self._pipe_r is not None:
-            step("close", lambda: os.close(self._pipe_r))
+        cgroup, pipe_r = self.cgroup, self._pipe_r
+        if cgroup is not None:
+            def remove_cgroup() -> None:
+                if not cgroup.remove():
+                    errors.append("cgroup busy")
+            step("cgroup", remove_cgroup)
+        if pipe_r is not None:
+            step("close", lambda: os.close(pipe_r))
             self._pipe_r = None
         if not errors:
             step("state", self._remove_state)
@@ -679,6 +744,8 @@ class BwrapStage:
             log.error("stage %s left resources behind (see %s): %s", self.name, self.record_path, errors)
 
     def _reap(self) -> None:
+        if self.proc is None:
+            return
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -686,6 +753,8 @@ class BwrapStage:
             self.proc.wait(timeout=10)
 
     def _copy_out(self) -> None:
+        if self.volume is None:
+            return
         subs = {target: f"w{i}" for i, target in enumerate(self.spec.writable)}
         self.skipped = self.volume.copy_out({subs[t]: host for t, host in self.spec.writable.items()})
 
@@ -699,7 +768,7 @@ class BwrapStage:
 
     # -- threads ------------------------------------------------------------------
 
-    def _chunks(self, fd: int):
+    def _chunks(self, fd: int) -> Iterator[bytes]:
         """The stage's output, noting on the way whether it reported ENOSPC
         (a hint for the "disk" reason when free space is not conclusive)."""
         tail = b""
@@ -725,7 +794,7 @@ class BwrapStage:
 
     # -- starting ------------------------------------------------------------------
 
-    def _save(self, **changes) -> None:
+    def _save(self, **changes: Any) -> None:
         self.record.update(changes)
         _write_json(self.record_path, self.record)
 
@@ -796,11 +865,17 @@ class BwrapStage:
                 "clear_groups": os.geteuid() == 0,
                 "bwrap": feats.bwrap,
             }
+            # Mapped mode runs bwrap itself: the handshake puts bwrap and its sandbox's first process
+            # into the cgroup and sets their limits before the sandbox may go on (_confine), and
+            # Popen clears the supplementary groups. Plain mode needs the wrapper (an interpreter).
+            direct = self.mode == "mapped"
+            self._confine_cfg = cfg
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", WRAPPER, json.dumps(cfg), *argv],
+                [feats.bwrap, *argv] if direct else [sys.executable, "-I", "-S", "-c", WRAPPER, json.dumps(cfg), *argv],
                 stdin=subprocess.DEVNULL, stdout=pipe_w, stderr=pipe_w,
-                pass_fds=[sc_fd, args_fd] + ([info_w, block_r] if info_w is not None else []),
+                pass_fds=[sc_fd, args_fd] + ([info_w, block_r] if info_w is not None and block_r is not None else []),
                 start_new_session=True, env={"PATH": "/usr/bin:/bin"}, cwd="/",
+                extra_groups=[] if direct else None,
             )
             self._save(bwrap_pid=self.proc.pid)
         except BaseException:
@@ -814,16 +889,43 @@ class BwrapStage:
         self._pipe_r = pipe_r
         self._threads.append(output.capture(self._chunks(pipe_r), Path(spec.log_path), lim.output,
                                             lambda: self.terminate(REASON_OUTPUT)))
-        if self.mode == "mapped":
-            try:
-                self._map_ids(info_r, block_w)
-            finally:
-                os.close(info_r)
-                os.close(block_w)
+        if self.mode == "mapped" and info_r is not None and block_w is not None:
+            # The handshake (bwrap clones the namespaces, then the runner writes the maps) ends in a
+            # thread, so the runner starts the next stage's sandbox meanwhile. Nothing of the stage
+            # runs before it ends: bwrap waits on block_w; a failure kills the stage (_start_failure).
+            t = threading.Thread(target=self._handshake, args=(info_r, block_w), name=f"ids-{spec.name}",
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
         if self.volume is not None and self.volume.kind == "watch":
             w = threading.Thread(target=self._watch_disk, name=f"disk-{spec.name}", daemon=True)
             w.start()
             self._threads.append(w)
+
+    def _confine(self, pids: list[int]) -> None:
+        """Mapped mode: what the wrapper does in plain mode, from outside. bwrap and the sandbox's
+        first process (blocked on block_w, nothing forked yet) enter the stage's cgroup and get its
+        rlimits, so everything the stage ever forks is inside and limited."""
+        cfg = self._confine_cfg
+        try:
+            for pid in pids:
+                for f in cfg["procs"]:
+                    cgroups.write_pid(Path(f), pid)
+                for name, value in cfg["rlimits"]:
+                    resource.prlimit(pid, getattr(resource, name), (value, value))
+        except OSError as e:
+            raise PipcookError(f"stage '{self.name}': could not put the sandbox into its cgroup and limits: {e}") from None
+
+    def _handshake(self, info_r: int, block_w: int) -> None:
+        try:
+            self._map_ids(info_r, block_w)
+        except Exception as e:  # the stage is stopped; its outcome says why (set before the kill)
+            self._start_failure = str(e)
+            log.error("stage %s: the sandbox could not start: %s", self.name, e)
+            self.terminate(REASON_CANCELLED)
+        finally:
+            os.close(info_r)
+            os.close(block_w)
 
     def _map_ids(self, info_r: int, block_w: int) -> None:
         """Mapped mode: bwrap has cloned the namespaces and waits for us to
@@ -833,7 +935,6 @@ class BwrapStage:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                self.terminate(REASON_CANCELLED)
                 raise PipcookError(f"stage '{self.name}': bwrap did not report its sandbox pid within "
                                    f"{START_TIMEOUT:g} s; the host may be overloaded (see `pipcook-sandbox doctor`)")
             ready, _, _ = select.select([info_r], [], [], min(left, 0.5))
@@ -846,6 +947,7 @@ class BwrapStage:
         if not data:
             return  # bwrap failed before cloning; its message is in the log
         child = int(json.loads(data)["child-pid"])
+        self._confine([self.proc.pid, child] if self.proc is not None else [child])
         uid, gid = owner.stage_ids()
         maps = f"0 0 1\n{uid} {uid} 1\n"
         gmaps = f"0 0 1\n{gid} {gid} 1\n"
@@ -853,10 +955,12 @@ class BwrapStage:
             Path(f"/proc/{child}/uid_map").write_text(maps)
             Path(f"/proc/{child}/setgroups").write_text("deny\n")
             Path(f"/proc/{child}/gid_map").write_text(gmaps)
-        except OSError:
-            self.terminate(REASON_CANCELLED)
-            raise
-        os.write(block_w, b"1")
+        except OSError as e:
+            raise PipcookError(f"stage '{self.name}': the kernel refused the sandbox's uid/gid maps: {e}") from None
+        try:
+            os.write(block_w, b"1")
+        except BrokenPipeError:
+            pass  # bwrap is gone already (killed meanwhile): its exit is the outcome
 
 
 def start(spec: StageSpec) -> BwrapStage:
@@ -871,7 +975,7 @@ def start(spec: StageSpec) -> BwrapStage:
     return stage
 
 
-def enforce_deadline(handle, timeout: float, poll_interval: float = 0.05) -> Outcome:
+def enforce_deadline(handle: base.StageHandle, timeout: float, poll_interval: float = 0.05) -> Outcome:
     """Wait for the stage at most `timeout` seconds, then terminate it with
     REASON_TIMEOUT. Returns its outcome."""
     if hasattr(handle, "timeout_used"):
@@ -964,7 +1068,7 @@ def probe() -> dict:
         info["userns"] = out.exit_code == 0 and f"uid {sandbox_owner()[0] if uid_mode() == 'mapped' else SANDBOX_UID}\n" in text
         info["seccomp"] = "inet EAFNOSUPPORT" in text
         m = re.search(r"^pids (\d+)$", text, re.M)
-        info["pid_namespace"] = bool(m) and int(m.group(1)) <= 3
+        info["pid_namespace"] = m is not None and int(m.group(1)) <= 3
         info["network_namespace"] = "ifaces lo\n" in text
         if stage.degraded:
             info["degraded"] = "; ".join(stage.degraded)

@@ -48,6 +48,13 @@ ROOT_NAME = "pipcook-sandbox"
 LEAF_NAME = "pipcook-runner"
 CONTROLLERS = ("memory", "pids", "cpu")
 CPU_PERIOD_US = 100_000
+# The scheduler weight of one ordinary (nice 0) task: v1 cpu.shares, v2 cpu.weight.
+# A stage's group weighs as many tasks as the CPUs it was granted, and the shared
+# pipcook-sandbox parent as the sum of its stages: at the default weight, all the
+# stages together competed like one process against every task of a busy host.
+WEIGHT_FILE = {1: "cpu.shares", 2: "cpu.weight"}
+WEIGHT_PER_CPU = {1: 1024, 2: 100}
+WEIGHT_RANGE = {1: (2, 262_144), 2: (1, 10_000)}
 
 PROC_CGROUP = Path("/proc/self/cgroup")
 PROC_MOUNTINFO = mountinfo.PROC_MOUNTINFO
@@ -70,6 +77,11 @@ def _write(path: Path, value: str) -> None:
         os.write(fd, value.encode())
     finally:
         os.close(fd)
+
+
+def write_pid(procs_file: Path, pid: int) -> None:
+    """Move process `pid` into the cgroup of `procs_file` (cgroup.procs, or tasks on v1)."""
+    _write(procs_file, str(pid))
 
 
 def _keyed(path: Path, key: str) -> int | None:
@@ -274,7 +286,8 @@ class Cgroup:
             time.sleep(0.05)
         if not remaining:
             for d in self.all_dirs():
-                remove_parent_if_empty(d.parent)
+                if not remove_parent_if_empty(d.parent) and d == self._dir("cpu"):
+                    weigh_parent(d.parent, self.version)
         return not remaining
 
 
@@ -364,9 +377,12 @@ def _create_v2(name: str, memory: int, pids: int, cpus: float) -> Cgroup | None:
     settings = {
         "memory": [("memory.max", str(memory)), ("memory.swap.max", "0"), ("memory.oom.group", "1")],
         "pids": [("pids.max", str(pids))],
-        "cpu": [("cpu.max", f"{max(1000, int(cpus * CPU_PERIOD_US))} {CPU_PERIOD_US}")],
+        "cpu": [("cpu.max", f"{max(1000, int(cpus * CPU_PERIOD_US))} {CPU_PERIOD_US}"),
+                ("cpu.weight", cpu_weight(2, cpus))],
     }
-    _apply(cg, d, settings, optional={"memory.swap.max", "memory.oom.group"})
+    _apply(cg, d, settings, optional={"memory.swap.max", "memory.oom.group", "cpu.weight"})
+    if "cpu" not in cg.missing:
+        weigh_parent(parent, 2)
     return cg
 
 
@@ -406,12 +422,42 @@ def _create_v1(name: str, memory: int, pids: int, cpus: float) -> Cgroup | None:
                    ("memory.memsw.limit_in_bytes", str(memory)),
                    ("memory.swappiness", "0")],
         "pids": [("pids.max", str(pids))],
-        "cpu": [("cpu.cfs_period_us", str(CPU_PERIOD_US)), ("cpu.cfs_quota_us", str(quota))],
+        "cpu": [("cpu.cfs_period_us", str(CPU_PERIOD_US)), ("cpu.cfs_quota_us", str(quota)),
+                ("cpu.shares", cpu_weight(1, cpus))],
     }
     for c, d in dirs.items():
         _apply(cg, d, {c: settings[c]},
-               optional={"memory.memsw.limit_in_bytes", "memory.swappiness"})
+               optional={"memory.memsw.limit_in_bytes", "memory.swappiness", "cpu.shares"})
+    if "cpu" in dirs and "cpu" not in cg.missing:
+        weigh_parent(dirs["cpu"].parent, 1)
     return cg
+
+
+def cpu_weight(version: int, cpus: float) -> str:
+    """The scheduler weight of a stage granted `cpus` CPUs (at least one task's)."""
+    low, high = WEIGHT_RANGE[version]
+    return str(min(high, max(low, round(max(1.0, cpus) * WEIGHT_PER_CPU[version]))))
+
+
+def weigh_parent(parent: Path, version: int) -> None:
+    """Set the pipcook-sandbox parent's weight to the sum of its stages' (at
+    least one task's). Best effort and racy by design: every runner recomputes
+    it whenever a stage comes or goes, so the last writer sees every stage."""
+    if parent.name != ROOT_NAME:
+        return
+    fname = WEIGHT_FILE[version]
+    total = 0
+    try:
+        children = [c for c in parent.iterdir() if c.is_dir()]
+    except OSError:
+        return
+    for child in children:
+        total += _int(child / fname) or 0
+    low, high = WEIGHT_RANGE[version]
+    try:
+        _write(parent / fname, str(min(high, max(WEIGHT_PER_CPU[version], low, total))))
+    except OSError:
+        pass  # the parent just went (its last stage removed) or the file is not there
 
 
 def _apply(cg: Cgroup, d: Path, settings: dict[str, list[tuple[str, str]]], optional: set[str]) -> None:

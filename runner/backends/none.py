@@ -46,7 +46,9 @@ class NoneHandle:
         self.proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True, cwd="/tmp")
-        self._log = capture(pipe_chunks(self.proc.stdout), spec.log_path, spec.limits.output,
+        stdout = self.proc.stdout
+        assert stdout is not None  # stdout=PIPE always gives one
+        self._log = capture(pipe_chunks(stdout), spec.log_path, spec.limits.output,
                             lambda: self.terminate(base.REASON_OUTPUT))
 
     def poll(self) -> int | None:

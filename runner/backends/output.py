@@ -10,7 +10,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable
+from typing import IO, Callable, Iterable
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _copy(chunks: Iterator[bytes], log_path: Path, cap: int, on_exceeded: Callab
                 on_exceeded()
 
 
-def pipe_chunks(stream: BinaryIO, size: int = 65536) -> Iterable[bytes]:
+def pipe_chunks(stream: IO[bytes], size: int = 65536) -> Iterable[bytes]:
     while True:
         chunk = stream.read1(size) if hasattr(stream, "read1") else stream.read(size)
         if not chunk:

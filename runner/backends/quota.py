@@ -236,7 +236,7 @@ def measure(root: Path, stop_above: int | None = None) -> int:
     return total
 
 
-def _open_dir(path: Path, dir_fd: int | None = None) -> int:
+def _open_dir(path: str | Path, dir_fd: int | None = None) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
 
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 from .base import (
     CANCELED,
@@ -188,10 +189,10 @@ def _signal_reason(code: int) -> str:
     return ""
 
 
-def create(**options: object) -> LocalEngine:
+def create(**options: Any) -> LocalEngine:
     """The engine with the server's options: `cpus`, `memory`, `gpus`, `python`; others are ignored."""
     known = {k: v for k, v in options.items() if k in ("cpus", "memory", "gpus", "python")}
-    return LocalEngine(**known)  # type: ignore[arg-type]
+    return LocalEngine(**known)
 
 
 __all__ = ["LocalEngine", "command", "create"]

@@ -32,6 +32,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .base import (
     CANCELED,
@@ -332,9 +333,9 @@ class SlurmEngine(Engine):
         ensure_account(tenant, quotas, users=users, prefix=self.account_prefix)
 
 
-def create(**options: object) -> SlurmEngine:
+def create(**options: Any) -> SlurmEngine:  # the server's options; the constructor takes what it knows
     """The engine, from the server's options (`partition=` from --slurm-partition)."""
-    return SlurmEngine(**options)  # type: ignore[arg-type]
+    return SlurmEngine(**options)
 
 
 # --- tenant accounts -----------------------------------------------------------------------

@@ -284,7 +284,7 @@ def _add_run_routes(app: FastAPI, service: Service, h: _Tenancy) -> None:
         if db.transition(run_id, CANCELED, expect=(QUEUED,), note="canceled while queued",
                          error="canceled by the tenant before it started"):
             return RunAccepted(id=run_id, status=CANCELED)
-        if run["state"] == RUNNING or db.run(run_id)["state"] == RUNNING:  # type: ignore[index]
+        if run["state"] == RUNNING or (db.run(run_id) or {}).get("state") == RUNNING:  # None: deleted meanwhile
             db.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ? AND state = ?", (run_id, RUNNING))
             assert service.scheduler is not None
             service.scheduler.wake()

@@ -129,11 +129,14 @@ class HostSnapshot:
         if state_dir in self.dirs or not RUNNER_DIR.fullmatch(state_dir.name):
             return False  # older, or another tool's (benchmarks use pcsb-tp-...)
         owner = self._owner(state_dir)
-        if owner is None:  # just being made by another run, or ours half-removed: look again
-            time.sleep(0.5)
-            if not state_dir.exists():
-                return False
+        # None: just being made by another run, or ours half-removed: look until it names its runner or
+        # goes (a dir that keeps no record for 2 s counts as ours)
+        deadline = time.monotonic() + 2
+        while owner is None and state_dir.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
             owner = self._owner(state_dir)
+        if not state_dir.exists():
+            return False
         return owner is None or owner == runner_pid
 
     def leftovers(self, runner_pid: int, markers: tuple[str, ...] = (), docker: bool = False) -> list[str]:

@@ -13,9 +13,9 @@ import json
 import socket
 import subprocess
 import threading
-import time
 
 import pytest
+from waiting import wait_until
 
 from .attack import run_attack, token
 
@@ -198,9 +198,7 @@ def test_loopback_abstract_sockets_and_metadata_reach_nothing(tmp_path, isolatio
     assert listeners.hits == [], listeners.hits
     # ...while the listeners do count what reaches them.
     _sanity_check_listeners(listeners)
-    deadline = time.monotonic() + 5
     expected = len(listeners.tcp) + len(listeners.udp) + 1
-    while len(listeners.hits) < expected and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len(listeners.hits) >= expected, 5, f"{expected} hits on the sanity check's listeners")
     assert len(listeners.hits) == expected, listeners.hits
     assert not attack.leftovers()

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
 
 import pytest
 
 from conftest import sandbox_processes
+from waiting import wait_until
 
 from .attack import run_attack, token
 
@@ -31,10 +30,8 @@ def host_canary():
     proc = subprocess.Popen(["bash", "-c", f"exec -a {marker} sleep 600"],
                             user=SANDBOX_UID, group=SANDBOX_UID, extra_groups=[], cwd="/",
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not sandbox_processes(marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sandbox_processes(marker), f"the canary did not start: {proc.poll()}"
+    wait_until(lambda: sandbox_processes(marker) or proc.poll() is not None, 10, "the canary to start")
+    assert proc.poll() is None, f"the canary exited with status {proc.returncode}"
     try:
         yield proc, marker
     finally:
@@ -173,16 +170,19 @@ MARKER = "__MARKER__"
 
 def spawn(role):
     """Double fork, new session, SIGTERM/SIGHUP ignored, exec'd with the marker in argv."""
+    up = f"/tmp/daemon-up-{role}"  # written after the exec, by the program that carries the marker
     if os.fork() == 0:
         os.setsid()
         if os.fork() == 0:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
-            os.execv(sys.executable, [sys.executable, "-c", code, MARKER + "-" + role])
+            code = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                    "open(sys.argv[2], 'w').close(); time.sleep(600)")
+            os.execv(sys.executable, [sys.executable, "-c", code, MARKER + "-" + role, up])
         os._exit(0)
     os.wait()
-    time.sleep(0.5)
+    while not os.path.exists(up):
+        time.sleep(0.01)
     print("daemon started", flush=True)
 
 
@@ -208,7 +208,6 @@ def test_a_daemon_never_outlives_the_run(tmp_path, isolation, outcome):
     attack = run_attack(tmp_path, isolation, datasource=script, dataflow=[], model=script)
     assert attack.returncode == (0 if outcome == "run succeeds" else 1), attack.describe()
     assert "daemon started" in attack.log("datasource") and "daemon started" in attack.log("model")
-    time.sleep(0.5)
     assert not attack.leftovers(marker), "a process started in a stage outlived the run"
 
 
