@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import click
 
-from .errors import PipcookError, UsageError
+from .errors import PipcookError, UsageError, host_refusal
 from .inert import InertFormatter, inert
 
 ISOLATIONS = ("bwrap", "docker", "none")
@@ -100,10 +100,12 @@ def handle_errors(fn: Callable) -> Callable:
             raise  # usage errors: click prints them with the usage line, exit status 2
         except KeyboardInterrupt:
             _stopped("")
-        except Exception as exc:  # a bug of ours: still one paragraph, traceback on request
+        except Exception as exc:  # the host's refusal, or a bug of ours: one paragraph, traceback on request
             if debug:
                 _traceback()
-            _fail(f"error: internal error in pipcook-sandbox: {type(exc).__name__}: {exc}"
+            refused = host_refusal(exc)
+            _fail(f"error: {refused}" if refused is not None else
+                  f"error: internal error in pipcook-sandbox: {type(exc).__name__}: {exc}"
                   + ("" if debug else " (run with --debug for the traceback)"))
             sys.exit(1)
 
@@ -384,7 +386,7 @@ def _plain(exc: BaseException) -> BaseException | None:
         return PipcookError(exc.format_message())
     if isinstance(exc, SystemExit):
         return None
-    return PipcookError(f"internal error in pipcook-sandbox: {type(exc).__name__}: {exc}")
+    return host_refusal(exc) or PipcookError(f"internal error in pipcook-sandbox: {type(exc).__name__}: {exc}")
 
 
 @main.command()

@@ -10,17 +10,13 @@ from typing import Any
 
 from pipcook_sandbox.runner.backends import BACKENDS, get_backend
 
-from .errors import PipcookError
+from .errors import BackendUnavailable
 
 # What each backend must provide before it may run untrusted code.
 REQUIRED = {
     "bwrap": ("bwrap", "userns", "seccomp", "pid_namespace", "network_namespace"),
     "docker": ("engine", "image"),
 }
-
-
-class BackendUnavailable(PipcookError):
-    pass
 
 
 def probe(name: str) -> dict[str, Any]:
@@ -50,7 +46,10 @@ def require_backend(name: str) -> None:
     if name in _confirmed:
         return
     found = probe(name)
-    issues = problems(name, found)
+    issues = list(dict.fromkeys(problems(name, found)))  # one probe failure is often every feature's reason
+    first = REQUIRED.get(name, ("",))[0]
+    if not found.get("error") and found.get(first) in (False, None) and issues:
+        issues = issues[:1]  # no bwrap binary, no Docker engine: nothing else could be probed
     if issues:
         raise BackendUnavailable(
             f"the {name} backend cannot confine scripts on this host: {'; '.join(issues)}. "

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import fetch, workspace
 from .errors import FetchError
-from .limits import human
+from .units import fmt_bytes
 
 IN_DOWNLOADS = "/pipcook/downloads"
 CACHE_CAP = 2 << 30
@@ -96,7 +96,7 @@ class ByteBudget:
         with self._lock:
             if self.used + n > self.total:
                 raise FetchError(f"download of {url} refused: the run's downloads would pass their budget of "
-                                 f"{human(self.total)} (--downloads; {human(self.used)} already used)")
+                                 f"{fmt_bytes(self.total)} (--downloads; {fmt_bytes(self.used)} already used)")
             self.used += n
 
 

@@ -24,6 +24,7 @@ from pipcook_sandbox.runner import cachedir, localfiles
 from pipcook_sandbox.runner.errors import FetchError, IntegrityError, PolicyError
 from pipcook_sandbox.runner.netpolicy import check_url, parse_ip_literal, resolve_and_check
 from pipcook_sandbox.runner.spec import ScriptRef, uri_to_path
+from pipcook_sandbox.runner.units import fmt_bytes
 
 if TYPE_CHECKING:  # httpx is imported when something is fetched over http: a run from local files skips it
     import httpx
@@ -84,15 +85,8 @@ def download_cache_dir() -> Path:
     return Path(override) if override else cache_dir()
 
 
-def _size_words(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size and n % size == 0:
-            return f"{n // size} {unit}"
-    return f"{n} bytes"
-
-
 def _too_big(url: str, max_bytes: int) -> FetchError:
-    return FetchError(f"download of {url} refused: it is larger than the {_size_words(max_bytes)} limit")
+    return FetchError(f"download of {url} refused: it is larger than the {fmt_bytes(max_bytes)} limit")
 
 
 def _host_header(url: httpx.URL) -> str:
@@ -326,7 +320,7 @@ def _read_local(ref: ScriptRef, max_bytes: int) -> bytes:
         raise FetchError(f"cannot read script {path}: {exc.strerror}", script=ref.name) from None
     if len(data) > max_bytes:
         raise FetchError(
-            f"script {path} is larger than the {_size_words(max_bytes)} limit", script=ref.name
+            f"script {path} is larger than the {fmt_bytes(max_bytes)} limit", script=ref.name
         )
     return data
 
@@ -393,6 +387,15 @@ def fetch_script(
     caches nothing.
     """
     root = download_cache_dir() / "scripts"
+    try:
+        return _fetch_script(ref, root, nocache, allow_private, max_bytes)
+    except OSError as exc:  # the cache is where every script runs from: full or read-only, the run cannot go on
+        raise FetchError(f"cannot keep {ref.uri} in the script cache {root}: {exc.strerror or exc}"
+                         f"{f' ({exc.filename})' if exc.filename else ''}; free space there or point "
+                         "PIPCOOK_SANDBOX_CACHE at a writable directory", script=ref.name) from exc
+
+
+def _fetch_script(ref: ScriptRef, root: Path, nocache: bool, allow_private: Collection[str], max_bytes: int) -> Path:
     by_sha = root / "sha256"
     index_path = root / "urls" / (hashlib.sha256(ref.uri.encode("utf-8")).hexdigest() + ".json")
 

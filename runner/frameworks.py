@@ -10,58 +10,26 @@
 
 It is built with pip on first use (under a file lock, so concurrent runs
 build it once) and reused afterwards. Prebuilt archives from a mirror and
-framework URLs are handled by `runner.mirror` when present.
+framework URLs are handled by `runner.mirror`.
 """
 from __future__ import annotations
 
 import json
-import platform
 import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Collection
 
+from . import mirror as mirror_mod
 from .cachebuild import build_once, pip_install
-from .errors import PipcookError
+from .errors import FrameworkError
 from .fetch import cache_dir
+from .frameworkid import Framework, build_id, platform_tag, python_tag  # noqa: F401  (this module's API too)
 
 DEFINITIONS = Path(__file__).resolve().parent.parent / "frameworks"
 NAME_RE = re.compile(r"^([A-Za-z0-9_.-]+)@([A-Za-z0-9_.+-]+)$")
-
-
-class FrameworkError(PipcookError):
-    pass
-
-
-@dataclass(frozen=True)
-class Framework:
-    name: str
-    version: str
-    dir: Path  # holds framework.json, initialize.py (optional), site/
-
-    @property
-    def site(self) -> Path:
-        return self.dir / "site"
-
-    @property
-    def initialize(self) -> str | None:
-        return "initialize.py" if (self.dir / "initialize.py").is_file() else None
-
-
-def python_tag() -> str:
-    return f"py{sys.version_info.major}{sys.version_info.minor}"
-
-
-def platform_tag() -> str:
-    machine = platform.machine().lower()
-    return f"{sys.platform}-{ {'amd64': 'x86_64', 'arm64': 'aarch64'}.get(machine, machine) }"
-
-
-def build_id(name: str, version: str, cuda: bool) -> str:
-    return f"{name}@{version}-{python_tag()}-{platform_tag()}{'-cuda' if cuda else ''}"
 
 
 def definition(name: str, version: str) -> tuple[dict, dict, Path]:
@@ -91,8 +59,6 @@ def resolve(spec: str | None, *, cuda: bool = False, rebuild: bool = False, log:
     if not spec:
         return None
     if url_ref is not None:
-        from . import mirror as mirror_mod
-
         return mirror_mod.from_url(url_ref.uri, url_ref.sha256, nocache=nocache, allow_private=allow_private, log=log,
                                    roots=url_ref.roots)
     m = NAME_RE.match(spec)
@@ -103,8 +69,6 @@ def resolve(spec: str | None, *, cuda: bool = False, rebuild: bool = False, log:
     if (target / "framework.json").is_file() and not rebuild:
         return Framework(name, version, target)
     if mirror:
-        from . import mirror as mirror_mod
-
         return mirror_mod.from_mirror(mirror, name, version, cuda=cuda, allow_private=allow_private, log=log)
     meta, entry, folder = definition(name, version)
     build_once(target, "framework.json",

@@ -35,16 +35,17 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from pipcook_sandbox.runner.backends import mountinfo
+from pipcook_sandbox.runner.backends.base import SANDBOX_GID, SANDBOX_UID
 from pipcook_sandbox.sandbox.protocol import PROTOCOL_VERSION
 
-from .errors import PipcookError
+from .errors import ImageError
 from .fetch import cache_dir
-from .workerenv import requirements
+from .workerpins import REPOSITORY, deps_hash, image_tag, requirements  # noqa: F401  (this module's API too)
 
 if TYPE_CHECKING:
     from docker import DockerClient
 
-REPOSITORY = "pipcook-sandbox-worker"
 IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
 IMAGE_PYTHON = (3, 11)  # both recipes; the framework is built for the host's 3.11
 SUITE = "bookworm"
@@ -53,19 +54,6 @@ ROOTFS_PACKAGES = ("python3",)
 STRIP = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
          "var/cache/apt", "var/lib/apt/lists", "var/log", "var/cache/debconf")
 IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-class ImageError(PipcookError):
-    pass
-
-
-def deps_hash() -> str:
-    """The same digest `workerenv` names its worker site with."""
-    return hashlib.sha256(" ".join(requirements()).encode()).hexdigest()[:12]
-
-
-def image_tag(cuda: bool = False) -> str:
-    return f"{REPOSITORY}:{'cuda' if cuda else 'cpu'}-p{PROTOCOL_VERSION}-{deps_hash()}"
 
 
 def image_labels(cuda: bool, recipe: str) -> dict[str, str]:
@@ -152,11 +140,10 @@ def _run(argv: list[str], what: str, timeout: float = 1800) -> str:
 def _unmount_under(root: Path) -> None:
     """debootstrap mounts /proc and /sys in the target; a failed run can leave
     them, and deleting through a mounted /sys must never happen."""
-    prefix = str(root.resolve()) + "/"
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True)
+    top = root.resolve()
+    for point in mountinfo.points_below(top):
+        if point != top:
+            subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
 def _remove_tree(root: Path) -> None:
@@ -252,7 +239,7 @@ def _build_offline(engine: DockerClient, cuda: bool, tag: str, log: Callable[[st
                 if entry == ".complete":
                     continue
                 tar.add(site / entry, arcname=f"./pipcook/site/{entry}", filter=_site_filter)
-        changes = ["USER 65534:65534", "WORKDIR /tmp", "ENV HOME=/tmp", "ENV LANG=C.UTF-8",
+        changes = [f"USER {SANDBOX_UID}:{SANDBOX_GID}", "WORKDIR /tmp", "ENV HOME=/tmp", "ENV LANG=C.UTF-8",
                    "ENV PYTHONDONTWRITEBYTECODE=1", f"ENV PATH={IMAGE_PATH}", 'CMD ["python3"]']
         changes += [f"LABEL {json.dumps(k)}={json.dumps(v)}" for k, v in image_labels(cuda, "debootstrap").items()]
         repository, _, name = tag.partition(":")
@@ -277,7 +264,7 @@ def check(engine: DockerClient, tag: str, log: Callable[[str], None] = print) ->
                                     cap_drop=["ALL"], remove=True, stderr=True).decode().split()
     except Exception as exc:
         raise ImageError(f"the image {tag} was built but does not run the worker's imports: {exc}") from None
-    if out[:3] != ["65534", *map(str, IMAGE_PYTHON)]:
+    if out[:3] != [str(SANDBOX_UID), *map(str, IMAGE_PYTHON)]:
         raise ImageError(f"the image {tag} runs as uid {out[0]} with Python {'.'.join(out[1:3])}; "
-                         f"expected uid 65534 and Python {'.'.join(map(str, IMAGE_PYTHON))}")
+                         f"expected uid {SANDBOX_UID} and Python {'.'.join(map(str, IMAGE_PYTHON))}")
     log(f"image {tag} is ready (Python {out[1]}.{out[2]}, numpy {out[3]}, uid {out[0]})")

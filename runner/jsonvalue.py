@@ -14,12 +14,10 @@ import math
 import sys
 from typing import Any
 
+from .errors import Unfit
+
 # Deeper than any honest meta, result or pipeline; far below Python's recursion limit.
 MAX_DEPTH = 64
-
-
-class Unfit(ValueError):
-    """The value cannot be plain JSON; the message names where (e.g. `data[0].score`)."""
 
 
 def _where(path: str) -> str:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pipcook_sandbox.runner.backends.base import Limits
 
 from .errors import UsageError
+from .units import fmt_bytes
 
 # Below these a stage cannot even start Python with the worker's imports (measured: the worker alone
 # peaks near 40 MiB), so a smaller value is refused up front instead of failing obscurely later.
@@ -27,14 +28,6 @@ def parse_size(text: str, what: str) -> int:
     return value
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" or n == int(n) else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def defaults() -> Limits:
     """Memory 4g, all CPUs, 256 processes, 10g of disk, 1 hour, per stage."""
     return Limits(cpus=float(os.cpu_count() or 1))
@@ -50,7 +43,7 @@ def from_options(memory: str | None, cpus: float | None, pids: int | None, disk:
     if memory is not None:
         changes["memory"] = parse_size(memory, "--memory")
         if changes["memory"] < MIN_MEMORY:
-            raise UsageError(f"--memory {memory} is below the minimum of {human(MIN_MEMORY)}: a stage needs that "
+            raise UsageError(f"--memory {memory} is below the minimum of {fmt_bytes(MIN_MEMORY)}: a stage needs that "
                              "much to start Python and the worker")
     if cpus is not None:
         if cpus <= 0:
@@ -69,7 +62,7 @@ def from_options(memory: str | None, cpus: float | None, pids: int | None, disk:
     if disk is not None:
         changes["disk"] = parse_size(disk, "--disk")
         if changes["disk"] < MIN_DISK:
-            raise UsageError(f"--disk {disk} is below the minimum of {human(MIN_DISK)}")
+            raise UsageError(f"--disk {disk} is below the minimum of {fmt_bytes(MIN_DISK)}")
     if timeout is not None:
         if timeout <= 0:
             raise UsageError("--timeout must be positive")

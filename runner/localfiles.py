@@ -23,14 +23,12 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import Refused
+
 RULE = ("a local pipeline may name only regular files under its own directory (links resolved); "
         "the operator can allow another directory with --allow-path DIR")
 # Pseudo file systems: their "regular" files are the kernel's and the runner's own state.
 _NEVER = (Path("/proc"), Path("/sys"), Path("/dev"))
-
-
-class Refused(Exception):
-    """The path may not be used; the message says why (without the rule)."""
 
 
 def roots_of(*dirs: str | os.PathLike[str]) -> tuple[str, ...]:

@@ -28,8 +28,8 @@ from pipcook_sandbox.sandbox import extract as safe_extract
 
 from . import fetch, localfiles
 from .cachebuild import build_once
-from .errors import IntegrityError
-from .frameworks import Framework, FrameworkError, build_id, platform_tag, python_tag
+from .errors import FrameworkError, IntegrityError
+from .frameworkid import Framework, build_id, platform_tag, python_tag
 
 MAX_ARCHIVE = 8 << 30
 MAX_UNPACKED = 16 << 30

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 from . import fetch, jsonvalue, localfiles, spec, stages, statedir, workspace
-from .errors import PipcookError
+from .errors import ModelError
 
 MAX_ZIP_BYTES = 4 << 30  # what a model zip may unpack to
 MAX_ZIP_FILES = 100_000
@@ -25,10 +25,6 @@ MAX_DOWNLOAD_BYTES = 4 << 30
 MAX_PIPELINE_BYTES = 1 << 20
 MAX_META_BYTES = 16 << 20
 
-
-
-class ModelError(PipcookError):
-    """The model (workspace, dir or zip) cannot be used for prediction."""
 
 
 @dataclass
@@ -89,10 +85,17 @@ def open_model(location: str, allow_private: tuple[str, ...] = ()) -> Iterator[P
     if "://" in location:
         raise ModelError(f"a model is a path or an http(s) URL, not {location!r}")
     path = Path(location).expanduser()
-    if not path.exists():
-        raise ModelError(f"no such workspace, model dir or zip: {path}")
-    if path.is_dir():
-        yield _model_root(path)
+    try:  # an unreadable workspace is the user's to fix: say so, before anything runs
+        if not path.exists():
+            raise ModelError(f"no such workspace, model dir or zip: {path}")
+        root = _model_root(path) if path.is_dir() else None
+        if root is None:
+            path.open("rb").close()
+    except OSError as exc:
+        raise ModelError(f"cannot read the model at {path}: {exc.strerror or exc} ({exc.filename or path}); "
+                         "predict and serve need to read the workspace, model dir or zip") from None
+    if root is not None:
+        yield root
         return
     with statedir.state_dir("pcsb-model-") as tmp:
         _unzip(path, Path(tmp) / "unpacked")

@@ -1,12 +1,7 @@
 """`pipcook-sandbox predict`: run a trained model on a few inputs, every stage sandboxed.
 
-A model is found in a workspace (`DIR/model/`), a model directory itself, a
-zip made by the `zip` artifact processor, or such a zip at an http(s) URL.
-Its `pipeline.json` names its scripts as pinned paths inside the model dir
-(`scripts/model.py#sha256=...`, written by `training.finish_model_dir`);
-a model from elsewhere is as hostile as any pipeline, so those references
-must stay inside the model dir and carry a pin that matches, or nothing runs.
-
+The model is found and checked by `runner/models.py` (a workspace, a model
+dir, a model zip or its URL; its scripts pinned inside it, or nothing runs).
 Then: the dataflows and the model's `predict` run as in training, each in
 its own sandbox, with `ctx.task_type == "predict"`, the model dir read-only
 and the inputs served by the runner as the `predicted` split.
@@ -20,12 +15,8 @@ from typing import Callable
 from pipcook_sandbox.runner.backends.base import Limits
 
 from . import jsonvalue, run, stages, statedir
-from .errors import PipcookError
+from .errors import PipcookError, UsageError
 from .models import MAX_ZIP_BYTES, Model, ModelError, load, open_model, prepare  # noqa: F401  (predict's API)
-
-
-class UsageError(PipcookError):
-    """The command was called wrongly (no inputs, say)."""
 
 
 @dataclass

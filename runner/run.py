@@ -47,8 +47,8 @@ from . import control as control_mod
 from . import jsonvalue
 from .downloads import IN_DOWNLOADS, Downloads
 from .errors import Interrupted, StageError
-from .limits import human
 from .statedir import new_state_dir, state_dir  # noqa: F401  (public here too)
+from .units import fmt_bytes
 from .verdict import Observation, Stage, judge, stage_failure
 
 LIB_DIR = Path(sandbox.__file__).resolve().parent
@@ -428,17 +428,15 @@ class Run:
 
     # -------------------------------------------------------------- a pipeline
 
-    def execute(self, plans: list[StagePlan]) -> ExecResult:
-        """Start every stage of `plans`, wait for the model's end; StageError if the run failed."""
+    def execute(self, plans: list[StagePlan], starter: Callable[[Run, list[StagePlan]], Any] | None = None,
+                ) -> ExecResult:
+        """Start every stage of `plans`, wait for the model's end; StageError if the run failed.
+        `starter`: the class that starts the stages (default `_PipelineStarter`; warmrun.WarmStarter)."""
         try:
             if self.prepared is not None:  # booted before the pipeline was known (runner/warmrun.py)
                 self.prepared.claim(plans)
-            elif self.opts.warm and self.backend.can_boot_warm:
-                from .warmrun import WarmStarter
-
-                WarmStarter(self, plans).start()
             else:
-                _PipelineStarter(self, plans).start()
+                (starter or _PipelineStarter)(self, plans).start()
             return _Monitor(self, plans).wait()
         except KeyboardInterrupt:
             for handle in self.handles.values():
@@ -447,10 +445,9 @@ class Run:
 
 
 def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
-    """Run the stages of one pipeline execution to the end; raise StageError on failure."""
-    from .warmrun import take_prepared
-
-    with take_prepared(plans, ws, opts) or Run(ws, opts) as run:
+    """Run the stages of one pipeline execution to the end; raise StageError on failure.
+    (`warmrun.execute` is the same with warm sandboxes where the options ask for them.)"""
+    with Run(ws, opts) as run:
         return run.execute(plans)
 
 
@@ -499,9 +496,10 @@ class _PipelineStarter:
         for plan in self.plans:  # where to copy out: the run's workspace when it closes (warm: known late)
             if plan.role == "datasource":
                 wanted.append((f"vol-{plan.name}", disk, ["data", "cache"],
-                               lambda: {"data": run.ws.data, "cache": run.ws.cache}))
-            elif plan.role == "model" and run.opts.task_type == "train":
-                wanted.append((f"vol-{plan.name}", disk, ["model"], lambda: {"model": run.ws.model}))
+                               lambda: {"data": run.ws.data, "cache": run.ws.cache} if run.ws is not None else {}))
+            elif plan.role == "model" and run.opts.task_type == "train":  # no workspace: a warm run never taken
+                wanted.append((f"vol-{plan.name}", disk, ["model"],
+                               lambda: {"model": run.ws.model} if run.ws is not None else {}))
             if plan.role != "model":
                 wanted.append((f"ipc-{plan.name}", SOCKET_DIR_QUOTA, ["out"], None))
         for (name, _, subdirs, _), vol in zip(wanted, run.volumes(wanted)):  # made at the same time
@@ -617,7 +615,7 @@ class _Monitor:
         logged = self.result.metric_bytes[name] = self.result.metric_bytes.get(name, 0) + len(line) + 1
         cap = self.run.opts.limits.output
         if logged > cap:  # metrics.jsonl is on the host's disk: capped like the stage's output
-            self.violations[name] = f"logged more than {human(cap)} of metrics, the cap on what a stage may record"
+            self.violations[name] = f"logged more than {fmt_bytes(cap)} of metrics, the cap on what a stage may record"
             self.run.stop_stage(name, base.REASON_PROTOCOL)
             return
         self.metrics_file.write(line + "\n")

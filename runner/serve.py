@@ -36,7 +36,15 @@ from pipcook_sandbox.sandbox.stageconfig import ScriptEntry
 
 from . import jsonvalue, models, report, stages
 from . import run as run_mod
-from .errors import PipcookError, StageError
+from .errors import (
+    BadRequest,
+    PipcookError,
+    RequestFailed,
+    RequestTimeout,
+    StageError,
+    WorkerError,
+    WorkerUnavailable,
+)
 from .verdict import Observation
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -45,22 +53,6 @@ MAX_BODY = 16 << 20  # one request, JSON or multipart
 MAX_INPUTS = 1024
 MAX_STRING = 1 << 20
 STOP_GRACE = 3.0
-
-
-class WorkerError(PipcookError):
-    """The worker failed: it could not start, died, or broke the protocol (5xx)."""
-
-
-class WorkerUnavailable(WorkerError):
-    """The worker could not be (re)started for this request (503)."""
-
-
-class RequestFailed(PipcookError):
-    """The pipeline's scripts raised an error on these inputs; the worker is still up (422)."""
-
-
-class RequestTimeout(PipcookError):
-    """The request ran past --request-timeout; the worker was stopped (504)."""
 
 
 @dataclass
@@ -317,12 +309,6 @@ def _answer(status: int, message: str | None = None, data: list | None = None) -
 
     body = {"success": True, "data": data} if message is None else {"success": False, "message": message}
     return JSONResponse(body, status_code=status)
-
-
-class BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 async def _read_body(request: Any, cap: int) -> bytes:

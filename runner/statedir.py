@@ -15,16 +15,28 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import PipcookError
 
-def new_state_dir(prefix: str = "pcsb-", run_id: str | None = None) -> Path:
+
+def new_state_dir(prefix: str = "pcsb-", run_id: str | None = None, parent: str | None = None) -> Path:
     """A private temporary directory that names its owner (run.json), so leftover checks and
     `clean` can tell a live run's from an abandoned one. Short path: ipc:// endpoints must stay
-    under 107 characters."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp" if os.path.isdir("/tmp") else None))
+    under 107 characters, so it is under /tmp unless `parent` says otherwise."""
+    if parent is None:
+        parent = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
     record: dict[str, Any] = {"runner_pid": os.getpid()}
     if run_id is not None:
         record["run_id"] = run_id
-    (path / "run.json").write_text(json.dumps(record))
+    path: Path | None = None
+    try:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        (path / "run.json").write_text(json.dumps(record))
+    except OSError as exc:
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+        raise PipcookError(f"cannot make the run's private state directory under {parent} (it holds each "
+                           f"stage's sockets, scratch space and disk-quota volume): {exc.strerror or exc}; "
+                           f"free space on that filesystem or make it writable") from exc
     return path
 
 

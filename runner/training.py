@@ -21,7 +21,7 @@ from typing import Any, Callable, TextIO
 
 from pipcook_sandbox.runner.backends.base import Limits
 
-from . import artifacts, cleanup, fetch, gpus, overrides, run, spec, stages, validate, workspace
+from . import artifacts, cleanup, fetch, gpus, overrides, run, spec, stages, validate, warmrun, workspace
 from .errors import PipcookError
 
 
@@ -125,7 +125,7 @@ def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
             workspace.write_json(ws.framework / "framework.json",
                                  {"name": framework.name, "version": framework.version, "path": str(framework.dir)})
         plans = stages.plan(pipeline, copies)
-        result = run.execute(plans, ws, run.ExecOptions(
+        result = warmrun.execute(plans, ws, run.ExecOptions(
             isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu is True,  # check_gpu decided it
             nocache=opts.nocache, allow_private=opts.allow_private, task_type="train", framework=framework, worker_site=worker_site,
             pipeline_options=dict(pipeline.options), on_progress=opts.on_progress, on_event=opts.on_event,

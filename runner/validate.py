@@ -13,6 +13,7 @@ import inspect
 from collections.abc import Iterable
 from typing import Any
 
+from . import processors
 from .errors import SpecError
 
 # Pipcook's task types (CONTRACT section 1 names the first five); predict/serve key on them.
@@ -78,9 +79,7 @@ def check_artifacts(entries: list[dict], source: str | None = None) -> None:
     """Every artifact processor installed, loadable, and given only the options it declares."""
     if not entries:
         return
-    from . import artifacts
-
-    available = artifacts.installed()
+    available = processors.installed()
     for i, entry in enumerate(entries):
         where = f"artifact[{i}]"
         name = str(entry.get("processor"))

@@ -18,7 +18,7 @@ from pipcook_sandbox.runner.backends.base import Limits
 
 from .control import shown
 from .errors import StageError
-from .limits import human
+from .units import fmt_bytes
 
 UPSTREAM = 9  # the priority of a stage's "the stage before me failed" error: the cause is elsewhere
 
@@ -47,12 +47,12 @@ def tail(path: Path, lines: int = 3) -> str:
 def _limit_message(reason: str | None, limits: Limits) -> str | None:
     return {
         base.REASON_TIMEOUT: f"stopped after {limits.timeout:g} s: the wall-clock limit (--timeout) was reached",
-        base.REASON_MEMORY: f"killed for using more than {human(limits.memory)} of memory (--memory)",
+        base.REASON_MEMORY: f"killed for using more than {fmt_bytes(limits.memory)} of memory (--memory)",
         base.REASON_MEMORY_SHARED: ("killed when the memory the whole run may use ran out (the limit of the cgroup "
                                     "the runner runs in, e.g. a Slurm job's --mem), before its own --memory"),
         base.REASON_PIDS: f"reached the limit of {limits.pids} processes and threads (--pids)",
-        base.REASON_DISK: f"filled its disk quota of {human(limits.disk)} (--disk)",
-        base.REASON_OUTPUT: f"wrote more than {human(limits.output)} to stdout/stderr, the cap on captured output",
+        base.REASON_DISK: f"filled its disk quota of {fmt_bytes(limits.disk)} (--disk)",
+        base.REASON_OUTPUT: f"wrote more than {fmt_bytes(limits.output)} to stdout/stderr, the cap on captured output",
     }.get(reason or "")
 
 

@@ -14,8 +14,8 @@
   or its key differs) is discarded and that stage started cold in its place.
 
 `run --warm` does both at once. A warm runner process (runner/warmrunner.py)
-does `prepare()` before it has a job, `offer()`s the run, and the run's
-`execute` takes it (`take_prepared`) when the shape and the options agree;
+does `prepare()` before it has a job, `offer()`s the run, and `execute` (what
+`run` calls) takes it (`take_prepared`) when the shape and the options agree;
 otherwise the prepared run is closed and the run is started cold.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pipcook_sandbox.runner.backends import base
 from pipcook_sandbox.runner.backends.base import Mount
 from pipcook_sandbox.runner.backends.output import LogTarget
 
-from .run import ExecOptions, Run, StagePlan, _PipelineStarter
+from .run import ExecOptions, ExecResult, Run, StagePlan, _PipelineStarter
 from .warm import WarmError, WarmKey, WarmSandbox
 
 # What must be equal between the options a run was prepared with and the run's own: they shape its
@@ -146,3 +146,11 @@ def take_prepared(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> Run | N
             return run
         run.close()
     return None
+
+
+def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
+    """run.execute, with the run a warm runner prepared for these plans and options if there is one,
+    else with every stage booted warm first when `opts.warm` asks (bwrap), else cold."""
+    with take_prepared(plans, ws, opts) or Run(ws, opts) as run:
+        starter = WarmStarter if opts.warm and run.backend.can_boot_warm and run.prepared is None else None
+        return run.execute(plans, starter=starter)

@@ -37,6 +37,9 @@ PLACEHOLDER = "pipeline.json"
 
 
 def _terminate(signum: int, frame: Any) -> None:
+    # Once: a server's shutdown sends SIGTERM and its exit then sends PDEATHSIG's; a second SystemExit
+    # in the middle of the teardown would leave the prepared run's mounts behind.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(143)
 
 

@@ -8,59 +8,19 @@ Docker images carry the same packages at the same path instead.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import sys
 from pathlib import Path
 from typing import Callable
 
 from .cachebuild import build_once, pip_install
 from .errors import PipcookError
 from .fetch import cache_dir
-from .frameworks import platform_tag, python_tag
-
-PACKAGES = ("pyzmq", "msgpack", "numpy", "pillow")
-
-
-def _dist_info_version(dist: str) -> str | None:
-    """The version in the name of `dist`'s .dist-info directory, first on sys.path (as
-    importlib.metadata finds it), or None. Every bwrap run asks: importing importlib.metadata just
-    for this cost ~0.04 s of CPU per run; it is still the fallback (egg-info, odd layouts)."""
-    def canonical(name: str) -> str:
-        return name.lower().replace("-", "_").replace(".", "_")
-
-    want = canonical(dist)
-    for entry in sys.path:
-        try:
-            names = os.listdir(entry or ".")
-        except OSError:
-            continue
-        for name in names:
-            project, _, version = name[:-len(".dist-info")].rpartition("-")
-            if name.endswith(".dist-info") and version and canonical(project) == want:
-                return version
-    return None
-
-
-def requirements() -> list[str]:
-    pins = []
-    for dist in PACKAGES:
-        found = _dist_info_version(dist)
-        if found is None:
-            import importlib.metadata
-
-            try:
-                found = importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                pins.append(dist)
-                continue
-        pins.append(f"{dist}=={found}")
-    return pins
+from .frameworkid import platform_tag, python_tag
+from .workerpins import PACKAGES, deps_hash, requirements  # noqa: F401  (this module's API too)
 
 
 def ensure_worker_site(log: Callable[[str], None] = print) -> Path:
     reqs = requirements()
-    digest = hashlib.sha256(" ".join(reqs).encode()).hexdigest()[:12]
+    digest = deps_hash(reqs)
     target = cache_dir() / "worker-site" / f"{python_tag()}-{platform_tag()}-{digest}"
 
     def build(staging: Path) -> None:

@@ -43,6 +43,7 @@ import numpy as np
 import zmq
 
 from . import sdk, shmring
+from .errors import SampleError, UpstreamError
 from .protocol import (
     ALLOWED_KINDS,
     DATA_CAPS,
@@ -67,14 +68,6 @@ except ValueError:
     RING_BYTES = shmring.DEFAULT_RING
 STACK_MAX_BYTES = 64 << 20  # a stacked column stays far below the caps' max_frame whatever the batch
 REQUEST_CAPS = Caps(max_header=64 << 10, max_frame=64 << 10, max_frames=1, max_total=64 << 10, max_items=64)
-
-
-class UpstreamError(RuntimeError):
-    """The stage before this one failed while producing samples."""
-
-
-class SampleError(Exception):
-    """The pool this stage serves produced something that cannot cross."""
 
 
 def _set_caps(sock: zmq.Socket, caps: Caps) -> None:

@@ -15,12 +15,9 @@ from typing import Any
 import zmq
 
 from . import extract as _extract
+from .errors import DownloadError
 from .protocol import CONTROL_CAPS, BoundaryTypeError, ProtocolError, pack, unpack
 from .stageconfig import StageConfig
-
-
-class DownloadError(RuntimeError):
-    """The runner refused or failed to fetch a URL for the script."""
 
 
 class ControlClient:

@@ -17,11 +17,9 @@ import tarfile
 import zipfile
 from typing import IO
 
+from .errors import ExtractError
+
 CHUNK = 1 << 20
-
-
-class ExtractError(ValueError):
-    pass
 
 
 def _safe_target(dest: str, name: str) -> str:

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from .errors import BoundaryTypeError, ProtocolError
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -47,22 +49,6 @@ INLINE_LIMIT = 64 * 1024
 # Array dtypes that may cross: booleans, numbers, fixed-width strings and
 # dates. Object, void and structured dtypes could smuggle arbitrary objects.
 ALLOWED_KINDS = frozenset("biufcSUmM")
-
-
-class ProtocolError(Exception):
-    """A message that breaks the wire format or the caps (hostile or broken peer)."""
-
-
-class BoundaryTypeError(TypeError):
-    """A value that may not cross a boundary (docs/scripts.md)."""
-
-    def __init__(self, type_name: str, where: str) -> None:
-        self.type_name = type_name
-        self.where = where
-        super().__init__(
-            f"{where} is of type {type_name}, which cannot cross a sandbox boundary; samples may hold only "
-            "None, bool, int, float, str, bytes, lists, dicts and numpy arrays"
-        )
 
 
 @dataclass(frozen=True)

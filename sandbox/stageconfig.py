@@ -13,11 +13,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigError
+
 VERSION = 2
-
-
-class ConfigError(ValueError):
-    """stage.json is not a configuration this worker understands."""
 
 
 @dataclass

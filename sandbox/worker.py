@@ -21,6 +21,7 @@ import sys
 import traceback
 from typing import Any
 
+from .errors import StageFailure
 from .stageconfig import StageConfig
 
 # How long a finished stage waits for the runner to confirm it has read the stage's last reports.
@@ -33,15 +34,6 @@ SIGNATURES = {
     "train": "train(runtime, options, ctx)",
     "predict": "predict(runtime, options, ctx)",
 }
-
-
-class StageFailure(Exception):
-    """An error to report in plain words; `kind` tells the runner whose fault it is."""
-
-    def __init__(self, message: str, kind: str = "script", tb: str = "") -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.tb = tb
 
 
 def _script_frame(tb: Any, script: str | tuple[str, ...]) -> str:

@@ -17,9 +17,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import PipcookError
-
-GROUP = "pipcook_sandbox.artifacts"
+from ..errors import ArtifactError, PipcookError
+from ..processors import GROUP, installed  # noqa: F401  (this package's API too)
 
 # The isolation and limits of the run whose model is being processed. Processors are trusted, the
 # model files are not: code that parses them (Keras, TensorFlow) runs in this sandbox
@@ -30,16 +29,6 @@ _confinement: ContextVar[tuple[str, Any]] = ContextVar("pipcook_artifact_confine
 def confinement() -> tuple[str, Any]:
     """(isolation, Limits or None) for code that reads the model's files."""
     return _confinement.get()
-
-
-class ArtifactError(PipcookError):
-    pass
-
-
-def installed() -> dict[str, Any]:
-    import importlib.metadata  # 30 ms: only runs that name an artifact pay for it
-
-    return {ep.name: ep for ep in importlib.metadata.entry_points(group=GROUP)}
 
 
 def target_path(ws_root: Path, target: Any, default_name: str, log: Callable[[str], None] = print) -> Path:

@@ -172,7 +172,7 @@ def _run_confined(job: Job, isolation: str, limits: base.Limits) -> str:
 
 
 def _stopped(job: Job, outcome: base.Outcome, limits: base.Limits) -> ArtifactError:
-    from pipcook_sandbox.runner.backends.bwrap import fmt_bytes
+    from pipcook_sandbox.runner.units import fmt_bytes
 
     why = {
         base.REASON_TIMEOUT: f"it took longer than {job.timeout:g} s",

@@ -31,7 +31,7 @@ from typing import Callable
 
 from ..cachebuild import build_once, pip_install
 from ..fetch import cache_dir
-from ..frameworks import platform_tag, python_tag
+from ..frameworkid import platform_tag, python_tag
 from . import ArtifactError, confined, confinement, exportmeta, target_path
 from .tflite_processor import CONVERT_TIMEOUT, framework_for, inside_model, keras_file, private_copy
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from functools import cache
 
-from pipcook_sandbox.runner.errors import PipcookError
+from pipcook_sandbox.runner.errors import UnknownBackend
 
 from .base import Backend
 
@@ -20,10 +20,6 @@ BACKENDS = {
     "docker": "pipcook_sandbox.runner.backends.docker:DockerBackend",
     "none": "pipcook_sandbox.runner.backends.none:NoneBackend",
 }
-
-
-class UnknownBackend(PipcookError):
-    """--isolation names no registered backend."""
 
 
 @cache

@@ -111,8 +111,10 @@ from typing import Any, Callable, Iterator
 
 from pipcook_sandbox.runner import gpus
 from pipcook_sandbox.runner.errors import PipcookError
+from pipcook_sandbox.runner.statedir import new_state_dir
+from pipcook_sandbox.runner.units import fmt_bytes
 
-from . import base, cgroups, output, owner, quota, seccomp
+from . import base, cgroups, mountinfo, output, owner, quota, seccomp
 from .base import (
     REASON_CANCELLED,
     REASON_DISK,
@@ -306,15 +308,6 @@ def grant_access(spec: StageSpec, owner: tuple[int, int]) -> list[str]:
 
 
 # --- small helpers -------------------------------------------------------------
-
-
-def fmt_bytes(n: int) -> str:
-    """256 MiB, 1.5 GiB, 512 bytes: how limits are named to users."""
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            value = n / size
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-    return f"{n} bytes"
 
 
 def fmt_seconds(s: float) -> str:
@@ -602,7 +595,8 @@ class BwrapStage:
         self._start_failure: str | None = None  # mapped mode: the id handshake failed (_handshake)
         self._own_state = spec.options.state_dir is None
         if spec.options.state_dir is None:
-            self.state_dir = Path(tempfile.mkdtemp(prefix=STATE_PREFIX))
+            # where `clean` looks for them (tempfile's choice, which skips a read-only /tmp)
+            self.state_dir = new_state_dir(STATE_PREFIX, spec.run_id, parent=tempfile.gettempdir())
         else:
             self.state_dir = Path(spec.options.state_dir)
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -1092,19 +1086,7 @@ def probe() -> dict:
 
 def _mounts_below(root: Path) -> list[Path]:
     """Mount points at or below root, deepest first."""
-    prefix = str(root).rstrip("/") + "/"
-    found = []
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 4:
-            mp = quota._unescape(fields[4])
-            if mp == str(root) or mp.startswith(prefix):
-                found.append(Path(mp))
-    return sorted(set(found), key=lambda p: len(p.parts), reverse=True)
+    return mountinfo.points_below(root)
 
 
 def _runner_alive(record: dict) -> bool:

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import mountinfo
+
 ROOT_NAME = "pipcook-sandbox"
 LEAF_NAME = "pipcook-runner"
 CONTROLLERS = ("memory", "pids", "cpu")
@@ -55,7 +57,7 @@ WEIGHT_PER_CPU = {1: 1024, 2: 100}
 WEIGHT_RANGE = {1: (2, 262_144), 2: (1, 10_000)}
 
 PROC_CGROUP = Path("/proc/self/cgroup")
-PROC_MOUNTINFO = Path("/proc/self/mountinfo")
+PROC_MOUNTINFO = mountinfo.PROC_MOUNTINFO
 
 
 # --- small file helpers ----------------------------------------------------
@@ -118,13 +120,9 @@ class _Mount:
 
 def _mounts() -> list[_Mount]:
     found = []
-    for line in (_read(PROC_MOUNTINFO) or "").splitlines():
-        left, _, right = line.partition(" - ")
-        lf, rf = left.split(), right.split()
-        if len(lf) < 5 or len(rf) < 3 or rf[0] not in ("cgroup", "cgroup2"):
-            continue
-        mpath = lf[4].replace("\\040", " ")
-        found.append(_Mount(Path(mpath), lf[3], rf[0], frozenset(rf[2].split(","))))
+    for m in mountinfo.mounts(PROC_MOUNTINFO):
+        if m.fstype in ("cgroup", "cgroup2"):
+            found.append(_Mount(Path(m.point), m.root, m.fstype, m.super_options))
     return found
 
 

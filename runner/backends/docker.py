@@ -48,8 +48,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pipcook_sandbox.runner import gpus
-from pipcook_sandbox.runner.errors import PipcookError as _ErrorBase
+from pipcook_sandbox.runner import gpus, workerpins
+from pipcook_sandbox.runner.errors import DockerError
+from pipcook_sandbox.runner.statedir import new_state_dir
 
 from . import base, gvisor, owner, quota
 from .output import capture
@@ -73,10 +74,6 @@ SHM_MIN, SHM_MAX = 64 << 20, 256 << 20
 PIDS_CHECK_PERIOD = 0.25
 OOM_EVENT_GRACE = 3.0  # how long an unexplained SIGKILL waits for the engine's OOM event
 API_TIMEOUT = 60
-
-
-class DockerError(_ErrorBase):
-    """Docker cannot run a stage here (no engine, no image, no GPU runtime)."""
 
 
 # --- the engine ----------------------------------------------------------------------
@@ -146,11 +143,7 @@ def image_for(gpu: bool) -> str:
     override = os.environ.get(ENV_IMAGE)
     if override:
         return override
-    from pipcook_sandbox.runner.images import (
-        image_tag,  # host side; the tag follows the runner's pins
-    )
-
-    return image_tag(cuda=gpu)
+    return workerpins.image_tag(cuda=gpu)  # the tag follows the runner's pins
 
 
 def nvidia_runtime() -> tuple[bool, str]:
@@ -583,7 +576,7 @@ class _Writable:
 
         self.spec = spec
         self.own_dir = spec.options.state_dir is None
-        parent = spec.options.state_dir or Path(tempfile.mkdtemp(prefix="pcsb-"))
+        parent = spec.options.state_dir or new_state_dir("pcsb-", spec.run_id, parent=tempfile.gettempdir())
         self.dir = Path(tempfile.mkdtemp(prefix=f"dw-{spec.name[:40]}-", dir=parent))
         self.subs = {target: f"w{i}" for i, target in enumerate(spec.writable)}
         self.volume = quota.create_volume(self.dir / "vol", spec.limits.disk, list(self.subs.values()),

@@ -6,10 +6,14 @@ runner: past `cap` bytes nothing more is written, a last line says so, and
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Callable, Iterable
+
+log = logging.getLogger(__name__)
 
 
 class LogTarget:
@@ -30,7 +34,7 @@ class LogTarget:
         return str(self.path)
 
 
-def as_target(log_path: "Path | LogTarget") -> "Path | LogTarget":
+def as_target(log_path: Path | LogTarget) -> Path | LogTarget:
     """`log_path` as capture() takes it: a LogTarget kept as it is (it may move), anything else a Path."""
     return log_path if isinstance(log_path, LogTarget) else Path(log_path)
 
@@ -38,33 +42,43 @@ def as_target(log_path: "Path | LogTarget") -> "Path | LogTarget":
 def capture(chunks: Iterable[bytes], log_path: Path | LogTarget, cap: int,
             on_exceeded: Callable[[], None]) -> threading.Thread:
     """Start a thread copying `chunks` into `log_path` (a LogTarget: wherever it points); returns the thread."""
+    it = iter(chunks)
     target = log_path if isinstance(log_path, LogTarget) else LogTarget(Path(log_path))
 
     def pump() -> None:
-        written = 0
-        target.path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(target.path, "ab")
         try:
-            for chunk in chunks:
-                if written >= cap:
-                    continue  # keep draining so the stage never blocks on a full pipe before it is killed
-                if os.fspath(target) != log.name:
-                    log.close()
-                    log = open(target.path, "ab")
-                room = cap - written
-                log.write(chunk[:room])
-                written += min(len(chunk), room)
-                log.flush()
-                if written >= cap:
-                    log.write(f"\n[pipcook-sandbox: output cut at {cap} bytes; the stage was stopped]\n".encode())
-                    log.flush()
-                    on_exceeded()
-        finally:
-            log.close()
+            _copy(it, target, cap, on_exceeded)
+        except OSError as exc:  # a full or read-only log dir: the run's own error says so; the stage goes on
+            log.warning("the output of %s is not kept: %s", target.path.stem, exc)
+            for _ in it:
+                pass  # keep draining so the stage never blocks on a full pipe
 
     thread = threading.Thread(target=pump, name=f"log-{target.path.stem}", daemon=True)
     thread.start()
     return thread
+
+
+def _copy(chunks: Iterator[bytes], target: LogTarget, cap: int, on_exceeded: Callable[[], None]) -> None:
+    written = 0
+    target.path.parent.mkdir(parents=True, exist_ok=True)
+    out = open(target.path, "ab")
+    try:
+        for chunk in chunks:
+            if written >= cap:
+                continue  # keep draining so the stage never blocks on a full pipe before it is killed
+            if os.fspath(target) != out.name:  # a warm sandbox's claim moved the log
+                out.close()
+                out = open(target.path, "ab")
+            room = cap - written
+            out.write(chunk[:room])
+            written += min(len(chunk), room)
+            out.flush()
+            if written >= cap:
+                out.write(f"\n[pipcook-sandbox: output cut at {cap} bytes; the stage was stopped]\n".encode())
+                out.flush()
+                on_exceeded()
+    finally:
+        out.close()
 
 
 def pipe_chunks(stream: IO[bytes], size: int = 65536) -> Iterable[bytes]:

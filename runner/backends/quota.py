@@ -34,6 +34,11 @@ import subprocess
 import threading
 from pathlib import Path
 
+from pipcook_sandbox.runner.errors import PipcookError
+from pipcook_sandbox.runner.units import fmt_bytes
+
+from . import mountinfo
+
 log = logging.getLogger(__name__)
 
 # Below this much free space a volume counts as full. Not just "0": ext4
@@ -69,23 +74,7 @@ def _run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
 
 def mounted(path: Path) -> bool:
     """Is `path` a mount point in this mount namespace?"""
-    target = str(path)
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 4 and _unescape(fields[4]) == target:
-            return True
-    return False
-
-
-def _unescape(s: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal.
-    for esc, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        s = s.replace(esc, ch)
-    return s
+    return mountinfo.is_mount_point(path)
 
 
 def unmount(path: Path) -> bool:
@@ -353,9 +342,12 @@ def create_volume(base: Path, size: int, subdirs: list[str], *,
         if not sub or "/" in sub or sub in (".", ".."):
             raise ValueError(f"bad volume subdirectory {sub!r}")
     base = Path(base)
-    base.mkdir(parents=True, exist_ok=True)
     uid, gid = owner if owner is not None else sandbox_owner()
     note = ""
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cannot(base, size, e) from e
     if kind in (None, "loop"):
         ok, why = loop_supported()
         if ok:
@@ -368,12 +360,25 @@ def create_volume(base: Path, size: int, subdirs: list[str], *,
         note = why
         log.warning("disk quota falls back to a watched directory (weaker): %s", why)
     root = base / "vol"
-    root.mkdir()
-    _make_subdirs(root, subdirs, uid, gid)
+    try:
+        root.mkdir()
+        _make_subdirs(root, subdirs, uid, gid)
+    except OSError as e:
+        shutil.rmtree(root, ignore_errors=True)
+        raise _cannot(base, size, e, note) from e
     vol = Volume("watch", base, root, size, subdirs, note=note)
     vol._thread = threading.Thread(target=vol._watch, name=f"quota-watch-{base.name}", daemon=True)
     vol._thread.start()
     return vol
+
+
+def _cannot(base: Path, size: int, exc: OSError, loop_note: str = "") -> PipcookError:
+    """The one-paragraph error for a volume neither kind could be made of (a full or read-only
+    filesystem under the run's state directory, say)."""
+    tried = f" (a loop volume first: {loop_note})" if loop_note else ""
+    return PipcookError(f"cannot make the {fmt_bytes(size)} disk-quota volume (--disk) for a stage's writable "
+                        f"directories under {base}{tried}: {exc.strerror or exc}; free space (and inodes) on that "
+                        "filesystem or make it writable")
 
 
 def create_volumes(wanted: list[tuple[Path, int, list[str]]], owner: tuple[int, int] | None = None) -> list[Volume]:

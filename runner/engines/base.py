@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipcook_sandbox.runner.errors import PipcookError
+from pipcook_sandbox.runner.errors import EngineError  # noqa: F401  (the engines raise it from here)
 
 # Job states as an engine sees them. The service maps them onto run states
 # (queued, running, succeeded, failed, canceled).
@@ -37,10 +37,6 @@ FAILED = "failed"
 CANCELED = "canceled"
 GONE = "gone"  # the engine has no record of the job any more (e.g. lost across a restart)
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELED, GONE})
-
-
-class EngineError(PipcookError):
-    """An engine could not submit, watch or stop a run (one paragraph, says why)."""
 
 
 @dataclass(frozen=True)

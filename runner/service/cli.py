@@ -35,7 +35,6 @@ def _open_db(data: Path | None) -> tuple[Any, Path]:
     from .db import Database
 
     data = (data or default_data()).absolute()
-    data.mkdir(parents=True, exist_ok=True, mode=0o700)
     return Database(data / "service.db"), data
 
 
@@ -160,7 +159,7 @@ def _register_tenants(main: click.Group, handle_errors: Callable[[Callable], Cal
     @handle_errors
     def tenants_list(data: Path | None, as_json: bool, debug: bool) -> None:
         """List tenants and their quotas (never their tokens)."""
-        from pipcook_sandbox.runner.limits import human
+        from pipcook_sandbox.runner.units import fmt_bytes
 
         from . import tenants as tenants_mod
 
@@ -170,7 +169,7 @@ def _register_tenants(main: click.Group, handle_errors: Callable[[Callable], Cal
                 click.echo(json.dumps(t.public()))
             else:
                 click.echo(f"{t.name}\tuid {t.uid}\tmax-running {t.max_running}\tmax-queued {t.max_queued}\t"
-                           f"cpus {t.cpus:g}\tmemory {human(t.memory)}\tdisk {human(t.disk)}\t"
+                           f"cpus {t.cpus:g}\tmemory {fmt_bytes(t.memory)}\tdisk {fmt_bytes(t.disk)}\t"
                            f"timeout {t.timeout:g}s\tgpus {t.gpus}")
 
     @tenants.command("token")

@@ -9,18 +9,10 @@ from typing import Any
 
 import httpx
 
-from pipcook_sandbox.runner.errors import PipcookError
+from pipcook_sandbox.runner.errors import ClientError
 
 TOKEN_ENV = "PIPCOOK_SANDBOX_TOKEN"
 SERVER_ENV = "PIPCOOK_SANDBOX_SERVER"
-
-
-class ClientError(PipcookError):
-    """The server refused or could not be reached; `status` is the HTTP status (0: no answer)."""
-
-    def __init__(self, cause: str, status: int = 0) -> None:
-        super().__init__(cause)
-        self.status = status
 
 
 class Client:

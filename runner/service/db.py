@@ -9,12 +9,15 @@ starting) can never both win.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from pipcook_sandbox.runner.errors import PipcookError
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
@@ -70,20 +73,43 @@ CREATE INDEX IF NOT EXISTS transitions_run ON transitions (run_id, seq);
 """
 
 
+def data_dir(data: Path, mode: int = 0o700) -> Path:
+    """`data` (the service's state directory, --data) made if missing and given `mode`; one that
+    cannot be used (read-only, a file, not ours) is one paragraph naming it."""
+    try:
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if mode != 0o700:
+            os.chmod(data, mode)
+    except OSError as exc:
+        raise _unusable(data, exc) from exc
+    return data
+
+
+def _unusable(data: Path, exc: Exception) -> PipcookError:
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if isinstance(exc, FileExistsError) and not data.is_dir():
+        why = "it is a file, not a directory"
+    return PipcookError(f"cannot use {data} as the service's state directory (--data, $PIPCOOK_SANDBOX_DATA): {why}; "
+                        "give a directory this user may write")
+
+
 class Database:
     """One connection shared by the server's threads, serialised by a lock (SQLite writes are serial anyway)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False, isolation_level=None)
-        self.conn.row_factory = sqlite3.Row
-        self.lock = threading.RLock()
-        with self.lock:
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=FULL")
-            self.conn.execute("PRAGMA foreign_keys=ON")
-            self.conn.executescript(SCHEMA)
+        data_dir(self.path.parent)
+        try:
+            self.conn = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False, isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
+            self.lock = threading.RLock()
+            with self.lock:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=FULL")
+                self.conn.execute("PRAGMA foreign_keys=ON")
+                self.conn.executescript(SCHEMA)
+        except sqlite3.Error as exc:  # unwritable, or a file that is no SQLite database
+            raise _unusable(self.path.parent, RuntimeError(f"its database {self.path.name}: {exc}")) from exc
 
     def close(self) -> None:
         with self.lock:

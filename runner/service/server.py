@@ -44,7 +44,11 @@ def _say(message: str) -> None:
 
 
 def _lock(data: Path) -> int:
-    fd = os.open(data / "server.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(data / "server.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise PipcookError(f"cannot use {data} as the service's state directory (--data): cannot create "
+                           f"server.lock there: {exc.strerror}; give a directory this user may write") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -90,10 +94,9 @@ def serve(opts: ServerOptions) -> None:
     from pipcook_sandbox.runner.engines import get_engine
 
     from .api import Service, create_app
-    from .db import Database
+    from .db import Database, data_dir
 
-    opts.data.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(opts.data, 0o711)  # tenants' run dirs below are 0700 and their own; nothing else is listable
+    data_dir(opts.data, 0o711)  # tenants' run dirs below are 0700 and their own; nothing else is listable
     lock = _lock(opts.data)
     if opts.engine == "local":
         require_backend(opts.isolation)

@@ -22,8 +22,8 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from pipcook_sandbox.runner import fetch, spec
-from pipcook_sandbox.runner.errors import PipcookError
-from pipcook_sandbox.runner.limits import human
+from pipcook_sandbox.runner.errors import PipcookError, Rejected
+from pipcook_sandbox.runner.units import fmt_bytes
 
 from .db import QUEUED, RUNNING, Database
 from .scheduler import Needs, run_dir
@@ -33,14 +33,6 @@ MAX_BODY = 256 << 10  # bytes of a request body
 MAX_PIPELINE = 64 << 10  # bytes of a pipeline (inline, or fetched from pipeline_url)
 REMOTE = ("http", "https")
 INLINE_SOURCE = "https://inline.invalid/pipeline.json"  # never fetched: every reference must be absolute
-
-
-class Rejected(PipcookError):
-    """A submission refused; `status` is the HTTP status that says why (422 invalid, 429 over quota)."""
-
-    def __init__(self, status: int, cause: str) -> None:
-        super().__init__(cause)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -64,7 +56,7 @@ def check_inline(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise Rejected(422, "'pipeline' must be a JSON object (the pipeline file's content)")
     if len(json.dumps(raw)) > MAX_PIPELINE:
-        raise Rejected(422, f"the pipeline is larger than {human(MAX_PIPELINE)}")
+        raise Rejected(422, f"the pipeline is larger than {fmt_bytes(MAX_PIPELINE)}")
     try:
         parsed = spec.parse_pipeline(copy.deepcopy(raw), INLINE_SOURCE)
     except PipcookError as exc:
@@ -111,9 +103,9 @@ def decide_limits(tenant: Tenant, asked: Asked, capacity: dict[str, float] | Non
     if asked.cpus is not None and asked.cpus > tenant.cpus:
         over.append(f"{asked.cpus:g} CPUs per stage (quota {tenant.cpus:g})")
     if asked.memory is not None and asked.memory > tenant.memory:
-        over.append(f"{human(asked.memory)} of memory per stage (quota {human(tenant.memory)})")
+        over.append(f"{fmt_bytes(asked.memory)} of memory per stage (quota {fmt_bytes(tenant.memory)})")
     if asked.disk is not None and asked.disk > tenant.disk:
-        over.append(f"{human(asked.disk)} of disk per stage (quota {human(tenant.disk)})")
+        over.append(f"{fmt_bytes(asked.disk)} of disk per stage (quota {fmt_bytes(tenant.disk)})")
     if asked.timeout is not None and asked.timeout > tenant.timeout:
         over.append(f"a {asked.timeout:g} s timeout per stage (quota {tenant.timeout:g} s)")
     if asked.gpus > tenant.gpus:
@@ -133,9 +125,9 @@ def decide_limits(tenant: Tenant, asked: Asked, capacity: dict[str, float] | Non
     if capacity is not None:
         needs = Needs.of(limits)
         if not needs.fits(capacity):
-            raise Rejected(422, f"the run needs {needs.cpus:g} CPUs, {human(needs.memory)} of memory and "
+            raise Rejected(422, f"the run needs {needs.cpus:g} CPUs, {fmt_bytes(needs.memory)} of memory and "
                                 f"{needs.gpus:g} GPU(s) at once (memory for each of its {stages} stages), more than this "
-                                f"server has ({capacity['cpus']:g} CPUs, {human(capacity['memory'])}, "
+                                f"server has ({capacity['cpus']:g} CPUs, {fmt_bytes(capacity['memory'])}, "
                                 f"{capacity['gpus']:g} GPUs); ask for less per stage")
     return limits
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipcook_sandbox.runner.errors import PipcookError
+from pipcook_sandbox.runner.errors import TenantError
 
 from .db import ACTIVE, CANCELED, QUEUED, Database
 
@@ -32,10 +32,6 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 TOKEN_PREFIX = "pcsb_"
 UID_BASE = 200000
 UID_SPAN = 100000
-
-
-class TenantError(PipcookError):
-    pass
 
 
 @dataclass(frozen=True)
