@@ -75,7 +75,7 @@ class WarmKey:
 
 def can_boot_warm(backend: Backend) -> bool:
     """Whether `backend` keeps a claim secret and its mounts fixed at boot (bwrap)."""
-    return bool(getattr(backend, "can_boot_warm", False))
+    return backend.can_boot_warm
 
 
 class WarmSandbox:
