@@ -13,8 +13,11 @@ only ever prepared for one tenant with one set of limits. It:
    one warm sandbox per stage, limits in force from boot);
 2. waits for one job on stdin: a JSON line {"argv": the whole `run`
    command line, "stdout": path, "stderr": path, "cwd": dir}; the engine
-   writes it and closes stdin. EOF or --max-idle seconds without a job: it
-   tears everything down and exits 0, having run nothing;
+   writes it and closes stdin. EOF, a malformed line or --max-idle seconds
+   without a job: it tears everything down and exits EXIT_NO_JOB (75),
+   having run nothing and written no verdict. The pool (engines/warmpool.py)
+   owns expiry and stops handing a runner out well before this timer, which
+   starts only once the sandboxes are booted: the timer is a backstop;
 3. points its stdout/stderr at the job's files and runs the CLI with the
    job's argv; `run` then takes the prepared run if the pipeline has that
    shape and the options agree, else closes it and runs cold;
@@ -34,6 +37,7 @@ import sys
 from typing import Any
 
 PLACEHOLDER = "pipeline.json"
+EXIT_NO_JOB = 75  # EX_TEMPFAIL: no job taken, nothing run (engines/warmpool.py has the same number)
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -129,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # the job still runs, cold; said in its runner log
             unprepared = f"warm runner: could not prepare a warm run ({type(exc).__name__}: {exc}); running cold"
         job = wait_job(args.max_idle)
-        if job is None:
-            return 0
+        if job is None:  # never 0: a run handed to it anyway must not look succeeded
+            return EXIT_NO_JOB
         _redirect(job)
         if unprepared:
             print(unprepared, file=sys.stderr)

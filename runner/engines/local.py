@@ -35,7 +35,7 @@ from .base import (
     JobState,
     RunRequest,
 )
-from .warmpool import WarmRunners, pool_key
+from .warmpool import EXIT_NO_JOB, WarmRunners, pool_key
 
 # command(): [python, -m, pipcook_sandbox, run, PIPELINE, -o, WORKSPACE, options...]; the options are
 # the run's kind (a warm runner's key), the rest is the run itself.
@@ -98,6 +98,7 @@ class LocalEngine(Engine):
         self.python = python
         self._procs: dict[str, subprocess.Popen] = {}
         self._canceled: dict[str, float] = {}
+        self._warm_procs: set[int] = set()  # pids of the runs handed to warm runners
         self._lock = threading.Lock()
         # `warm` runners kept started per tenant and option set (warmpool.py), `warm_total` in all
         self.warm = WarmRunners(warm, warm_total if warm_total is not None else 4 * warm, warm_idle,
@@ -111,6 +112,8 @@ class LocalEngine(Engine):
         proc = self._submit_warm(request, argv, env) if self.warm is not None else None
         if proc is None:
             proc = self._submit_cold(request, argv, env)
+        else:
+            self._warm_procs.add(proc.pid)
         if self.warm is not None:  # the tenant's next run of this kind finds one ready
             self.warm.fill(pool_key(request, argv[RUN_OPTIONS:]), env, argv[RUN_OPTIONS:])
         job_id = f"{proc.pid}:{_start_ticks(proc.pid) or 0}"
@@ -160,10 +163,15 @@ class LocalEngine(Engine):
         with self._lock:
             self._procs.pop(job_id, None)
             canceled = self._canceled.pop(job_id, None) is not None
+            warm = proc.pid in self._warm_procs
+            self._warm_procs.discard(proc.pid)
         if canceled:
             return JobState(CANCELED, code, "canceled")
         if code == 0:
             return JobState(SUCCEEDED, 0)
+        if warm and code == EXIT_NO_JOB:
+            return JobState(FAILED, code, "the warm runner it was handed to stopped before taking it; nothing "
+                                          "of the run was started, submit it again")
         return JobState(FAILED, code, _signal_reason(code))
 
     def cancel(self, job_id: str) -> None:

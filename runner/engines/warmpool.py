@@ -9,9 +9,15 @@ its `run` command (isolation, every limit, --stage-uid, --allow-private,
 its key, which takes that run and no other and exits after it; the pool then
 starts a replacement. So warmth never crosses tenants, limits or runs.
 
-Idle runners exit by themselves after `max_idle` seconds (then the pool
-forgets them); `close()` (server shutdown) sends each SIGTERM and waits for
-its teardown. A server killed with -9 leaves them the kernel's PDEATHSIG
+The pool owns expiry: it hands out a runner only while it is younger than
+`max_idle` minus a margin (`handout_window`), and SIGTERMs one past that
+instead (on every look at the pool), so a job is never written into the pipe
+of a runner that is giving up. The runner's own `--max-idle` timer starts
+only after its sandboxes are booted, so it always fires later than the pool's:
+it is a backstop for a pool that stopped looking. A runner that exits without
+a job exits EXIT_NO_JOB (75) and writes no verdict; the scheduler never counts
+a run without a verdict as succeeded. `close()` (server shutdown) sends each
+SIGTERM and waits for its teardown. A server killed with -9 leaves them the kernel's PDEATHSIG
 (SIGTERM), as for runs; what a runner killed with -9 left, the next `run`
 cleans (clean_leftovers), as for any runner.
 
@@ -35,6 +41,13 @@ from .base import RunRequest
 
 WarmKeyT = tuple[str, ...]
 CLOSE_WAIT = 10.0  # how long close() waits for the warm runners' teardown before SIGKILL
+EXPIRY_MARGIN = 5.0  # a runner is handed out only until max_idle minus this (at most half of max_idle)
+EXIT_NO_JOB = 75  # runner/warmrunner.py's status when it expired or saw EOF before any job (EX_TEMPFAIL)
+
+
+def handout_window(max_idle: float) -> float:
+    """How long after its start a warm runner may still be handed a job: well inside its own timer."""
+    return max(0.0, max_idle - min(EXPIRY_MARGIN, max_idle / 2))
 
 
 @dataclass
@@ -56,11 +69,22 @@ class WarmRunners:
         self.per_key, self.total, self.max_idle = per_key, total, max_idle
         self.wrapper, self.python = wrapper, python or sys.executable
         self._by_key: dict[WarmKeyT, collections.deque[_Runner]] = collections.defaultdict(collections.deque)
+        self._expired: list[subprocess.Popen] = []  # SIGTERMed for their age, reaped as they exit
+
+    def _fresh(self, runner: _Runner) -> bool:
+        return time.monotonic() - runner.started < handout_window(self.max_idle)
+
+    def _expire(self, runner: _Runner) -> None:
+        _signal(runner.proc, signal.SIGTERM)  # its teardown runs; it exits without a verdict
+        self._expired.append(runner.proc)
 
     def _prune(self) -> None:
         for queue in self._by_key.values():
-            for runner in [r for r in queue if r.proc.poll() is not None]:
+            for runner in [r for r in queue if r.proc.poll() is not None or not self._fresh(r)]:
                 queue.remove(runner)
+                if runner.proc.returncode is None:
+                    self._expire(runner)
+        self._expired = [p for p in self._expired if p.poll() is None]
 
     def size(self, key: WarmKeyT | None = None) -> int:
         self._prune()
@@ -74,6 +98,9 @@ class WarmRunners:
         while queue:
             runner = queue.popleft()  # out of the pool before anything else: it serves this job or none
             if runner.proc.poll() is not None or runner.proc.stdin is None:
+                continue
+            if not self._fresh(runner):  # too close to its own timer: it might stop reading any moment
+                self._expire(runner)
                 continue
             try:
                 runner.proc.stdin.write((json.dumps(job) + "\n").encode())
@@ -103,16 +130,17 @@ class WarmRunners:
 
     def close(self) -> None:
         """SIGTERM every idle warm runner, wait for its teardown (SIGKILL past CLOSE_WAIT)."""
-        runners = [r for q in self._by_key.values() for r in q]
+        procs = [r.proc for q in self._by_key.values() for r in q] + self._expired
         self._by_key.clear()
-        for runner in runners:
-            _signal(runner.proc, signal.SIGTERM)
+        self._expired = []
+        for proc in procs:
+            _signal(proc, signal.SIGTERM)
         deadline = time.monotonic() + CLOSE_WAIT
-        for runner in runners:
+        for proc in procs:
             try:
-                runner.proc.wait(max(0.0, deadline - time.monotonic()))
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _stop(runner.proc)
+                _stop(proc)
 
 
 def _signal(proc: subprocess.Popen, sig: int) -> None:

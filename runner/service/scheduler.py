@@ -187,7 +187,9 @@ class Scheduler:
         if run["cancel_requested"] or state.state == engine_base.CANCELED:
             to, note = CANCELED, "canceled"
             fields["error"] = "canceled by the tenant: every stage was stopped; the workspace is kept"
-        elif state.state == engine_base.SUCCEEDED and verdict.get("status", "succeeded") == "succeeded":
+        # Success needs the runner's own verdict: an exit status of 0 alone may be a runner that never ran
+        # the run (a warm runner handed a job as it expired), and an empty workspace is not a success.
+        elif state.state == engine_base.SUCCEEDED and verdict.get("status") == "succeeded":
             to, note = SUCCEEDED, "succeeded"
         else:
             to, note = FAILED, "failed"
