@@ -344,7 +344,7 @@ def _run(pipeline: str, output: Path | None, force: bool, overrides: list, mirro
             on_progress=emitter.progress if emitter is not None else None,
             observers=(emitter.observe,) if emitter is not None else (),
             force=force, overrides=overrides, on_workspace=made, on_trained=trained, warm=warm,
-            on_artifact=tracker.artifacts.append))
+            on_artifact=tracker.artifacts.append, stage_owner=ids))
         failed = False
     finally:
         display.close()

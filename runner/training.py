@@ -46,6 +46,7 @@ class RunOptions:
     on_trained: Callable[[workspace.Workspace], None] | None = None  # model/ is complete, artifacts next
     on_artifact: Callable[[Path], None] | None = None
     warm: bool = False  # boot every stage's sandbox first, then claim (run.ExecOptions.warm)
+    stage_owner: tuple[int, int] | None = None  # --stage-uid: the host uid/gid of every stage (root)
 
 
 
@@ -129,7 +130,7 @@ def run_pipeline(location: str, opts: RunOptions) -> workspace.Workspace:
             isolation=opts.isolation, limits=opts.limits, gpu=opts.gpu is True,  # check_gpu decided it
             nocache=opts.nocache, allow_private=opts.allow_private, task_type="train", framework=framework, worker_site=worker_site,
             pipeline_options=dict(pipeline.options), on_progress=opts.on_progress, on_event=opts.on_event,
-            on_record=opts.on_record, observers=opts.observers, warm=opts.warm))
+            on_record=opts.on_record, observers=opts.observers, warm=opts.warm, stage_owner=opts.stage_owner))
         finish_model_dir(ws, pipeline, copies, result.meta)
         workspace.restrict(ws.root)  # the model, before anything reports it trained
         if opts.on_trained:

@@ -61,7 +61,7 @@ class WarmKey:
     """Everything that shapes a sandbox at boot; two claims share a sandbox's kind only if all are equal."""
 
     backend: str
-    stage_owner: tuple[int, int] | None  # the tenant's host uid and gid (None: the default 65534)
+    stage_owner: tuple[int, int]  # the host uid and gid the sandbox actually runs as (a root runner's)
     limits: Limits
     gpu: bool
     site_dirs: tuple[str, ...]  # the framework's site, then the worker's: imported from at boot
@@ -69,7 +69,9 @@ class WarmKey:
 
     @classmethod
     def of(cls, backend: Backend, spec: StageSpec, site_dirs: list[str]) -> "WarmKey":
-        return cls(backend.name, spec.options.stage_owner, spec.limits, spec.gpu, tuple(site_dirs),
+        # The uid the backend will really use: the stage's own, else the process default (owner.resolve),
+        # so that two runs for two tenants never share a key, however the uid was chosen.
+        return cls(backend.name, owner.resolve(spec.options.stage_owner), spec.limits, spec.gpu, tuple(site_dirs),
                    tuple(spec.mounts))
 
 

@@ -66,12 +66,14 @@ def prepare(run_args: list[str], dataflows: int) -> Any:
     from .doctor import require_backend
 
     require_backend(p["isolation"])  # the job's own check then finds it done (doctor._confirmed)
-    if p.get("stage_uid"):
-        owner.set_stage_owner(*owner.parse(p["stage_uid"]))
+    ids = owner.parse(p["stage_uid"]) if p.get("stage_uid") else None
+    if ids is not None:
+        owner.set_stage_owner(*ids)
     limits = cli._limits(p["memory"], p["cpus"], p["pids"], p["disk"], p["timeout"], p.get("downloads"))
     opts = run.ExecOptions(isolation=p["isolation"], limits=limits, gpu=False, nocache=p["nocache"],
                            allow_private=tuple(p["allow_private"]), task_type="train", framework=None,
-                           worker_site=ensure_worker_site(log=lambda _: None), warm=True)
+                           worker_site=ensure_worker_site(log=lambda _: None), warm=True,
+                           stage_owner=ids)  # as the job's `run --stage-uid` sets it (warmrun.SHAPING)
     prepared = run.Run(None, opts)
     prepared.open()
     try:

@@ -253,3 +253,73 @@ def test_what_a_stage_leaves_in_its_warm_sandbox_is_not_in_the_next_stage(tmp_pa
     assert "PLANTED" in log and "claim-fifo" not in log, log
     assert "'/tmp'" in log, "the datasource could not even write its own /tmp: the test proves nothing"
     assert json.loads((tmp_path / "ws" / "model" / "found.json").read_text()) == []
+
+
+WHOAMI = """
+import os
+from sandbox import sdk
+
+def datasource(options, ctx):
+    print("STAGE-UID", os.getuid(), flush=True)
+    samples = [{"data": [float(i), 1.0], "label": i % 2} for i in range(8)]
+    return sdk.from_lists(train=samples, test=samples[:2], meta={"type": "general", "categories": ["a", "b"]})
+"""
+PASS_THROUGH = """
+def dataflow(pool, options, ctx):
+    return pool
+"""
+READ_ONE = """
+def train(runtime, options, ctx):
+    runtime.dataset.train.next_batch(2)
+"""
+
+
+def warm_runner_job(tmp_path: Path, prepared_for: tuple[int, int], job_uid: tuple[int, int]) -> tuple[str, str]:
+    """A real warm runner prepared for `prepared_for` (as the service starts it), handed a `run` of the
+    shape it prepared for, with `job_uid`'s --stage-uid: (the datasource's log, the runner's stderr)."""
+    import subprocess
+    import sys
+
+    pipeline = write_pipeline(tmp_path / "p", datasource=WHOAMI, dataflow=[PASS_THROUGH], model=READ_ONE)
+    ws = tmp_path / "ws"
+    kind = ["--isolation", "bwrap", "--no-gpu"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipcook_sandbox.runner.warmrunner", "--dataflows", "1", "--",
+                             *kind, "--stage-uid", "%d:%d" % prepared_for], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
+    job = {"argv": ["run", str(pipeline), "-o", str(ws), *kind, "--stage-uid", "%d:%d" % job_uid, "--json"],
+           "stdout": str(tmp_path / "events.jsonl"), "stderr": str(tmp_path / "runner.log"), "cwd": str(tmp_path)}
+    proc.communicate((json.dumps(job) + "\n").encode(), timeout=600)
+    runner_log = (tmp_path / "runner.log").read_text()
+    assert proc.returncode == 0, runner_log[-3000:]
+    return (ws / "logs" / "datasource.log").read_text(), runner_log
+
+
+@pytest.mark.skipif(not MAPPED, reason="a stage uid per tenant needs a root runner (mapped mode)")
+def test_a_warm_runner_prepared_for_one_uid_never_lends_its_sandboxes_to_a_run_of_another(tmp_path: Path) -> None:
+    log, runner_log = warm_runner_job(tmp_path, TENANT_A, TENANT_B)
+    assert f"STAGE-UID {TENANT_B[0]}" in log, log
+    assert "warm runner: 0 of 3 stages" in runner_log, runner_log[-3000:]
+
+
+@pytest.mark.skipif(not MAPPED, reason="a stage uid per tenant needs a root runner (mapped mode)")
+def test_a_warm_runner_prepared_for_a_uid_serves_a_run_of_that_uid_warm(tmp_path: Path) -> None:
+    log, runner_log = warm_runner_job(tmp_path, TENANT_A, TENANT_A)
+    assert f"STAGE-UID {TENANT_A[0]}" in log, log
+    assert "warm runner: 3 of 3 stages" in runner_log, runner_log[-3000:]
+
+
+def test_the_key_names_the_uid_a_stage_really_runs_as_even_when_only_the_process_default_says_it() -> None:
+    from pipcook_sandbox.runner.backends import owner
+
+    spec = StageSpec(run_id="r", name="datasource", mounts=[], limits=SMALL, log_path=Path("/dev/null"),
+                     options=StageOptions(stage_owner=None))
+    saved = owner._chosen
+    try:
+        owner.set_stage_owner(*TENANT_A)
+        key_a = warm.WarmKey.of(get_backend("bwrap"), spec, [base.IN_SITE])
+        owner.set_stage_owner(*TENANT_B)
+        key_b = warm.WarmKey.of(get_backend("bwrap"), spec, [base.IN_SITE])
+    finally:
+        owner._chosen = saved
+    assert key_a.stage_owner == TENANT_A and key_b.stage_owner == TENANT_B
+    assert key_a != key_b
