@@ -75,9 +75,32 @@ def read_claim(path: str, token: str, site_dirs: list, cpus: str) -> StageConfig
     return cfg
 
 
+def take_token() -> str:
+    """The claim token, gone from os.environ and wiped from the process's original environment block.
+
+    os.environ.pop alone unsets the variable for libc, but /proc/self/environ (and /proc/PID/environ,
+    for whoever may read it) shows the block the kernel gave the process at exec, where the value
+    stays. So the value's bytes there are overwritten first. The token stays in this process's memory
+    (the script that later runs here could find it), but by then the FIFO is never read again."""
+    token = os.environ.get(ENV_TOKEN, "")
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.getenv.restype = ctypes.c_void_p
+        libc.getenv.argtypes = [ctypes.c_char_p]
+        where = libc.getenv(ENV_TOKEN.encode())
+        if where:  # the value in the exec-time block (the runner never changes it before this)
+            ctypes.memset(where, ord("-"), len(ctypes.string_at(where)))
+    except (ImportError, OSError, AttributeError):
+        pass  # no ctypes here: the variable is still unset below, as before
+    os.environ.pop(ENV_TOKEN, None)
+    return token
+
+
 def boot(claim_path: str, site_dirs: list, cpus: str) -> int:
     """Warm up, wait for the one claim, run that stage; the worker's exit code."""
-    token = os.environ.pop(ENV_TOKEN, "")  # the script, once it runs, never sees it
+    token = take_token()
     worker.setup_process()
     worker.add_site_dirs(site_dirs)
     os.environ["PIPCOOK_CPUS"] = cpus

@@ -323,3 +323,23 @@ def test_the_key_names_the_uid_a_stage_really_runs_as_even_when_only_the_process
         owner._chosen = saved
     assert key_a.stage_owner == TENANT_A and key_b.stage_owner == TENANT_B
     assert key_a != key_b
+
+
+def environ_of(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
+
+
+def test_the_claim_token_is_not_in_the_waiting_workers_proc_environ(state: Path, booted: list) -> None:
+    sandbox = boot(state, booted, "environ")
+    fd = sandbox._open_ready(60)  # the worker is waiting for its claim: its boot, token handling included, is done
+    try:
+        environs = [environ_of(pid) for pid in cgroups_pids(sandbox)]
+        assert any(b"HOME=/tmp" in e for e in environs), "no sandbox process's environment was readable"
+        assert not any(sandbox.token.encode() in e for e in environs), "the claim token is in /proc/PID/environ"
+    finally:
+        os.close(fd)  # the worker reads an empty claim and refuses it; the fixture discards the sandbox
+    # That the worker still knows its token (the runner's claims are accepted) is what every warm run
+    # here shows: test_a_warm_runner_prepared_for_a_uid_serves_a_run_of_that_uid_warm, for one.
