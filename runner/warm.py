@@ -88,6 +88,7 @@ class WarmSandbox:
         self.token = secrets.token_hex(32)
         self.claimed = False
         self.booted_at = time.monotonic()
+        self._ready_fd: int | None = None  # the FIFO, opened by wait_ready, kept for the claim
         self._make_fifo(spec)
         argv = ["-I", "-S", "-c", WARM_BOOT % (base.IN_LIB, inside, list(key.site_dirs), str(spec.limits.cpus))]
         self.spec = dataclasses.replace(spec, argv=argv, env={**spec.env, ENV_TOKEN: self.token})
@@ -118,7 +119,8 @@ class WarmSandbox:
         self.claimed = True  # whatever happens next, never again
         if key != self.key:
             raise WarmError("this warm sandbox was prepared for another key (tenant, limits or mounts)")
-        fd = self._open_ready(timeout)
+        fd = self._ready_fd if self._ready_fd is not None else self._open_ready(timeout)
+        self._ready_fd = None  # from here on this claim's: closed below, whatever happens
         try:
             os.set_blocking(fd, True)
             data = json.dumps({"token": self.token, "config": json.loads(config.to_json())}).encode()
@@ -130,6 +132,12 @@ class WarmSandbox:
         finally:
             os.close(fd)
         return self.handle
+
+    def wait_ready(self, deadline: float) -> None:
+        """Block until the worker waits on its FIFO (its imports done), until `deadline` (monotonic) at
+        most; the FIFO stays open for `claim` (the worker reads on until it is closed). WarmError if not."""
+        if self._ready_fd is None and not self.claimed:
+            self._ready_fd = self._open_ready(max(0.0, deadline - time.monotonic()))
 
     def _open_ready(self, timeout: float) -> int:
         """The FIFO opened for writing once the worker reads it (its imports done)."""
@@ -158,6 +166,9 @@ class WarmSandbox:
     def discard(self) -> None:
         """Destroy the sandbox (unclaimed, dead or tampered with). Idempotent."""
         self.claimed = True
+        if self._ready_fd is not None:
+            os.close(self._ready_fd)
+            self._ready_fd = None
         try:
             self.handle.terminate(base.REASON_CANCELLED)
         finally:

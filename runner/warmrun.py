@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from pipcook_sandbox.runner.backends.base import Mount
 from pipcook_sandbox.runner.backends.output import LogTarget
 
 from .run import ExecOptions, ExecResult, Run, StagePlan, _PipelineStarter
-from .warm import WarmError, WarmKey, WarmSandbox
+from .warm import READY_TIMEOUT, WarmError, WarmKey, WarmSandbox
 
 # What must be equal between the options a run was prepared with and the run's own: they shape its
 # sandboxes or what its runner does for them (downloads). The rest (callbacks, pipeline options) is
@@ -95,6 +96,16 @@ class WarmStarter(_PipelineStarter):
         if not self.fits(plans):
             raise WarmError("the pipeline's stages are not those the run was prepared for")
         self.plans = plans
+        # Every sandbox ready (or known unusable) before the first claim: a claimed stage runs at once,
+        # and the run's monitor (deadlines, disk quotas, events) starts only after the last claim, so
+        # no claim may wait for a slow sandbox while others already run.
+        unready: dict[str, WarmError] = {}
+        deadline = time.monotonic() + READY_TIMEOUT
+        for name, (sandbox, _) in self.booted.items():
+            try:
+                sandbox.wait_ready(deadline)
+            except WarmError as exc:
+                unready[name] = exc
         upstream = None
         for plan in plans:
             copy = self._script_dir(plan.name) / plan.script.name
@@ -110,6 +121,8 @@ class WarmStarter(_PipelineStarter):
             log_path = self.run.ws.logs / f"{plan.name}.log"
             log.move_to(log_path)
             try:
+                if plan.name in unready:
+                    raise unready[plan.name]
                 self.run.claim_warm(sandbox, key, config)
                 self.claimed.append(plan.name)
             except WarmError as exc:  # never used: destroyed, and the stage starts in a fresh sandbox

@@ -343,3 +343,22 @@ def test_the_claim_token_is_not_in_the_waiting_workers_proc_environ(state: Path,
         os.close(fd)  # the worker reads an empty claim and refuses it; the fixture discards the sandbox
     # That the worker still knows its token (the runner's claims are accepted) is what every warm run
     # here shows: test_a_warm_runner_prepared_for_a_uid_serves_a_run_of_that_uid_warm, for one.
+
+
+def test_readiness_is_waited_for_before_any_claim_and_kept_for_it(state: Path, booted: list) -> None:
+    """warmrun waits for every sandbox of a run to be ready before it claims the first (issue #17 item 5):
+    after wait_ready the worker waits on its FIFO, held open for the claim, and the claim's token reaches it."""
+    import time
+
+    ready, dead = boot(state, booted, "ready"), boot(state, booted, "dead-before-ready")
+    dead.handle.terminate(base.REASON_CANCELLED)
+    wait_ended(dead)
+    deadline = time.monotonic() + 60
+    ready.wait_ready(deadline)
+    with pytest.raises(warm.WarmError, match="ended before its claim"):
+        dead.wait_ready(deadline)
+    assert ready._ready_fd is not None and ready.handle.poll() is None, "the ready worker must still be waiting"
+    ready.claim(ready.key, config_for("datasource", SMALL.replace(cpus=2.0)))  # refused by the worker: CPUs
+    assert wait_ended(ready) == 3
+    log = Path(ready.spec.log_path).read_text()
+    assert "CPUs are not those" in log and "token" not in log, log
