@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -119,11 +120,13 @@ class WarmStarter(_PipelineStarter):
             with open(cfg.source, "w", encoding="utf-8") as f:  # truncated in place, never replaced
                 f.write(config.to_json())
             log_path = self.run.ws.logs / f"{plan.name}.log"
-            log.move_to(log_path)
             try:
                 if plan.name in unready:
                     raise unready[plan.name]
                 self.run.claim_warm(sandbox, key, config)
+                # only now: a sandbox that refused or missed its claim keeps its output in the state dir,
+                # and the stage's log is the cold sandbox's alone; move_to copies what came before
+                log.move_to(log_path)
                 self.claimed.append(plan.name)
             except WarmError as exc:  # never used: destroyed, and the stage starts in a fresh sandbox
                 self.run.handles.pop(plan.name, None)
@@ -140,6 +143,7 @@ _offered: list[Run] = []
 def offer(run: Run) -> None:
     """Make the prepared `run` (run.prepared set) the next matching `run.execute`'s."""
     _offered.append(run)
+    _warm_runner[:] = [len(run.prepared.plans)]
 
 
 def withdraw() -> None:
@@ -164,6 +168,29 @@ def take_prepared(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> Run | N
 def execute(plans: list[StagePlan], ws: Any, opts: ExecOptions) -> ExecResult:
     """run.execute, with the run a warm runner prepared for these plans and options if there is one,
     else with every stage booted warm first when `opts.warm` asks (bwrap), else cold."""
-    with take_prepared(plans, ws, opts) or Run(ws, opts) as run:
-        starter = WarmStarter if opts.warm and run.backend.can_boot_warm and run.prepared is None else None
-        return run.execute(plans, starter=starter)
+    prepared = take_prepared(plans, ws, opts)
+    try:
+        with prepared or Run(ws, opts) as run:
+            starter = WarmStarter if opts.warm and run.backend.can_boot_warm and run.prepared is None else None
+            return run.execute(plans, starter=starter)
+    finally:
+        if _warm_runner:
+            # before the CLI's verdict: a runner.log's last lines (which the service shows when a run
+            # ends without a verdict) stay the run's own
+            tell_warmth(prepared.prepared if prepared is not None else None)
+
+
+# Set by offer() (runner/warmrunner.py): this process prepared a run, so its runner.log says how warm
+# the run was. [K], K: the prepared run's number of stages.
+_warm_runner: list[int] = []
+_told: list[bool] = []
+
+
+def tell_warmth(starter: WarmStarter | None) -> None:
+    """Print, once, how many of the run's stages ran in the sandbox booted for them (for the operator)."""
+    if _told or not _warm_runner:
+        return
+    _told.append(True)
+    claimed = len(starter.claimed) if starter is not None else 0
+    print(f"warm runner: {claimed} of {_warm_runner[0]} stages ran in the sandbox booted for them", file=sys.stderr,
+          flush=True)

@@ -144,11 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             cli.main.main(args=job["argv"], prog_name="pipcook-sandbox", standalone_mode=True)
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else 1
-        finally:  # for the operator (runner.log): whether the run found its sandboxes booted
+        finally:  # for the operator (runner.log), if the run never got as far as its stages (warmrun.execute
+            # says it first otherwise, before the verdict): whether the run found its sandboxes booted
             if prepared is not None:
-                claimed = prepared.prepared.claimed if prepared not in warmrun._offered else []
-                print(f"warm runner: {len(claimed)} of {len(prepared.prepared.plans)} stages ran in the sandbox "
-                      "booted for them", file=sys.stderr)
+                warmrun.tell_warmth(prepared.prepared if prepared not in warmrun._offered else None)
         return 0
     finally:
         warmrun.withdraw()

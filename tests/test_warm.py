@@ -306,6 +306,9 @@ def test_a_warm_runner_prepared_for_a_uid_serves_a_run_of_that_uid_warm(tmp_path
     log, runner_log = warm_runner_job(tmp_path, TENANT_A, TENANT_A)
     assert f"STAGE-UID {TENANT_A[0]}" in log, log
     assert "warm runner: 3 of 3 stages" in runner_log, runner_log[-3000:]
+    # said before the run's verdict, so the runner.log's tail (what the service shows of a run that ends
+    # without a verdict) is the run's own
+    assert not runner_log.strip().splitlines()[-1].startswith("warm runner:"), runner_log[-3000:]
 
 
 def test_the_key_names_the_uid_a_stage_really_runs_as_even_when_only_the_process_default_says_it() -> None:
@@ -362,3 +365,21 @@ def test_readiness_is_waited_for_before_any_claim_and_kept_for_it(state: Path, b
     assert wait_ended(ready) == 3
     log = Path(ready.spec.log_path).read_text()
     assert "CPUs are not those" in log and "token" not in log, log
+
+
+def test_a_moved_log_keeps_what_the_sandbox_printed_before_its_claim(tmp_path: Path) -> None:
+    import queue
+
+    from pipcook_sandbox.runner.backends import output
+
+    chunks: queue.Queue[bytes | None] = queue.Queue()
+    target = output.LogTarget(tmp_path / "state" / "datasource.log")
+    pump = output.capture(iter(chunks.get, None), target, 1 << 20, lambda: None)
+    chunks.put(b"printed at import, before the claim\n")
+    wait_until(lambda: target.path.exists() and target.path.read_bytes(), 10, "the pre-claim output in the log")
+    target.move_to(tmp_path / "ws" / "logs" / "datasource.log")
+    chunks.put(b"printed by the stage\n")
+    chunks.put(None)
+    pump.join(10)
+    assert (tmp_path / "ws" / "logs" / "datasource.log").read_bytes() == \
+        b"printed at import, before the claim\nprinted by the stage\n"

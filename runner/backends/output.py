@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,12 +24,21 @@ class LogTarget:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.lock = threading.Lock()  # the pump writes a chunk, or move_to moves, never both at once
 
     def move_to(self, path: Path) -> None:
-        """Write what comes next to `path` (created and appended to; the pump switches before its next write)."""
+        """Write what comes next to `path` (created and appended to; the pump switches before its next
+        write), after a copy of what was written so far: what the sandbox printed before its claim (a
+        warning at import, say) is in the stage's log, as it would be for a cold stage."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).touch()
-        self.path = Path(path)
+        with self.lock:
+            with open(path, "ab") as new:
+                try:
+                    with open(self.path, "rb") as old:
+                        shutil.copyfileobj(old, new)
+                except FileNotFoundError:
+                    pass  # nothing written yet
+            self.path = Path(path)
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -66,16 +76,18 @@ def _copy(chunks: Iterator[bytes], target: LogTarget, cap: int, on_exceeded: Cal
         for chunk in chunks:
             if written >= cap:
                 continue  # keep draining so the stage never blocks on a full pipe before it is killed
-            if os.fspath(target) != out.name:  # a warm sandbox's claim moved the log
-                out.close()
-                out = open(target.path, "ab")
-            room = cap - written
-            out.write(chunk[:room])
-            written += min(len(chunk), room)
-            out.flush()
-            if written >= cap:
-                out.write(f"\n[pipcook-sandbox: output cut at {cap} bytes; the stage was stopped]\n".encode())
+            with target.lock:
+                if os.fspath(target) != out.name:  # a warm sandbox's claim moved the log (and copied it)
+                    out.close()
+                    out = open(target.path, "ab")
+                room = cap - written
+                out.write(chunk[:room])
+                written += min(len(chunk), room)
                 out.flush()
+                if written >= cap:
+                    out.write(f"\n[pipcook-sandbox: output cut at {cap} bytes; the stage was stopped]\n".encode())
+                    out.flush()
+            if written >= cap:
                 on_exceeded()
     finally:
         out.close()
