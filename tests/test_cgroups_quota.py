@@ -438,3 +438,38 @@ def test_a_runs_cgroups_without_a_handle_are_removed() -> None:
         assert all(d.exists() for d in other.all_dirs())  # another run's stays
     finally:
         assert other.remove()
+
+
+SIGTERM_DURING_CREATE = """
+import os, signal, sys, threading
+from pathlib import Path
+from pipcook_sandbox.runner.backends import quota
+
+base = Path(sys.argv[1])
+def term(signum, frame):
+    raise SystemExit(143)
+signal.signal(signal.SIGTERM, term)
+
+def send_when_one_is_mounted():
+    # as a server's SIGTERM reaches a warm runner while its run's volumes are being made
+    while not any(str(base) in line for line in open("/proc/mounts")):
+        threading.Event().wait(0.005)
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=send_when_one_is_mounted, daemon=True).start()
+quota.create_volumes([(base / f"v{i}", 8 << 20, ["out"]) for i in range(4)], owner=(65534, 65534))
+print("NOT INTERRUPTED")
+"""
+
+
+@needs_root
+def test_volumes_being_made_when_sigterm_arrives_are_all_removed(tmp_path: Path) -> None:
+    base = tmp_path / "vols"
+    base.mkdir()
+    r = subprocess.run([sys.executable, "-c", SIGTERM_DURING_CREATE, str(base)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 143, (r.stdout, r.stderr)
+    assert "NOT INTERRUPTED" not in r.stdout
+    mounted = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines() if str(base) in line]
+    for path in mounted:  # a failure here must not leave them to other tests (umount -l frees the loop device)
+        subprocess.run(["umount", "-l", path], check=False)
+    assert mounted == [], mounted

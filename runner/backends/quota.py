@@ -392,10 +392,14 @@ def create_volumes(wanted: list[tuple[Path, int, list[str]]], owner: tuple[int, 
         return [create_volume(*w, owner=owner) for w in wanted]
     import concurrent.futures
 
+    interrupted: BaseException | None = None
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(wanted), 4), thread_name_prefix="volume") as pool:
         futures = [pool.submit(create_volume, *w, owner=owner) for w in wanted]
-        concurrent.futures.wait(futures)
-    failed = next((f.exception() for f in futures if f.exception() is not None), None)
+        try:
+            concurrent.futures.wait(futures)
+        except BaseException as exc:  # SIGTERM (a warm runner's SystemExit) or Ctrl-C meanwhile: the threads
+            interrupted = exc  # still finish their volumes (the pool waits for them), and those must go too
+    failed = interrupted or next((f.exception() for f in futures if f.exception() is not None), None)
     if failed is not None:
         for f in futures:
             if f.exception() is None:
