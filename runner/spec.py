@@ -132,7 +132,9 @@ def _validator() -> Draft202012Validator:
 def _compiled() -> Callable[[Any], Any]:
     import fastjsonschema
 
-    return fastjsonschema.compile(load_schema())
+    # A copy: fastjsonschema rewrites every "$ref" of the schema it is given into an absolute URI,
+    # and load_schema's dict is the one every caller shares (lru_cache).
+    return fastjsonschema.compile(copy.deepcopy(load_schema()))
 
 
 def _conforms(raw: Any) -> bool:

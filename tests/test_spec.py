@@ -70,6 +70,13 @@ def test_schema_file_ships_beside_the_code() -> None:
     assert json.loads(path.read_text()) == load_schema()
 
 
+def test_checking_a_pipeline_leaves_the_shared_schema_as_shipped() -> None:
+    # The quick check compiles the schema once; that must not change what load_schema gives others.
+    path = Path(__file__).parent.parent / "runner" / "schema" / "pipeline-2.0.schema.json"
+    parse_pipeline(EXAMPLE, REMOTE)
+    assert json.loads(path.read_text()) == load_schema()
+
+
 # ---------------------------------------------------------------- valid files
 
 
