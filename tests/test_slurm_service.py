@@ -189,7 +189,9 @@ def test_the_jobs_memory_limit_kills_a_run_that_exceeds_it(tmp_path: Path, web: 
         run_id = capped.submit(capped.free, {"pipeline": pipeline(data, hungry)})  # 1g per stage, 300m the job
         job = capped.job(capped.free, run_id)
         done = capped.wait(capped.free, run_id)
-        assert _sacct(job["id"], "ReqMem") == "300M"
+        # slurmdbd records a job asynchronously: right after the run ends sacct may still show a half-made
+        # ReqMem ("16?" was seen in CI), so wait until the record holds the request.
+        wait_for(lambda: _sacct(job["id"], "ReqMem") == "300M", 60, "sacct to record the job's 300M request")
         assert done["status"] == "failed"
         # One paragraph naming the stage, the script and the limit that was hit: the job's, not --memory.
         assert "stage 'model'" in done["error"] and "model.py" in done["error"], done["error"]
