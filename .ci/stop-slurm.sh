@@ -9,7 +9,9 @@ keep_db=""; [ "${1:-}" = "--keep-db" ] && keep_db=1
 fail() { echo "!!! stop-slurm: $*" >&2; exit 1; }
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 wait_gone() {  # wait_gone PIDFILE NAME
-  local pid; [ -f "$1" ] || return 0; pid=$(cat "$1")
+  # A daemon removes its own pid file as it exits (munged does): a file gone between the test and the
+  # read means the daemon is gone too.
+  local pid; pid=$(cat "$1" 2>/dev/null) || return 0
   for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || { rm -f "$1"; return 0; }; sleep 0.1; done
   fail "$2 (pid $pid) still running 30 s after being asked to stop"
 }
