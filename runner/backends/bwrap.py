@@ -843,7 +843,7 @@ class BwrapStage:
             log.warning("stage %s: %s", spec.name, d)
 
         etc = _etc_files(self.stage_dir / "etc", spec.options.stage_owner)
-        sc_fd = os.memfd_create("pipcook-seccomp", os.MFD_CLOEXEC)
+        sc_fd = os.memfd_create(SECCOMP_MEMFD, os.MFD_CLOEXEC)
         info_r = info_w = block_r = block_w = None
         pipe_r, pipe_w = os.pipe()
         child_fds = [sc_fd, pipe_w]
@@ -1126,8 +1126,41 @@ def clean_leftovers(roots: list[Path] | None = None) -> list[str]:
         if not records or any(_runner_alive(r) for _, r in records):
             continue
         removed += _clean_state_dir(d, records)
+    removed += _kill_orphaned_sandboxes()
     removed += cgroups.remove_leftovers()
     return removed
+
+
+SECCOMP_MEMFD = "pipcook-seccomp"  # the name of the filter's memfd, which every stage's bwrap holds
+
+
+def _kill_orphaned_sandboxes() -> list[str]:
+    """bwrap processes of stages whose runner died while bwrap was starting them. Killed between its
+    clone and its id handshake, bwrap leaves the sandbox's first process waiting forever on an eventfd,
+    reparented to init and in no stage cgroup yet, so neither a state dir nor a cgroup leads to it. It is
+    known by what it holds: the seccomp filter's memfd, which no other program has. A stage of a live
+    runner is never its init's child (its parent is the runner or the stage's outer bwrap)."""
+    killed: list[str] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.path.basename(os.readlink(entry / "exe")) != "bwrap" or _ppid(entry) != 1:
+                continue
+            if not any(os.readlink(fd).startswith("/memfd:" + SECCOMP_MEMFD) for fd in (entry / "fd").iterdir()):
+                continue
+            os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+        killed.append(f"orphaned sandbox process {entry.name} (its runner died while starting it)")
+    return killed
+
+
+def _ppid(proc_dir: Path) -> int:
+    for line in (proc_dir / "status").read_text().splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    return -1
 
 
 def _clean_state_dir(d: Path, records: list[tuple[Path, dict]]) -> list[str]:
