@@ -157,7 +157,22 @@ def workdir(tmp_path: Path) -> Path:
 # Where a skip means a guarantee went unchecked on this host (confinement, Docker, limits).
 _SECURITY_TESTS = ("tests/hostile/", "tests/test_docker_backend.py", "tests/test_bwrap_backend.py",
                    "tests/test_seccomp.py", "tests/test_cgroups_quota.py", "tests/test_artifact_confinement.py",
-                   "tests/test_slurm.py", "tests/test_slurm_service.py")
+                   "tests/test_slurm.py", "tests/test_slurm_service.py", "tests/test_gvisor.py",
+                   "tests/test_fetch.py", "tests/test_netpolicy.py", "tests/test_service_separation.py",
+                   "tests/test_warm.py", "tests/test_warm_expiry.py", "tests/test_service_warm.py",
+                   "tests/test_user_errors.py", "tests/test_run_json.py")
+
+
+def _security_skips(stats: dict) -> list:
+    return [r for r in stats.get("skipped", []) if any(r.nodeid.startswith(p) for p in _SECURITY_TESTS)]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    """With CI=true a skipped security or Docker test fails the run: the banner below says which."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if os.environ.get("CI") == "true" and reporter is not None and _security_skips(reporter.stats) and exitstatus == 0:
+        session.exitstatus = 1
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -166,11 +181,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     The backends themselves are never skipped in CI (require_bwrap, require_docker and
     require_backend fail there); what can still skip is a host property (cgroup v2, loop
     devices, a GPU present), and the operator must see which guarantee went unchecked."""
-    skipped = [r for r in terminalreporter.stats.get("skipped", [])
-               if any(r.nodeid.startswith(prefix) for prefix in _SECURITY_TESTS)]
+    skipped = _security_skips(terminalreporter.stats)
     if not skipped:
         return
-    terminalreporter.write_sep("!", f"{len(skipped)} security or Docker test(s) SKIPPED on this host", red=True)
+    failing = " (CI=true: this fails the run)" if os.environ.get("CI") == "true" else ""
+    terminalreporter.write_sep("!", f"{len(skipped)} security or Docker test(s) SKIPPED on this host{failing}",
+                               red=True)
     for report in skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         terminalreporter.write_line(f"SKIPPED {report.nodeid}: {reason}", red=True)
