@@ -7,9 +7,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from httpserver import Server, serving
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "pipelines" / "tiny"
@@ -190,3 +192,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for report in skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         terminalreporter.write_line(f"SKIPPED {report.nodeid}: {reason}", red=True)
+
+
+@pytest.fixture(scope="module")
+def web() -> Iterator[Server]:
+    """A local HTTP server (tests/httpserver.py) for the module: pipelines and scripts over real HTTP."""
+    with serving() as state:
+        yield state

@@ -6,6 +6,7 @@ modules define; import the ``http_server`` fixture where it is needed.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import threading
 from collections import Counter
@@ -79,11 +80,18 @@ def start_server(
     return state, httpd
 
 
-@pytest.fixture
-def http_server() -> Iterator[Server]:
-    state, httpd = start_server()
+@contextlib.contextmanager
+def serving(host: str = "127.0.0.1", ssl_context: ssl.SSLContext | None = None) -> Iterator[Server]:
+    """start_server for the length of a with block."""
+    state, httpd = start_server(host, ssl_context)
     try:
         yield state
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture
+def http_server() -> Iterator[Server]:
+    with serving() as state:
+        yield state

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_bwrap
-
-from httpserver import Server, start_server
+from httpserver import Server
 from servicekit import (
     SLOW_MODEL,
     ServerProcess,
@@ -29,16 +28,6 @@ from servicekit import (
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
-
-
-@pytest.fixture(scope="module")
-def web() -> Iterator[Server]:
-    state, httpd = start_server()
-    try:
-        yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 @pytest.fixture(scope="module")

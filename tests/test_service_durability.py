@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_bwrap
-
-from httpserver import Server, start_server
+from httpserver import Server, serving
 from servicekit import (
     SLOW_MODEL,
     ServerProcess,
@@ -37,12 +36,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 @pytest.fixture
 def web() -> Iterator[Server]:
-    state, httpd = start_server()
-    try:
+    """A fresh local HTTP server per test (conftest's `web` is one per module)."""
+    with serving() as state:
         yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def _state_dirs_of(pids: set[int]) -> list[str]:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_bwrap
-
-from httpserver import Server, start_server
+from httpserver import Server, serving
 from servicekit import ServerProcess, add_tenant, run_state, serve_tiny, wait_state
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -20,12 +19,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 @pytest.fixture
 def web() -> Iterator[Server]:
-    state, httpd = start_server()
-    try:
+    """A fresh local HTTP server per test (conftest's `web` is one per module)."""
+    with serving() as state:
         yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def test_a_single_run_waits_at_most_one_slot_behind_a_tenant_with_many(tmp_path: Path, web: Server) -> None:

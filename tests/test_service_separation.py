@@ -11,13 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import require_bwrap, require_docker
-
-from httpserver import Server, start_server
+from httpserver import Server
 from servicekit import (
     PROBE,
     ServerProcess,
@@ -30,16 +28,6 @@ from servicekit import (
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.hostile, pytest.mark.timeout(900)]
-
-
-@pytest.fixture(scope="module")
-def web() -> Iterator[Server]:
-    state, httpd = start_server()
-    try:
-        yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 @pytest.fixture(scope="module", params=["bwrap", "docker"])

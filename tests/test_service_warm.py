@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import leftover_mounts, require_bwrap
-from httpserver import Server, start_server
+from httpserver import Server
 from servicekit import (
     ServerProcess,
     add_tenant,
@@ -44,16 +44,6 @@ MODEL = '''
 def train(runtime, options, ctx):
     runtime.dataset.train.next_batch(8)
 '''
-
-
-@pytest.fixture(scope="module")
-def web() -> Iterator[Server]:
-    state, httpd = start_server()
-    try:
-        yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 @pytest.fixture

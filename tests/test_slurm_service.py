@@ -14,9 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import require_bwrap, require_slurm, sandbox_processes
-from pipcook_sandbox.runner.engines import slurm as slurm_engine
-
-from httpserver import Server, start_server
+from httpserver import Server
 from servicekit import (
     SLOW_MODEL,
     ServerProcess,
@@ -30,20 +28,12 @@ from servicekit import (
     wait_state,
 )
 
+from pipcook_sandbox.runner.engines import slurm as slurm_engine
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 ENDED = ("succeeded", "failed", "canceled")
 
 from slurmkit import GPU_MODEL, HUNGRY_MODEL  # noqa: E402  (shared with test_slurm)
-
-
-@pytest.fixture(scope="module")
-def web() -> Iterator[Server]:
-    state, httpd = start_server()
-    try:
-        yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def _sacct(job_id: str, field: str) -> str:
