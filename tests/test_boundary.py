@@ -3,14 +3,15 @@ thread, a RemotePool over ipc:// pulling from it with a credit window, and
 raw DEALER sockets playing a hostile or broken downstream stage."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import zmq
-
 from waiting import wait_until
 
 from pipcook_sandbox.sandbox import boundary, sdk
@@ -500,28 +501,37 @@ def test_oversized_request_drops_only_that_peer(serve):
     assert s.thread.is_alive() and s.error is None
 
 
-def test_a_hostile_upstream_reply_is_an_upstream_error(zctx, ipc_dir):
+@contextlib.contextmanager
+def fake_upstream(zctx, ipc_dir, replies: list[list[bytes]]) -> Iterator[tuple[str, threading.Thread]]:
+    """A ROUTER at an ipc endpoint that answers every request with `replies` (each a multipart message),
+    for the downstream RemotePool to meet; yields the endpoint and the thread answering."""
     endpoint = f"ipc://{ipc_dir}/fake.sock"
     router = zctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.bind(endpoint)
     stop = threading.Event()
 
-    def fake_upstream():
+    def answer():
         while not stop.is_set():
             if router.poll(50):
                 peer, _ = router.recv_multipart()
-                router.send_multipart([peer, b"\xc1garbage"])
+                for reply in replies:
+                    router.send_multipart([peer, *reply])
 
-    thread = threading.Thread(target=fake_upstream, daemon=True)
+    thread = threading.Thread(target=answer, daemon=True)
     thread.start()
     try:
-        with pytest.raises(UpstreamError, match="malformed"):
-            RemotePool(zctx, endpoint, "evil", alive=thread.is_alive)
+        yield endpoint, thread
     finally:
         stop.set()
         thread.join(WAIT)
         router.close()
+
+
+def test_a_hostile_upstream_reply_is_an_upstream_error(zctx, ipc_dir):
+    with fake_upstream(zctx, ipc_dir, [[b"\xc1garbage"]]) as (endpoint, thread):
+        with pytest.raises(UpstreamError, match="malformed"):
+            RemotePool(zctx, endpoint, "evil", alive=thread.is_alive)
 
 
 @pytest.mark.parametrize("split", [["train"], {"a": 1}], ids=["list", "map"])
@@ -529,26 +539,9 @@ def test_a_hostile_upstream_reply_is_an_upstream_error(zctx, ipc_dir):
 def test_an_upstream_message_naming_an_unhashable_split_is_ignored(zctx, ipc_dir, op, split):
     # A split must be a string; a list or a map (unhashable) used to reach a dict lookup and
     # crash the downstream worker with a TypeError instead of naming no dataset.
-    endpoint = f"ipc://{ipc_dir}/fake.sock"
-    router = zctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind(endpoint)
-    stop = threading.Event()
-
-    def fake_upstream():
-        while not stop.is_set():
-            if router.poll(50):
-                peer, _ = router.recv_multipart()
-                router.send_multipart([peer, *pack({"op": op, "split": split, "gen": 0, "samples": []})])
-                router.send_multipart([peer, *pack({"op": "meta", "meta": {"k": 1}, "sizes": {"train": 2}})])
-
-    thread = threading.Thread(target=fake_upstream, daemon=True)
-    thread.start()
-    try:
+    replies = [pack({"op": op, "split": split, "gen": 0, "samples": []}),
+               pack({"op": "meta", "meta": {"k": 1}, "sizes": {"train": 2}})]
+    with fake_upstream(zctx, ipc_dir, replies) as (endpoint, thread):
         remote = RemotePool(zctx, endpoint, "odd", alive=thread.is_alive)
         assert remote.meta == {"k": 1} and len(remote.train) == 2 and remote.test is None
         remote.close()
-    finally:
-        stop.set()
-        thread.join(WAIT)
-        router.close()
