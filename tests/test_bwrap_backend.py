@@ -67,6 +67,11 @@ def run(tmp: Path, code: str, *, timeout: float = 60, **kw):
     return out, spec.log_path.read_text(errors="replace"), h
 
 
+def wait_printed(spec) -> None:
+    """Until the stage's snippet has printed its JSON line to its log (20 s at most)."""
+    wait_until(lambda: spec.log_path.exists() and "{" in spec.log_path.read_text(), 20, "the stage's JSON line")
+
+
 def result(text: str) -> dict:
     """The JSON line a sandboxed snippet printed last."""
     lines = [l for l in text.splitlines() if l.startswith("{")]
@@ -109,9 +114,7 @@ def test_uid_65534_and_no_capabilities(tmp_path: Path, monkeypatch, launcher: st
     """, args=[marker])
     h = bwrap.start(spec)
     try:
-        deadline = time.monotonic() + 20
-        while "{" not in (spec.log_path.read_text() if spec.log_path.exists() else "") and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_printed(spec)
         # Seen from the host: the stage's python is not root.
         pids = [p.split(":")[0] for p in host_processes(marker) if "import json" in p]
         uids = {[l for l in Path(f"/proc/{p}/status").read_text().splitlines() if l.startswith("Uid:")][0]
@@ -200,9 +203,7 @@ def test_every_process_of_the_stage_is_in_its_cgroup_with_its_rlimits(tmp_path: 
     """, args=[marker], limits=limits)
     h = bwrap.start(spec)
     try:
-        deadline = time.monotonic() + 20
-        while "{" not in (spec.log_path.read_text() if spec.log_path.exists() else "") and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_printed(spec)
         assert h.cgroup is not None and h.pid is not None
         inside = h.cgroup.pids()
         stage = [int(p.split(":")[0]) for p in host_processes(marker)]
