@@ -16,7 +16,7 @@ import pytest
 from conftest import sandbox_processes
 from waiting import wait_until
 
-from .attack import backend_cli, run_attack, token
+from .attack import backend_cli, limit_args, run_attack, token
 
 pytestmark = pytest.mark.hostile
 
@@ -239,7 +239,9 @@ def train(runtime, options, ctx):
 
 def test_only_the_sandbox_own_processes_are_visible(tmp_path, isolation, host_canary):
     canary, marker = host_canary
-    attack = run_attack(tmp_path, isolation, model=PROCS)
+    # The probe is 131,072 kill() calls; under gVisor each is a trip into its user-space kernel
+    # and the loop alone takes ~19 s on an idle 2-CPU host, so the usual 20 s limit is too short.
+    attack = run_attack(tmp_path, isolation, model=PROCS, limits=limit_args(timeout="120"))
     assert attack.returncode == 0, attack.describe()
     report = attack.reports("model")
     assert len(report["pids"]) <= 4, report  # init (bwrap's or docker's) and the worker
