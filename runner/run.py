@@ -554,6 +554,7 @@ class _Monitor:
         self.violations: dict[str, str] = {}
         self.done: set[str] = set()
         self.serving: set[str] = set()
+        self.stopped: set[str] = set()  # serving stages told to stop once the model said done
         self.exited: dict[str, int] = {}
         self.result = ExecResult()
         self.metrics_file: Any = None
@@ -573,8 +574,11 @@ class _Monitor:
         return self.result
 
     def _take_events(self) -> None:
+        # Once the model said done, its exit is what the run waits for: look for it often, not every 0.1 s
+        # (the stages' exits are polled, not events; the wait was up to a tenth of every run).
+        timeout = 0.005 if self.model in self.done else 0.1
         try:
-            self._take(self.run.control.events.get(timeout=0.1))
+            self._take(self.run.control.events.get(timeout=timeout))
             while True:
                 self._take(self.run.control.events.get_nowait())
         except queue.Empty:
@@ -599,13 +603,17 @@ class _Monitor:
         elif op == "result" and self.by_name[name].role == "model":
             self.result.results = data["data"]
         elif op == "error":
-            self.errors.setdefault(name, data)
+            if name not in self.stopped:
+                self.errors.setdefault(name, data)
         elif op == "violation":
-            self.violations.setdefault(name, data["message"])
+            if name not in self.stopped:
+                self.violations.setdefault(name, data["message"])
             self.run.stop_stage(name, base.REASON_PROTOCOL)
         elif op in ("done", "serving"):
             (self.done if op == "done" else self.serving).add(name)
             self.run.emit(name, op)
+            if name == self.model and op == "done":
+                self._send_stops()
         elif op == "downloaded":
             self.run.emit(name, "download", url=data["url"], ok=data["ok"], message=data["message"])
 
@@ -650,8 +658,10 @@ class _Monitor:
 
     def _failing(self) -> bool:
         model_ended = self.model in self.exited
-        return bool(self.errors or self.violations or any(code != 0 for code in self.exited.values())
-                    or (not model_ended and any(n in self.exited for n in self.run.handles if n != self.model))
+        return bool(self.errors or self.violations
+                    or any(code != 0 for n, code in self.exited.items() if n not in self.stopped)
+                    or (not model_ended and any(n in self.exited for n in self.run.handles
+                                                if n != self.model and n not in self.stopped))
                     or (model_ended and self.model not in self.done))  # it ended itself (os._exit(0)) too soon
 
     def _verdict(self) -> StageError:
@@ -669,14 +679,27 @@ class _Monitor:
         stages = [Stage(p.name, p.script.name, run.ws.logs / f"{p.name}.log") for p in self.plans]
         return judge(stages, seen, self.done, run.opts.limits)
 
+    def _send_stops(self) -> None:
+        """The model said done: it reads no more samples, so the serving stages are told to stop now, and
+        exit while the model does (not after it: that wait was a visible part of a short run's end).
+        From here on what they report or how they end no longer decides the run: the model's exit does
+        (as when they were stopped after it). Not when the run is already failing: the verdict stops them."""
+        if self.stopped or self.errors or self.violations:
+            return
+        self.stopped = {p.name for p in self.plans[:-1]} - set(self.exited)
+        for name in sorted(self.stopped):
+            self.run.control.send_stop(name)
+
     def _stop_serving(self) -> None:
-        """Success: stop the serving stages politely, then for good (at teardown)."""
+        """Success: stop the serving stages politely (if the model's done did not already), then for good
+        (at teardown)."""
         serving = [p.name for p in self.plans[:-1]]
         for name in serving:
-            self.run.control.send_stop(name)
+            if name not in self.stopped:
+                self.run.control.send_stop(name)
         deadline = time.monotonic() + STOP_GRACE
         while time.monotonic() < deadline and any(self.run.handles[n].poll() is None for n in serving):
-            time.sleep(0.01)  # they exit within milliseconds of the stop; a run's end waits on this
+            time.sleep(0.005)  # they exit within milliseconds of the stop; a run's end waits on this
         if self.run.opts.on_record:  # the serving stages' last counts and their ends, for the display
             self._record_last(serving)
 

@@ -22,6 +22,7 @@ import traceback
 from typing import Any
 
 from .errors import StageFailure
+from .fastexit import leave
 from .stageconfig import StageConfig
 
 # How long a finished stage waits for the runner to confirm it has read the stage's last reports.
@@ -311,7 +312,7 @@ def main(config_path: str) -> int:
         except ValueError as exc:  # ConfigError included; the runner wrote it: a mismatch is a bug, said plainly
             print(f"pipcook-sandbox worker: {exc}", file=sys.stderr)
             return 2
-    return run_config(cfg)
+    return leave(run_config(cfg))
 
 
 def run_config(cfg: StageConfig) -> int:

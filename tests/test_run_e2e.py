@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import zipfile
 from pathlib import Path
@@ -306,3 +307,88 @@ def test_native_thread_pools_follow_the_stage_cpu_quota(tmp_path):
     proc = run_cli("run", str(pipeline), "-o", str(ws), "--cpus", "1", env={"OPENBLAS_NUM_THREADS": "64"})
     assert proc.returncode == 0, proc.stderr
     assert "threads 1 1" in (ws / "logs" / "datasource.log").read_text()
+
+
+# --- the end of a run: a worker leaves without the interpreter's shutdown (sandbox/fastexit.py), the
+# serving stages are stopped at the model's done --------------------------------------------------------
+
+LAST_WRITES_MODEL = '''
+    import atexit, os, threading
+    from pipcook_sandbox_tiny_model import train as tiny_train
+
+    KEPT = []  # a file the script never closes: its buffered tail is written only by the process's end
+
+    def train(runtime, options, ctx):
+        tiny_train(runtime, options, ctx)
+        model_dir = runtime.read_model()
+        f = open(os.path.join(model_dir, "unclosed.txt"), "w")
+        f.write("x" * 100_000)
+        f.write("END")  # a small write: it sits in the file's buffer when train() returns
+        KEPT.append(f)
+        atexit.register(lambda: open(os.path.join(model_dir, "atexit.txt"), "w").write("atexit ran"))
+        if options.get("thread"):
+            def later():  # a thread that is not a daemon: the interpreter waits for it, so must the worker
+                threading.Event().wait(0.5)
+                with open(os.path.join(model_dir, "thread.txt"), "w") as out:
+                    out.write("thread finished")
+            threading.Thread(target=later).start()
+'''
+
+
+def _tiny_model_module() -> str:
+    """LAST_WRITES_MODEL, with the tiny model's train() pasted in (a stage script is one file)."""
+    tiny = (TINY / "model.py").read_text().replace("def train(", "def tiny_train(")
+    return tiny + textwrap.dedent(LAST_WRITES_MODEL).replace(
+        "from pipcook_sandbox_tiny_model import train as tiny_train\n", "")
+
+
+@pytest.mark.parametrize("thread", [False, True], ids=["files-and-atexit", "with-a-thread"])
+def test_a_stages_last_writes_reach_the_workspace(tmp_path, thread):
+    """What a stage wrote just before its end is all there: a buffered file it never closed, an atexit
+    handler's file and (with-a-thread) a non-daemon thread's that finishes after train() returned."""
+    pipeline = write_pipeline(tmp_path / "p", model=_tiny_model_module(),
+                              extra={"options": {"train": {"epochs": 1, "thread": thread}}})
+    out = tmp_path / "ws"
+    proc = run_cli("run", str(pipeline), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model" / "unclosed.txt").read_text() == "x" * 100_000 + "END"
+    assert (out / "model" / "atexit.txt").read_text() == "atexit ran"
+    assert (out / "model" / "thread.txt").is_file() == thread
+    if thread:
+        assert (out / "model" / "thread.txt").read_text() == "thread finished"
+    assert (out / "model" / "weights.json").is_file()
+    assert not leftover_mounts()
+
+
+def test_an_exit_code_after_done_still_decides_the_run(tmp_path):
+    """A model that reports done and then ends with status 3 (an atexit handler, now run by the worker
+    itself) fails the run, and the paragraph names the model, not the stages stopped at its done."""
+    model = (TINY / "model.py").read_text() + textwrap.dedent('''
+        import atexit
+        atexit.register(lambda: os._exit(3))
+    ''')
+    proc = _error_run(tmp_path, model=model)
+    assert proc.returncode == 1, proc.stderr
+    assert "stage 'model' (model.py)" in proc.stderr
+    assert "datasource" not in proc.stderr.split("error:", 1)[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_serving_stages_are_stopped_at_the_models_done_not_after_its_exit(tmp_path):
+    """The model reports done, then takes a while to exit (a thread finishing): the datasource and the
+    dataflow are stopped meanwhile, so they have exited before the model does, and the run succeeds."""
+    model = (TINY / "model.py").read_text() + textwrap.dedent('''
+        import threading
+        _tiny_train = train
+
+        def train(runtime, options, ctx):
+            _tiny_train(runtime, options, ctx)
+            threading.Thread(target=threading.Event().wait, args=(3.0,)).start()  # not a daemon: waited for
+    ''')
+    pipeline = write_pipeline(tmp_path / "p", model=model)
+    proc = run_cli("run", str(pipeline), "-o", str(tmp_path / "ws"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    seen = [json.loads(line) for line in proc.stdout.splitlines()]
+    order = [e["stage"] for e in seen if e["event"] == "stage" and e.get("status") == "exited"]
+    assert order[-1] == "model" and set(order[:-1]) == {"datasource", "dataflow-1"}, order
+    assert seen[-1]["status"] == "succeeded"
