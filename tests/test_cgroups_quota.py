@@ -473,3 +473,39 @@ def test_volumes_being_made_when_sigterm_arrives_are_all_removed(tmp_path: Path)
     for path in mounted:  # a failure here must not leave them to other tests (umount -l frees the loop device)
         subprocess.run(["umount", "-l", path], check=False)
     assert mounted == [], mounted
+
+
+def _bound_to(device: str) -> str:
+    """The backing file of loop `device` (/dev/loopN) now; "" when it is free."""
+    try:
+        return Path(f"/sys/block/{Path(device).name}/loop/backing_file").read_text().strip()
+    except OSError:
+        return ""
+
+
+@needs_root
+def test_destroy_frees_each_volumes_loop_device(tmp_path: Path) -> None:
+    """The end of a run unmounts with umount2(2) and finds loop devices in sysfs (no umount/losetup
+    processes): every volume's loop device is free afterwards, not just unlisted by `losetup -j`."""
+    vols = quota.create_volumes([(tmp_path / f"v{i}", 16 << 20, ["out"]) for i in range(4)])
+    devices = {v.image: quota._loops_of(v.image) for v in vols}
+    assert all(len(d) == 1 and _bound_to(d[0]) == str(img) for img, d in devices.items()), devices
+    quota.destroy_volumes(vols)
+    for img, (device,) in devices.items():
+        assert not _bound_to(device).startswith(str(img)), (device, _bound_to(device))
+        assert not img.exists() and not mounts_below(img.parent)
+
+
+@needs_root
+def test_a_busy_volume_is_unmounted_lazily_and_its_loop_device_freed_when_let_go(tmp_path: Path) -> None:
+    """A file still open on the volume (a stage's process the kernel has not reaped yet, say): destroy()
+    detaches the mount at once; the loop device goes as soon as the last user lets go."""
+    vol = quota.create_volume(tmp_path / "v", 16 << 20, ["out"])
+    (device,) = quota._loops_of(vol.image)
+    held = open(vol.path("out") / "held", "w")
+    try:
+        vol.destroy()
+        assert not mounts_below(vol.mountpoint) and not vol.image.exists()
+    finally:
+        held.close()
+    wait_until(lambda: not _bound_to(device).startswith(str(vol.image)), timeout=10, what="the loop device freed")
