@@ -5,7 +5,8 @@ What a stage gets (and tests/test_bwrap_backend.py checks, one assertion each):
 Namespaces and credentials
     --unshare-all --unshare-user: new user, mount, pid, net, ipc, uts and
     cgroup namespaces. --new-session (no TIOCSTI into the runner's tty),
-    --die-with-parent (SIGKILL when the runner dies), --cap-drop ALL,
+    --die-with-parent (SIGKILL when the runner dies; not for a sandbox still
+    waiting for its id handshake: see "Nothing outlives a stage"), --cap-drop ALL,
     --hostname pipcook, and bwrap's own no_new_privs.
 
     Which host uid the sandbox runs as matters: it is what the kernel checks
@@ -62,14 +63,17 @@ System calls
     --seccomp FD with seccomp.bpf_program(): see seccomp.py.
 
 Limits
-    memory, pids, cpus: a per-stage cgroup (cgroups.py). In mapped mode the
-    runner moves bwrap and the sandbox's first process into it and sets
-    their rlimits (prlimit) during the id handshake, while the sandbox is
-    still blocked and has forked nothing (`_confine`). In plain mode bwrap
-    enters it before it forks: a small host-side wrapper (`python -I -S`, not /bin/sh,
+    memory, pids, cpus: a per-stage cgroup (cgroups.py). bwrap is born in it:
+    the process that becomes bwrap writes its own pid into every cgroup.procs
+    of the stage before it execs bwrap, so no process of the sandbox ever
+    exists outside the cgroup. In mapped mode that process is `sh -c`
+    (ENTER_CGROUP) and the runner sets the rlimits of bwrap and the
+    sandbox's first process (prlimit) during the id handshake, while the
+    sandbox is still blocked and has forked nothing (`_confine`). In plain
+    mode it is a small host-side wrapper (`python -I -S`, not /bin/sh,
     whose `ulimit -f` counts 512- or 1024-byte blocks depending on the
-    shell) writes its own pid into cgroup.procs, sets NOFILE=limits.nofile,
-    FSIZE=limits.disk, CORE=0, and execs bwrap. Output: stdout+stderr are
+    shell) that also sets NOFILE=limits.nofile, FSIZE=limits.disk, CORE=0,
+    and execs bwrap. Output: stdout+stderr are
     read by a thread into spec.log_path and cut at limits.output (output.py;
     the stage is then killed, REASON_OUTPUT). Processes: a fork the pids
     cgroup refused stops the stage at the next poll() (REASON_PIDS), so a
@@ -81,7 +85,13 @@ Limits
 Nothing outlives a stage: terminate() SIGKILLs bwrap (its pid-1 reaper gets
 PDEATHSIG, and the pid namespace dies with its pid 1) and every process of
 the cgroup. Resources are recorded in `<state dir>/bwrap-<stage>-<hex>.json`
-so that `clean_leftovers()` can undo them after a runner crash.
+(the cgroup before bwrap starts) so that `clean_leftovers()` can undo them
+after a runner crash. A runner SIGKILLed while a stage starts: bwrap dies
+with it (--die-with-parent), but a sandbox's first process that bwrap has
+cloned and that still waits for the id handshake does not (bwrap arms its
+PDEATHSIG only later) and waits forever, reparented to init; it was born in
+the stage's cgroup, so the next runner's `clean_leftovers()` kills it with
+the rest (tests/test_killed_while_starting.py).
 
 Call `start` from a thread that outlives the stage (the main thread, or a
 long-lived worker): --die-with-parent fires when the *thread* that spawned
@@ -172,6 +182,17 @@ except BaseException as e:
     sys.stderr.flush()
     os._exit(125)
 """
+
+# Host side, mapped mode: the same first step without an interpreter. The process that becomes bwrap
+# writes its own pid into every cgroup.procs file given (the count comes first), then execs bwrap, so
+# bwrap and everything it ever forks are born in the stage's cgroup(s): a runner killed at any moment
+# of the start leaves no process of the sandbox outside them (the sandbox's first process, once
+# cloned, waits on bwrap's eventfd forever if bwrap dies before the id handshake), and the cgroup
+# cleanup of the next runner (clean_leftovers) kills it. One fork+exec of sh (no startup cost to
+# speak of); rlimits stay with the handshake (prlimit), as sh's `ulimit -f` counts blocks.
+ENTER_CGROUP = ('n=$1; shift; while [ "$n" -gt 0 ]; do '
+                'echo $$ >"$1" || { echo "pipcook-sandbox: cannot start the sandbox: cannot enter its cgroup $1" >&2; '
+                'exit 125; }; n=$((n - 1)); shift; done; exec "$@"')
 
 # Inside the sandbox, "mapped" mode: still uid 0 of the namespace (which is
 # host root, for bwrap's setup) with CAP_SETUID/SETGID/SETPCAP only. Drop the
@@ -866,13 +887,14 @@ class BwrapStage:
                 "clear_groups": os.geteuid() == 0,
                 "bwrap": feats.bwrap,
             }
-            # Mapped mode runs bwrap itself: the handshake puts bwrap and its sandbox's first process
-            # into the cgroup and sets their limits before the sandbox may go on (_confine), and
-            # Popen clears the supplementary groups. Plain mode needs the wrapper (an interpreter).
+            # Mapped mode needs no interpreter: bwrap enters the cgroup before its exec (ENTER_CGROUP),
+            # the handshake sets the rlimits of bwrap and its sandbox's first process before the sandbox
+            # may go on (_confine), and Popen clears the supplementary groups. Plain mode needs the
+            # wrapper (an interpreter: setrlimit before the exec).
             direct = self.mode == "mapped"
             self._confine_cfg = cfg
             self.proc = subprocess.Popen(
-                [feats.bwrap, *argv] if direct else [sys.executable, "-I", "-S", "-c", WRAPPER, json.dumps(cfg), *argv],
+                _launch(cfg, argv) if direct else [sys.executable, "-I", "-S", "-c", WRAPPER, json.dumps(cfg), *argv],
                 stdin=subprocess.DEVNULL, stdout=pipe_w, stderr=pipe_w,
                 pass_fds=[sc_fd, args_fd] + ([info_w, block_r] if info_w is not None and block_r is not None else []),
                 start_new_session=True, env={"PATH": "/usr/bin:/bin"}, cwd="/",
@@ -904,14 +926,12 @@ class BwrapStage:
             self._threads.append(w)
 
     def _confine(self, pids: list[int]) -> None:
-        """Mapped mode: what the wrapper does in plain mode, from outside. bwrap and the sandbox's
-        first process (blocked on block_w, nothing forked yet) enter the stage's cgroup and get its
-        rlimits, so everything the stage ever forks is inside and limited."""
+        """Mapped mode: the rlimits the wrapper sets in plain mode, from outside. bwrap and the
+        sandbox's first process (blocked on block_w, nothing forked yet) get them, so everything the
+        stage ever forks is limited. Both were born in the stage's cgroup (ENTER_CGROUP)."""
         cfg = self._confine_cfg
         try:
             for pid in pids:
-                for f in cfg["procs"]:
-                    cgroups.write_pid(Path(f), pid)
                 for name, value in cfg["rlimits"]:
                     resource.prlimit(pid, getattr(resource, name), (value, value))
         except OSError as e:
@@ -962,6 +982,18 @@ class BwrapStage:
             os.write(block_w, b"1")
         except BrokenPipeError:
             pass  # bwrap is gone already (killed meanwhile): its exit is the outcome
+
+
+def _launch(cfg: dict, argv: list[str]) -> list[str]:
+    """Mapped mode's command line: bwrap itself, behind ENTER_CGROUP where there are cgroups to enter
+    (and a shell to do it; else the interpreter wrapper, which enters them the same way)."""
+    procs, bwrap = cfg["procs"], cfg["bwrap"]
+    if not procs:
+        return [bwrap, *argv]
+    sh = shutil.which("sh", path="/bin:/usr/bin")
+    if sh is None:
+        return [sys.executable, "-I", "-S", "-c", WRAPPER, json.dumps(cfg), *argv]
+    return [sh, "-c", ENTER_CGROUP, "sh", str(len(procs)), *procs, bwrap, *argv]
 
 
 def start(spec: StageSpec) -> BwrapStage:
@@ -1137,9 +1169,12 @@ SECCOMP_MEMFD = "pipcook-seccomp"  # the name of the filter's memfd, which every
 def _kill_orphaned_sandboxes() -> list[str]:
     """bwrap processes of stages whose runner died while bwrap was starting them. Killed between its
     clone and its id handshake, bwrap leaves the sandbox's first process waiting forever on an eventfd,
-    reparented to init and in no stage cgroup yet, so neither a state dir nor a cgroup leads to it. It is
-    known by what it holds: the seccomp filter's memfd, which no other program has. A stage of a live
-    runner is never its init's child (its parent is the runner or the stage's outer bwrap)."""
+    reparented to init. Since bwrap is born in the stage's cgroup (ENTER_CGROUP, WRAPPER), the cgroup
+    cleanup kills it; this stays for the two cases where no cgroup leads to it: a stage that got no
+    cgroup at all (an unprivileged runner without delegation) and the orphans of runners older than
+    that (they moved bwrap into the cgroup only at the handshake). It is known by what it holds: the
+    seccomp filter's memfd, which no other program has. A stage of a live runner is never its init's
+    child (its parent is the runner or the stage's outer bwrap)."""
     killed: list[str] = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

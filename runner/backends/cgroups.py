@@ -22,8 +22,10 @@ Where nothing is writable (an unprivileged runner without delegation),
 `create` returns None and the caller must say that memory, process and CPU
 limits are not enforced; `available()` tells `doctor` why.
 
-The sandbox's first process must enter the cgroup before it forks: the
-caller writes that pid into every file of `Cgroup.procs_files`.
+The sandbox must be born in the cgroup: the process that becomes bwrap
+writes its own pid into every file of `Cgroup.procs_files` before its exec
+(bwrap.ENTER_CGROUP, bwrap.WRAPPER), so a runner killed at any moment leaves
+no process of a stage outside its cgroup, where the cleanup finds it.
 
 Run ids carry the runner's pid, as a leading `<pid>-` (the orchestrator's
 `<pid>-<hex>`) or a `pid<N>` token (`new_run_id()`), so `leftovers()` can
@@ -77,11 +79,6 @@ def _write(path: Path, value: str) -> None:
         os.write(fd, value.encode())
     finally:
         os.close(fd)
-
-
-def write_pid(procs_file: Path, pid: int) -> None:
-    """Move process `pid` into the cgroup of `procs_file` (cgroup.procs, or tasks on v1)."""
-    _write(procs_file, str(pid))
 
 
 def _keyed(path: Path, key: str) -> int | None:
