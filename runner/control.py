@@ -163,8 +163,11 @@ class ControlServer:
         self.violations: dict[str, list[str]] = {}
         # Wakes the polling thread for a reply or a stop queued by another thread (a download's answer,
         # the run's stop of its serving stages, close()): without it they waited for the poll's 50 ms
-        # timeout, at the end of every run twice. An eventfd: written from any thread without a lock.
+        # timeout, at the end of every run twice. The lock keeps close() from closing the fd between a
+        # late writer's check and its write (a download worker may outlive close()'s join): that write
+        # would land in whatever file reused the number.
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_lock = threading.Lock()
 
     def add_stage(self, stage: str, endpoint: str) -> None:
         sock = self._zctx.socket(zmq.ROUTER)
@@ -190,10 +193,13 @@ class ControlServer:
         self._wake_up()
 
     def _wake_up(self) -> None:
-        try:
-            os.eventfd_write(self._wake, 1)
-        except OSError:  # closed: the run is over, nothing is sent any more
-            pass
+        with self._wake_lock:
+            if self._wake < 0:  # closed: the run is over, nothing is sent any more
+                return
+            try:
+                os.eventfd_write(self._wake, 1)
+            except BlockingIOError:  # the counter is full: the thread is woken already
+                pass
 
     def _download_worker(self) -> None:
         while True:
@@ -331,6 +337,7 @@ class ControlServer:
         for worker in self._workers:
             worker.join(timeout=max(0.0, deadline - time.monotonic()))
         self._zctx.term()
-        if self._wake >= 0 and (self._thread is None or not self._thread.is_alive()):
-            os.close(self._wake)
-            self._wake = -1
+        with self._wake_lock:
+            if self._wake >= 0 and (self._thread is None or not self._thread.is_alive()):
+                os.close(self._wake)
+                self._wake = -1

@@ -555,6 +555,7 @@ class _Monitor:
         self.done: set[str] = set()
         self.serving: set[str] = set()
         self.stopped: set[str] = set()  # serving stages told to stop once the model said done
+        self.done_at: float | None = None  # when the model said done (time.monotonic())
         self.exited: dict[str, int] = {}
         self.result = ExecResult()
         self.metrics_file: Any = None
@@ -576,7 +577,9 @@ class _Monitor:
     def _take_events(self) -> None:
         # Once the model said done, its exit is what the run waits for: look for it often, not every 0.1 s
         # (the stages' exits are polled, not events; the wait was up to a tenth of every run).
-        timeout = 0.005 if self.model in self.done else 0.1
+        # A model that says done early and goes on working is looked for every 0.1 s again after a second.
+        since = self.done_at
+        timeout = 0.005 if since is not None and time.monotonic() - since < 1.0 else 0.1
         try:
             self._take(self.run.control.events.get(timeout=timeout))
             while True:
@@ -613,6 +616,7 @@ class _Monitor:
             (self.done if op == "done" else self.serving).add(name)
             self.run.emit(name, op)
             if name == self.model and op == "done":
+                self.done_at = time.monotonic()
                 self._send_stops()
         elif op == "downloaded":
             self.run.emit(name, "download", url=data["url"], ok=data["ok"], message=data["message"])
@@ -673,6 +677,11 @@ class _Monitor:
             time.sleep(0.05)
         seen = {}
         for plan in self.plans:
+            if plan.name in self.stopped:
+                # Told to stop at the model's done: how it ended then is not the run's cause (a hostile
+                # serving stage that dies of its stop must not take the blame for the model's failure).
+                seen[plan.name] = Observation()
+                continue
             vol = run.volumes_of.get(plan.name)
             seen[plan.name] = Observation(run.handles[plan.name].outcome(), self.errors.get(plan.name),
                                           self.violations.get(plan.name), vol is not None and vol.exceeded())

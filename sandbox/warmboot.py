@@ -109,4 +109,4 @@ def boot(claim_path: str, site_dirs: list, cpus: str) -> int:
     found = read_claim(claim_path, token, site_dirs, cpus)
     if isinstance(found, str):
         return _refuse(found)
-    return worker.leave(worker.run_config(found))
+    return worker.run_config(found)

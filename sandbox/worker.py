@@ -12,6 +12,7 @@ Imports nothing of the host side (`runner`), by design.
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import io
 import json
@@ -22,7 +23,7 @@ import traceback
 from typing import Any
 
 from .errors import StageFailure
-from .fastexit import leave
+from .fastexit import flush_open_files
 from .stageconfig import StageConfig
 
 # How long a finished stage waits for the runner to confirm it has read the stage's last reports.
@@ -312,12 +313,14 @@ def main(config_path: str) -> int:
         except ValueError as exc:  # ConfigError included; the runner wrote it: a mismatch is a bug, said plainly
             print(f"pipcook-sandbox worker: {exc}", file=sys.stderr)
             return 2
-    return leave(run_config(cfg))
+    return run_config(cfg)
 
 
 def run_config(cfg: StageConfig) -> int:
     """Run the stage `cfg` describes to its end; the worker's exit code. A warm sandbox
     (warmboot.py) calls this once its claim arrived, with its imports already done."""
+    # The first atexit handler runs last: after the script's handlers and its threads (fastexit.py).
+    atexit.register(flush_open_files)
     add_site_dirs(cfg.site_dirs)
     # What initialize() may need to know about its sandbox, as plain variables.
     for key, value in cfg.hints.items():

@@ -31,7 +31,7 @@ from waiting import wait_until
 from pipcook_sandbox.runner.backends import cgroups
 
 PR_SET_CHILD_SUBREAPER = 36
-ATTEMPTS = 5  # runs to catch the runner between a bwrap's clone and its handshake in
+ATTEMPTS = 15  # runs to catch the runner between a clone and its handshake in (5 always sufficed here)
 
 
 def _children(pid: int) -> list[int]:
@@ -229,6 +229,14 @@ def _state(pid: int) -> str:
         return ""
 
 
+def _unmapped(pid: int) -> bool:
+    """`pid` waits for its id maps (an empty uid_map); False once mapped or gone."""
+    try:
+        return Path(f"/proc/{pid}/uid_map").read_text().strip() == ""
+    except OSError:
+        return False
+
+
 def _stop_in_handshake(runner: subprocess.Popen) -> int | None:
     """Stop the runner (SIGSTOP) at a moment one of its stages' bwrap has cloned the sandbox's first
     process, which waits for the maps the stopped runner has not written; that process's pid. A stage
@@ -245,7 +253,7 @@ def _stop_in_handshake(runner: subprocess.Popen) -> int | None:
             seen.add(bwrap)
             first = wait_until(lambda: [c for c in _children(bwrap) if _exe(c) == "bwrap"] or not _live(bwrap),
                                20, "bwrap to clone the sandbox's first process, or to end")
-            if first is not True and Path(f"/proc/{first[0]}/uid_map").read_text().strip() == "":
+            if first is not True and _unmapped(first[0]):
                 return first[0]
         runner.send_signal(signal.SIGCONT)
     return None

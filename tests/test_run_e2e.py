@@ -309,7 +309,7 @@ def test_native_thread_pools_follow_the_stage_cpu_quota(tmp_path):
     assert "threads 1 1" in (ws / "logs" / "datasource.log").read_text()
 
 
-# --- the end of a run: a worker leaves without the interpreter's shutdown (sandbox/fastexit.py), the
+# --- the end of a run: a worker flushes what a script left open (sandbox/fastexit.py), the
 # serving stages are stopped at the model's done --------------------------------------------------------
 
 LAST_WRITES_MODEL = '''
@@ -372,6 +372,45 @@ def test_an_exit_code_after_done_still_decides_the_run(tmp_path):
     assert "stage 'model' (model.py)" in proc.stderr
     assert "datasource" not in proc.stderr.split("error:", 1)[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_serving_stage_that_dies_of_its_stop_is_not_blamed_for_the_model(tmp_path):
+    """The datasource ends with status 1 when it is stopped (at the model's done), and the model then
+    ends with status 3: the run fails, and the paragraph names the model, whose failure it is."""
+    datasource = (TINY / "datasource.py").read_text() + textwrap.dedent('''
+        import atexit
+        atexit.register(lambda: os._exit(1))
+    ''')
+    model = (TINY / "model.py").read_text() + textwrap.dedent('''
+        import atexit
+        atexit.register(lambda: os._exit(3))
+    ''')
+    proc = _error_run(tmp_path, datasource=datasource, model=model)
+    assert proc.returncode == 1, proc.stderr
+    error = proc.stderr.split("error:", 1)[-1]
+    assert "stage 'model' (model.py)" in error and "exited with code 3" in error, proc.stderr
+    assert "datasource" not in error, proc.stderr
+
+
+def test_a_script_with_a_module_level_executor_ends_on_time(tmp_path):
+    """A model script that keeps a concurrent.futures pool in a global (its idle workers are not
+    daemons; the interpreter's shutdown wakes them) ends with its run, not at the wall-clock limit."""
+    model = (TINY / "model.py").read_text() + textwrap.dedent('''
+        from concurrent.futures import ThreadPoolExecutor
+        POOL = ThreadPoolExecutor(2)
+        _tiny_train = train
+
+        def train(runtime, options, ctx):
+            assert POOL.submit(sum, [1, 2]).result() == 3
+            _tiny_train(runtime, options, ctx)
+    ''')
+    pipeline = write_pipeline(tmp_path / "p", model=model)
+    # A stage still running at --timeout is stopped and fails the run: success means it ended by itself.
+    proc = run_cli("run", str(pipeline), "-o", str(tmp_path / "ws"), "--timeout", "60", "--json")
+    assert proc.returncode == 0, proc.stderr
+    seen = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert seen[-1]["status"] == "succeeded"
+    assert (tmp_path / "ws" / "model" / "weights.json").is_file()
 
 
 def test_serving_stages_are_stopped_at_the_models_done_not_after_its_exit(tmp_path):
