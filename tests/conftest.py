@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,12 @@ from pathlib import Path
 
 import pytest
 from httpserver import Server, serving
+
+# A suite started in the background by a non-interactive shell (`cmd &`) inherits SIGINT ignored, and
+# an ignored signal stays ignored across exec: every runner a test starts would then ignore the Ctrl-C
+# the signal tests send it. A handler installed here is reset to the default at each child's exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "pipelines" / "tiny"
