@@ -154,7 +154,7 @@ class Adopter:
 @contextmanager
 def adopting() -> Iterator[Adopter]:
     adopter = Adopter()
-    before = set(_children(os.getpid()))
+    before = set(_descendants(os.getpid()))  # an earlier test's live processes are not this test's
     assert adopter.libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0, ctypes.get_errno()
     try:
         yield adopter
@@ -198,7 +198,7 @@ def _kill_and_check(runner: subprocess.Popen, adopter: Adopter, before: set[int]
                30, "the killed runner's forked children to exec or end")
     adopter.adopt(before | {runner.pid})
     problems = [f"process {p} ({_exe(p)}) outside the runner's cgroups: {_cgroup_paths(p)}"
-                for p in _sandbox_processes(me) if not _in_runner_cgroup(p, runner.pid)]
+                for p in _sandbox_processes(me) if p not in before and not _in_runner_cgroup(p, runner.pid)]
     state_dirs = _state_dirs_of(runner.pid)
 
     cleaned = run_cli("clean")
@@ -262,7 +262,7 @@ def _stop_in_handshake(runner: subprocess.Popen) -> int | None:
 def test_runner_killed_between_clone_and_handshake_leaves_nothing(tmp_path: Path, mapped: None) -> None:
     """Stop the runner while a sandbox's first process waits for its id handshake, kill it: that
     process is in the stage's cgroup, and the next runner's cleanup leaves nothing."""
-    before = set(_children(os.getpid()))
+    before = set(_descendants(os.getpid()))  # an earlier test's live processes are not this test's
     with adopting() as adopter:
         for n in range(ATTEMPTS):
             runner = _start_runner(tmp_path, n)
@@ -278,7 +278,7 @@ def test_runner_killed_between_clone_and_handshake_leaves_nothing(tmp_path: Path
 def test_runner_killed_at_any_point_of_the_start_leaves_nothing(tmp_path: Path, mapped: None, delay: float) -> None:
     """The runner killed `delay` s after its first bwrap appeared: every stage at whatever point
     of its start that is (cgroup made, volume mounted, bwrap exec'd, cloned, mapped, running)."""
-    before = set(_children(os.getpid()))
+    before = set(_descendants(os.getpid()))  # an earlier test's live processes are not this test's
     with adopting() as adopter:
         runner = _start_runner(tmp_path, 0)
         assert _first_bwrap(runner) is not None, "the run ended before it started a bwrap stage"
