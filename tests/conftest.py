@@ -145,6 +145,18 @@ def _runner_alive(state_dir: Path) -> bool:
         return False
 
 
+def state_dirs_of(pid: int) -> list[Path]:
+    """The state dirs (/tmp/pcsb-*) whose run.json names runner `pid`."""
+    found = []
+    for d in Path("/tmp").glob("pcsb-*"):
+        try:
+            if json.loads((d / "run.json").read_text()).get("runner_pid") == pid:
+                found.append(d)
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def leftover_mounts() -> list[str]:
     """Mounts of run state dirs whose runner is gone (a live run's mounts are its own business)."""
     found = []

@@ -2,7 +2,6 @@
 prunes the caches (all, or what is older than --older-than). Real CLI, real bubblewrap."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, require_bwrap, run_cli, write_pipeline
+from conftest import REPO, TINY, require_bwrap, run_cli, state_dirs_of, write_pipeline
 
 SLOW_MODEL = '''
 import time
@@ -19,17 +18,6 @@ def train(runtime, options, ctx):
     runtime.notify_progress(1.0, phase="running")
     time.sleep(600)
 '''
-
-
-def _state_dirs_of(pid: int) -> list[Path]:
-    found = []
-    for d in Path("/tmp").glob("pcsb-*"):
-        try:
-            if json.loads((d / "run.json").read_text()).get("runner_pid") == pid:
-                found.append(d)
-        except (OSError, ValueError):
-            continue
-    return found
 
 
 def _mounts_under(paths: list[Path]) -> list[str]:
@@ -48,7 +36,7 @@ def test_next_run_cleans_what_a_killed_runner_left(tmp_path):
     while "phase=running" not in log.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.1)
-    left = _state_dirs_of(proc.pid)
+    left = state_dirs_of(proc.pid)
     assert left and _mounts_under(left)  # the run's state dir and its quota volumes exist
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)

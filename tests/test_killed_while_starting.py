@@ -13,7 +13,6 @@ parent is init" to find it. Real CLI, real bubblewrap, mapped mode (the runner i
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 import subprocess
@@ -25,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, require_bwrap, run_cli
+from conftest import REPO, TINY, require_bwrap, run_cli, state_dirs_of
 from waiting import wait_until
 
 from pipcook_sandbox.runner.backends import cgroups
@@ -104,17 +103,6 @@ def _sandbox_processes(root: int) -> list[int]:
             walk(child, under)
 
     walk(root, False)
-    return found
-
-
-def _state_dirs_of(pid: int) -> list[Path]:
-    found = []
-    for d in Path("/tmp").glob("pcsb-*"):
-        try:
-            if json.loads((d / "run.json").read_text()).get("runner_pid") == pid:
-                found.append(d)
-        except (OSError, ValueError):
-            continue
     return found
 
 
@@ -199,7 +187,7 @@ def _kill_and_check(runner: subprocess.Popen, adopter: Adopter, before: set[int]
     adopter.adopt(before | {runner.pid})
     problems = [f"process {p} ({_exe(p)}) outside the runner's cgroups: {_cgroup_paths(p)}"
                 for p in _sandbox_processes(me) if p not in before and not _in_runner_cgroup(p, runner.pid)]
-    state_dirs = _state_dirs_of(runner.pid)
+    state_dirs = state_dirs_of(runner.pid)
 
     cleaned = run_cli("clean")
     assert cleaned.returncode == 0, cleaned.stderr
