@@ -563,8 +563,9 @@ def entry() -> None:
     """The `pipcook-sandbox` command (and `python -m pipcook_sandbox`): `main`, then an exit without the
     interpreter's own teardown of the runner's modules (zmq, click, the display: tens of milliseconds
     at the end of every run, measured, that a caller waiting for the command sees). By then the command
-    has closed everything it made (its Run, the workspace, the verdict); `leave` still runs the atexit
-    handlers and flushes every open file, and keeps the normal exit where a thread is still running."""
+    has closed everything it made (its Run, the workspace, the verdict); `leave` still shuts the threads
+    down as the interpreter would (waiting for those that are not daemons), runs the atexit handlers and
+    flushes every open file, and keeps the normal exit for an interrupted command (130)."""
     from pipcook_sandbox.sandbox.fastexit import leave
 
     try:
