@@ -182,7 +182,8 @@ _SECURITY_TESTS = ("tests/hostile/", "tests/test_docker_backend.py", "tests/test
                    "tests/test_fetch.py", "tests/test_netpolicy.py", "tests/test_service_separation.py",
                    "tests/test_warm.py", "tests/test_warm_expiry.py", "tests/test_service_warm.py",
                    "tests/test_user_errors.py", "tests/test_run_json.py", "tests/test_killed_while_starting.py",
-                   "tests/test_crash_cleanup.py")
+                   "tests/test_crash_cleanup.py", "tests/test_examples.py", "tests/test_cachedir.py",
+                   "tests/test_gpus.py")
 
 
 def _security_skips(stats: dict) -> list:
